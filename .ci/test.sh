@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The README's test command: set up from scratch, then run the whole suite (slow tests included).
+# pytest's exit code 5 (no tests collected) is a failure here, like any other non-zero code.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bash .ci/setup.sh || exit 1
+.venv/bin/python -m pytest "$@"
+rc=$?
+if [ "$rc" -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi
+exit "$rc"

@@ -1,0 +1,102 @@
+"""`enginebuild`: the one console script. Each subcommand imports its module lazily, so that the
+operator image (no torch) can run `enginebuild operator` and `--help` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+from .errors import BuildError
+
+
+def _add_build(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("build", help="run a build (export half, engine half, upload) from a spec")
+    p.add_argument("--spec", required=True, help="spec YAML: an EngineBuild spec or a whole EngineBuild manifest")
+    p.add_argument("--workdir", required=True, help="folder for artefacts and report.json")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="device for quantize/export")
+    p.add_argument(
+        "--stages",
+        default="auto",
+        help="comma list of export,engine,upload; `auto` = export, engine when the spec has targets, "
+        "upload when spec.output is set",
+    )
+    p.add_argument("--target", default=None, help="engine stage: build only this target (one Job per target)")
+    p.add_argument("--build-key", default=None, help="build key computed by the operator (else computed here)")
+    p.add_argument(
+        "--termination-log",
+        default=None,
+        help="write the compact summary here (the operator sets /dev/termination-log)",
+    )
+    p.set_defaults(func=_run("enginebuild_builder.pipeline", "main"))
+
+
+def _add_trtexec_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("trtexec-report", help="parse a trtexec log (+ JSON exports) into one JSON object")
+    p.add_argument("log", help="trtexec stdout/stderr log")
+    p.add_argument("--profile", default=None, help="--exportProfile JSON")
+    p.add_argument("--times", default=None, help="--exportTimes JSON")
+    p.add_argument("--layer-info", default=None, help="--exportLayerInfo JSON")
+    p.add_argument("--top", type=int, default=10, help="how many of the slowest layers to list")
+    p.set_defaults(func=_run("enginebuild_builder.trtexec_report", "main"))
+
+
+def _add_operator(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("operator", help="run the Kubernetes operator (kopf)")
+    p.add_argument("--namespace", action="append", default=None, help="watch only these namespaces")
+    p.add_argument("--all-namespaces", action="store_true", help="watch the whole cluster (default)")
+    p.add_argument("--standalone", action="store_true", help="no peering (single replica)")
+    p.add_argument("--verbose", action="store_true")
+    p.set_defaults(func=_run("enginebuild_operator.main", "main"))
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="run the whole product on this machine (dev-only embedded stack)")
+    p.add_argument("--keep", action="store_true", help="leave the stack running; prints a kubeconfig")
+    p.add_argument("--workdir", default=None, help="where the stack keeps its data (default: a temp dir)")
+    p.add_argument("--prometheus", action="store_true", help="also start Prometheus if installed")
+    p.set_defaults(func=_run("enginebuild_operator.devstack.demo", "main"))
+
+
+def _add_crd(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("crd", help="print the EngineBuild CRD generated from the spec schema")
+    p.add_argument("--output", "-o", default="-", help="file to write (default stdout)")
+    p.set_defaults(func=_run("enginebuild_builder.crd", "main"))
+
+
+def _run(module: str, attr: str) -> Callable[[argparse.Namespace], int]:
+    def call(args: argparse.Namespace) -> int:
+        import importlib
+
+        return int(getattr(importlib.import_module(module), attr)(args) or 0)
+
+    return call
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="enginebuild", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_build, _add_trtexec_report, _add_operator, _add_demo, _add_crd):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except BuildError as exc:
+        logging.getLogger("enginebuild").error("%s (%s, exit %d)", exc, exc.reason, exc.exit_code)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,6 +8,7 @@ are rejected so a typo (`batchsize`) fails loudly instead of silently using a de
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -264,7 +265,11 @@ def load_spec(path: str | Path) -> EngineBuildSpec:
     """Read a spec from YAML; accepts a bare spec or a whole EngineBuild manifest (uses its `spec`)."""
     p = Path(path)
     try:
-        doc = yaml.safe_load(p.read_text())
+        # `env:NAME` reads the document from an environment variable: how the operator hands a Job its spec.
+        text = os.environ[str(path)[4:]] if str(path).startswith("env:") else p.read_text()
+        doc = yaml.safe_load(text)
+    except KeyError:
+        raise SpecError(f"environment variable {str(path)[4:]} is not set", field="--spec") from None
     except FileNotFoundError:
         raise SpecError(f"spec file {p} does not exist", field="--spec") from None
     except yaml.YAMLError as exc:

@@ -1,0 +1,259 @@
+"""`enginebuild build`: the Job's entry point, running export -> engine -> upload from one spec.
+
+A build is split across Jobs in a cluster: the export Job (`--stages export,upload`) publishes the
+ONNX files and its report under `<output>/<build-key>/`; each engine Job (`--stages engine,upload
+--target T`) fetches them from there, builds and times the engines for its GPU type and publishes
+them; the operator then writes the top manifest. Run by hand with no `--stages`, one process does
+everything and writes the manifest itself.
+
+Whatever happens, `report.json` is written (with `error` set on failure) and the compact summary
+goes to the termination log, so the operator can always say why a build failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from .constants import REPORT_FILE
+from .errors import BuildError, SpecError
+from .report import ErrorInfo, Report, summarize
+from .spec import EngineBuildSpec, TargetSpec, load_spec
+
+log = logging.getLogger("enginebuild.build")
+
+ALL_STAGES = ("export", "engine", "upload")
+EXPORT_REPORT = REPORT_FILE
+TERMINATION_LOG_ENV = "ENGINEBUILD_TERMINATION_LOG"
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """What this process does: which stages, which targets, and whether it may write the top manifest."""
+
+    stages: tuple[str, ...]
+    targets: tuple[TargetSpec, ...]
+    finalize: bool
+
+
+def plan_build(spec: EngineBuildSpec, stages_arg: str, target_name: str | None) -> BuildPlan:
+    if stages_arg == "auto":
+        stages = ["export"]
+        if spec.targets:
+            stages.append("engine")
+        if spec.output:
+            stages.append("upload")
+    else:
+        stages = [s.strip() for s in stages_arg.split(",") if s.strip()]
+        unknown = sorted(set(stages) - set(ALL_STAGES))
+        if unknown:
+            raise SpecError(f"unknown stage(s) {', '.join(unknown)}; use a comma list of {', '.join(ALL_STAGES)}",
+                            field="--stages")
+    if "upload" in stages and not spec.output:
+        raise SpecError("the upload stage needs spec.output.uri (s3://bucket/prefix)", field="spec.output")
+    targets = tuple(spec.targets)
+    if target_name is not None:
+        targets = tuple(t for t in spec.targets if t.name == target_name)
+        if not targets:
+            known = ", ".join(t.name for t in spec.targets) or "none"
+            raise SpecError(f"no target named {target_name!r} in spec.targets (known: {known})", field="--target")
+    if "engine" in stages and not targets:
+        raise SpecError("the engine stage needs at least one entry in spec.targets", field="spec.targets")
+    # Only a process that ran every stage for every target may declare the build complete.
+    finalize = "upload" in stages and "export" in stages and (
+        "engine" in stages or not spec.targets) and target_name is None
+    ordered = tuple(s for s in ALL_STAGES if s in stages)
+    return BuildPlan(stages=ordered, targets=targets, finalize=finalize)
+
+
+def resolve_device(requested: str) -> str:
+    if requested != "auto":
+        if requested == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise SpecError("CUDA was requested but no GPU is visible; use --device cpu or auto", field="--device")
+        return requested
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _store():
+    from .storage import S3Config, S3Store
+
+    return S3Store(S3Config.from_env())
+
+
+def _compute_key(spec: EngineBuildSpec) -> str:
+    """The same key the operator computes, so a build run by hand lands where the operator looks."""
+    from .buildkey import KeyInputs, compute_build_key, fingerprint_location, local_toolchain
+
+    store = _store() if _uses_s3(spec) else None
+    inputs = KeyInputs(
+        checkpoint_digest=fingerprint_location(spec.model.checkpoint, store),
+        config_digest=fingerprint_location(spec.model.config, store),
+        calibration_digest=fingerprint_location(spec.calibration.source, store),
+        toolchain=os.environ.get("ENGINEBUILD_TOOLCHAIN") or local_toolchain(),
+    )
+    return compute_build_key(spec, inputs)
+
+
+def _uses_s3(spec: EngineBuildSpec) -> bool:
+    locations = [spec.model.checkpoint, spec.model.config, spec.calibration.source]
+    return bool(spec.output) or any(loc and loc.startswith("s3://") for loc in locations)
+
+
+def _fetch_inputs(spec: EngineBuildSpec, workdir: Path) -> tuple[Path | None, Path | None, Path | None]:
+    """Bring s3:// inputs to local disk (verified); local paths are used where they are."""
+    from .storage import fetch
+
+    inputs_dir = workdir / "inputs"
+    store = _store() if _uses_s3(spec) else None
+
+    def local(location: str | None, sub: str) -> Path | None:
+        if location is None or location == "synthetic":
+            return None
+        if location.startswith("s3://"):
+            return fetch(location, inputs_dir / sub, store=store)
+        return Path(location)
+
+    return (local(spec.model.checkpoint, "checkpoint"), local(spec.model.config, "config"),
+            local(spec.calibration.source, "calibration"))
+
+
+def _run_export(spec: EngineBuildSpec, workdir: Path, device: str, report: Report) -> None:
+    from .stages.export_half import run_export
+
+    checkpoint, config, calibration = _fetch_inputs(spec, workdir)
+    if config is not None and spec.model.config and spec.model.config.startswith("s3://"):
+        spec = spec.model_copy(update={"model": spec.model.model_copy(update={"config": str(config)})})
+    run_export(spec, workdir, device, report, checkpoint, calibration)
+
+
+def _load_export_half(spec: EngineBuildSpec, workdir: Path, key: str, report: Report) -> None:
+    """Engine stage without export in this process: take the export half's report (and ONNX files)
+    from the workdir, or download them from the build's S3 prefix."""
+    local_report = workdir / EXPORT_REPORT
+    if not local_report.exists():
+        if not spec.output:
+            raise SpecError(
+                f"the engine stage needs the export half: {local_report} is missing and spec.output is not set",
+                field="--workdir",
+            )
+        from .stages.publish import download_export_half
+
+        download_export_half(_store(), spec.output.uri, key, workdir)
+    exported = Report.read(local_report)
+    if not exported.encoders:
+        raise SpecError(f"{local_report} holds no exported encoders; run the export stage first", field="--workdir")
+    report.encoders = exported.encoders
+    report.model = exported.model
+    report.calibration = exported.calibration
+    report.tool_versions = {**exported.tool_versions, **report.tool_versions}
+    report.timings_s.update({k: v for k, v in exported.timings_s.items() if k not in report.timings_s})
+
+
+def _run_engines(spec: EngineBuildSpec, workdir: Path, report: Report, plan: BuildPlan) -> None:
+    from .stages.engine import find_trtexec, run_engines, timing_cache_name
+
+    trtexec = find_trtexec()
+    report.tool_versions["tensorrt"] = trtexec.version
+    cache_dir = workdir / "timing-caches"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    for target in plan.targets:
+        name = timing_cache_name(target.gpu_product, trtexec.version)
+        cache = cache_dir / name
+        store = _store() if spec.output else None
+        if store is not None:
+            from .stages.publish import get_timing_cache
+
+            get_timing_cache(store, spec.output.uri, name, cache)
+        started = time.monotonic()
+        run_engines(spec, workdir, report, target, cache, trtexec)
+        report.timings_s[f"engine:{target.name}"] = time.monotonic() - started
+        if store is not None and cache.exists():
+            from .stages.publish import put_timing_cache
+
+            put_timing_cache(store, spec.output.uri, name, cache)
+
+
+def _publish(spec: EngineBuildSpec, workdir: Path, report: Report, key: str, plan: BuildPlan) -> None:
+    from .stages.publish import finalize_build, publish_report_stage
+
+    assert spec.output is not None
+    store = _store()
+    started = time.monotonic()
+    stage = "export" if "export" in plan.stages and "engine" not in plan.stages else (
+        f"engine-{plan.targets[0].name}" if len(plan.targets) == 1 and "export" not in plan.stages else "all")
+    report.artifacts_uri = publish_report_stage(store, spec.output.uri, key, workdir, report, stage)
+    if plan.finalize:
+        finalize_build(store, spec.output.uri, key, report)
+    report.timings_s["upload"] = time.monotonic() - started
+
+
+def _write_termination(report: Report, path: str | None) -> None:
+    target = path or os.environ.get(TERMINATION_LOG_ENV)
+    if not target:
+        return
+    import json
+
+    try:
+        Path(target).write_text(json.dumps(summarize(report), separators=(",", ":")))
+    except OSError as exc:  # never mask the build's own outcome
+        log.warning("could not write termination message to %s: %s", target, exc)
+
+
+def run(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec)
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    plan = plan_build(spec, args.stages, args.target)
+    report = Report(spec=spec.to_dict(), stages_run=list(plan.stages))
+    report_path = workdir / (REPORT_FILE if "export" in plan.stages or "engine" not in plan.stages
+                             else f"report.{'-'.join(t.name for t in plan.targets)}.json")
+    started = time.monotonic()
+    try:
+        key = args.build_key or (_compute_key(spec) if spec.output else None)
+        report.build_key = key
+        log.info("build %s: stages %s, targets %s", key or "(no key: no output)", ",".join(plan.stages),
+                 ",".join(t.name for t in plan.targets) or "-")
+        if "export" in plan.stages:
+            device = resolve_device(args.device)
+            report.device = device
+            _run_export(spec, workdir, device, report)
+            report.write(workdir / EXPORT_REPORT)
+        elif "engine" in plan.stages:
+            _load_export_half(spec, workdir, key or "", report)
+        if "engine" in plan.stages:
+            _run_engines(spec, workdir, report, plan)
+        report.timings_s["total"] = time.monotonic() - started
+        if "upload" in plan.stages:
+            _publish(spec, workdir, report, key or "", plan)
+        report.status = "succeeded"
+        return 0
+    except BuildError as exc:
+        report.status = "failed"
+        report.error = ErrorInfo(kind=exc.kind_name, reason=exc.reason, exit_code=exc.exit_code,
+                                 retriable=exc.retriable, message=str(exc), log_tail=exc.log_tail)
+        raise
+    except Exception as exc:  # an unexpected failure still leaves a report and a reason
+        report.status = "failed"
+        report.error = ErrorInfo(kind="internal", reason="InternalError", exit_code=1, retriable=True,
+                                 message=f"{type(exc).__name__}: {exc}",
+                                 log_tail="".join(traceback.format_exc().splitlines(True)[-30:]))
+        raise
+    finally:
+        report.timings_s.setdefault("total", time.monotonic() - started)
+        report.write(report_path)
+        _write_termination(report, args.termination_log)
+        log.info("report written to %s (%s)", report_path, report.status)
+
+
+def main(args: argparse.Namespace) -> int:
+    return run(args)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -54,9 +54,12 @@ class ModelSpec(_Model):
     architecture: str | None = Field(
         None, description="open_clip model name (e.g. ViT-L-14); with `config`, the name it is registered under"
     )
-    config: str | None = Field(None, description="open_clip model-config JSON (local path or s3:// URI)")
+    config: str | None = Field(
+        None, max_length=1024, description="open_clip model-config JSON (local path or s3:// URI)"
+    )
     checkpoint: str | None = Field(
         None,
+        max_length=1024,
         description="state dict (.safetensors/.bin/.pt, local path or s3:// URI); random init when absent",
     )
 
@@ -87,6 +90,7 @@ class DynamicBatch(_Model):
 class CalibrationSpec(_Model):
     source: str = Field(
         "synthetic",
+        max_length=1024,
         description="`synthetic` (random inputs, recorded as such), or a folder of images (+ captions.txt) "
         "as local path or s3:// prefix",
     )
@@ -126,8 +130,9 @@ class BenchmarkSpec(_Model):
     no_data_transfers: bool = True
     profile: bool = Field(False, description="also export a per-layer profile (separate profiling run)")
     pytorch_baseline: bool = Field(False, description="also time the encoder in PyTorch FP16 eager")
-    extra_args: list[str] = Field(
-        default_factory=list, description="extra trtexec flags, from an allow-list (see docs/spec.md)"
+    # Bounded so the CRD's CEL rule over the list stays within the API server's cost budget.
+    extra_args: list[Annotated[str, Field(max_length=256)]] = Field(
+        default_factory=list, max_length=32, description="extra trtexec flags, from an allow-list (see docs/spec.md)"
     )
 
     @field_validator("extra_args")
@@ -145,7 +150,11 @@ class BenchmarkSpec(_Model):
 
 
 class TargetSpec(_Model):
-    name: str = Field(description="DNS label; one engine Job per target")
+    name: str = Field(
+        description="DNS label; one engine Job per target",
+        # Schema-only copy of the validator below, so the CRD rejects it too (the validator keeps the message).
+        json_schema_extra={"pattern": DNS_LABEL.pattern, "maxLength": 40},
+    )
     gpu_product: str = Field(description="value of the node label nvidia.com/gpu.product, e.g. NVIDIA-H100-80GB-HBM3")
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[dict[str, Any]] = Field(default_factory=list)
@@ -166,7 +175,7 @@ class SecretRef(_Model):
 
 
 class OutputSpec(_Model):
-    uri: str = Field(description="s3://bucket/prefix where artefacts are published")
+    uri: str = Field(max_length=1024, description="s3://bucket/prefix where artefacts are published")
     secret_ref: SecretRef | None = Field(
         None,
         description="Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY and optional AWS_ENDPOINT_URL, "

@@ -102,3 +102,10 @@ def test_exit_codes_unique_and_reverse_lookup() -> None:
         assert kind_for_exit_code(kind.exit_code) is kind
     assert kind_for_exit_code(99) is None
     assert 20 in PERMANENT_EXIT_CODES and 40 not in PERMANENT_EXIT_CODES and 1 not in PERMANENT_EXIT_CODES
+
+
+def test_spec_reference_doc_matches_the_models(repo_root) -> None:
+    from enginebuild_builder.spec_reference import render
+
+    doc = (repo_root / "docs" / "spec.md").read_text()
+    assert doc == render(), "docs/spec.md is stale: python -m enginebuild_builder.spec_reference > docs/spec.md"

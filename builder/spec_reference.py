@@ -27,6 +27,8 @@ and the file `enginebuild build --spec` reads. Unknown fields are rejected; ever
 
 def _type_name(annotation: Any) -> str:
     origin = get_origin(annotation)
+    if origin is typing.Annotated:
+        return _type_name(get_args(annotation)[0])
     if origin in (typing.Union, types.UnionType):
         return " \\| ".join(_type_name(a) for a in get_args(annotation) if a is not type(None)) + " (optional)"
     if origin is typing.Literal:

@@ -127,9 +127,32 @@ class StorageAccessDenied(BuildError):
     kind_name = "storage_denied"
 
 
+def render_error_table() -> str:
+    """docs/errors.md, generated so the documented exit codes can never drift from the code."""
+    lines = [
+        "# Builder exit codes and condition reasons",
+        "",
+        "Generated from `builder/errors.py` (`python -m enginebuild_builder.errors > docs/errors.md`; a test",
+        "compares). Permanent errors fail the Job at once through its podFailurePolicy; retriable ones are",
+        "retried up to `spec.backoffLimit`.",
+        "",
+        "| exit code | reason | retried | meaning |",
+        "|---|---|---|---|",
+    ]
+    for kind in sorted(KINDS.values(), key=lambda k: k.exit_code):
+        lines.append(f"| {kind.exit_code} | `{kind.reason}` | {'yes' if kind.retriable else 'no'} | {kind.summary} |")
+    return "\n".join(lines) + "\n"
+
+
 def kind_for_exit_code(code: int) -> ErrorKind | None:
     """Reverse lookup used by the operator when it only sees a container's exit code."""
     for kind in KINDS.values():
         if kind.exit_code == code:
             return kind
     return None
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.stdout.write(render_error_table())

@@ -109,3 +109,10 @@ def test_spec_reference_doc_matches_the_models(repo_root) -> None:
 
     doc = (repo_root / "docs" / "spec.md").read_text()
     assert doc == render(), "docs/spec.md is stale: python -m enginebuild_builder.spec_reference > docs/spec.md"
+
+
+def test_error_table_doc_matches_the_code(repo_root) -> None:
+    from enginebuild_builder.errors import render_error_table
+
+    assert (repo_root / "docs" / "errors.md").read_text() == render_error_table(), (
+        "docs/errors.md is stale: python -m enginebuild_builder.errors > docs/errors.md")

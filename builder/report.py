@@ -78,9 +78,15 @@ class EngineReport(_Model):
     gpu_compute_ms: Percentiles
     throughput_qps: float | None
     throughput_items_per_s: float | None
-    log: Artifact | None = None
+    log: Artifact | None = None  # the build log (trtexec --skipInference)
     profile: Artifact | None = None
     top_layers: list[dict[str, Any]] = Field(default_factory=list)
+    batch_size: int | None = None  # items per engine call: throughput_items_per_s = qps x this
+    bench_log: Artifact | None = None  # the benchmark log (trtexec --loadEngine)
+    layer_info: Artifact | None = None  # --exportLayerInfo JSON (with benchmark.profile)
+    times: Artifact | None = None  # --exportTimes JSON (with benchmark.profile)
+    engine_size_mib_logged: float | None = None  # "Created engine with size" as trtexec logged it
+    timing_cache_reused: bool | None = None  # True: the build read an existing timing cache
 
 
 class EngineComparison(_Model):

@@ -1,0 +1,119 @@
+"""The operator's configuration: every knob is an environment variable, read once into a frozen object.
+
+Environment variables (not flags) because the Helm chart sets them from values and a Deployment can
+change them without changing the command line. A bad value fails at start-up with the variable's
+name and what it expects, instead of surfacing later as a broken Job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+DEFAULT_BUILDER_IMAGE = "ghcr.io/enginebuild/builder:0.1.0"
+
+
+class ConfigError(ValueError):
+    """An environment variable has a value the operator cannot use."""
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    builder_image: str = DEFAULT_BUILDER_IMAGE
+    max_concurrent_builds: int = 10
+    # Used when an EngineBuild does not set spec.activeDeadlineSeconds itself.
+    default_deadline_seconds: int | None = None
+    metrics_port: int = 9090
+    health_port: int = 8080
+    bind_address: str = "0.0.0.0"
+    # Fallback wake-up of each build's reconcile loop (events wake it sooner).
+    reconcile_interval_seconds: float = 30.0
+    peering_name: str = "enginebuild"
+    peering_mandatory: bool = False
+    # Local paths in model.checkpoint/config and calibration.source only exist on the machine that
+    # runs the Job; in a cluster they are a mistake, in the dev stack (local Job runner) they work.
+    allow_local_paths: bool = False
+    # Read spec.output.secretRef's Secret to reach S3 for cache checks, finalize and delete.
+    read_secrets: bool = True
+    job_service_account: str | None = None
+    export_cpu_resources: Mapping[str, Any] = field(
+        default_factory=lambda: {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"memory": "16Gi"}}
+    )
+    workdir_size_limit: str = "20Gi"
+    # Where the builder finds its S3 endpoint when the Secret has none (dev stack, in-cluster MinIO).
+    s3_endpoint_for_jobs: str | None = None
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.bind_address}:{self.metrics_port}/metrics"
+
+    @property
+    def liveness_url(self) -> str:
+        return f"http://{self.bind_address}:{self.health_port}/healthz"
+
+
+def _int(env: Mapping[str, str], name: str, default: int | None, lo: int, hi: int) -> int | None:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer; set it to a whole number in {lo}..{hi}") from None
+    if not lo <= value <= hi:
+        raise ConfigError(f"{name}={value} is out of range; set it to a whole number in {lo}..{hi}")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    low = raw.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={raw!r} is not a boolean; use true or false")
+
+
+def load_config(env: Mapping[str, str] | None = None) -> OperatorConfig:
+    """Read the ENGINEBUILD_* variables (see docs/operator.md); unset ones take the defaults above."""
+    env = os.environ if env is None else env
+    resources: Mapping[str, Any] = OperatorConfig().export_cpu_resources
+    raw_res = env.get("ENGINEBUILD_EXPORT_CPU_RESOURCES")
+    if raw_res:
+        try:
+            resources = json.loads(raw_res)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"ENGINEBUILD_EXPORT_CPU_RESOURCES is not JSON ({exc}); "
+                              'e.g. {"requests": {"cpu": "2", "memory": "8Gi"}}') from None
+        if not isinstance(resources, dict) or not set(resources) <= {"requests", "limits"}:
+            raise ConfigError("ENGINEBUILD_EXPORT_CPU_RESOURCES must be an object with `requests` and/or `limits`")
+    interval = env.get("ENGINEBUILD_RECONCILE_INTERVAL_SECONDS", "30")
+    try:
+        interval_s = float(interval)
+    except ValueError:
+        raise ConfigError(f"ENGINEBUILD_RECONCILE_INTERVAL_SECONDS={interval!r} is not a number of seconds") from None
+    if not 0.1 <= interval_s <= 3600:
+        raise ConfigError("ENGINEBUILD_RECONCILE_INTERVAL_SECONDS must be within 0.1..3600")
+    image = env.get("ENGINEBUILD_BUILDER_IMAGE", "").strip() or DEFAULT_BUILDER_IMAGE
+    return OperatorConfig(
+        builder_image=image,
+        max_concurrent_builds=_int(env, "ENGINEBUILD_MAX_CONCURRENT_BUILDS", 10, 1, 100_000) or 10,
+        default_deadline_seconds=_int(env, "ENGINEBUILD_DEFAULT_DEADLINE_SECONDS", None, 60, 7 * 24 * 3600),
+        metrics_port=_int(env, "ENGINEBUILD_METRICS_PORT", 9090, 1, 65535) or 9090,
+        health_port=_int(env, "ENGINEBUILD_HEALTH_PORT", 8080, 1, 65535) or 8080,
+        bind_address=env.get("ENGINEBUILD_BIND_ADDRESS", "").strip() or "0.0.0.0",
+        reconcile_interval_seconds=interval_s,
+        peering_name=env.get("ENGINEBUILD_PEERING_NAME", "").strip() or "enginebuild",
+        peering_mandatory=_bool(env, "ENGINEBUILD_PEERING_MANDATORY", False),
+        allow_local_paths=_bool(env, "ENGINEBUILD_ALLOW_LOCAL_PATHS", False),
+        read_secrets=_bool(env, "ENGINEBUILD_READ_SECRETS", True),
+        job_service_account=env.get("ENGINEBUILD_JOB_SERVICE_ACCOUNT", "").strip() or None,
+        export_cpu_resources=resources,
+        workdir_size_limit=env.get("ENGINEBUILD_WORKDIR_SIZE_LIMIT", "").strip() or "20Gi",
+        s3_endpoint_for_jobs=env.get("ENGINEBUILD_JOB_S3_ENDPOINT", "").strip() or None,
+    )

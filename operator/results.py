@@ -1,0 +1,224 @@
+"""From what a build Job leaves behind to status fields and metrics.
+
+A builder Job ends by writing the compact summary (`report.summarize()`) to its termination message;
+when the summary had to drop the per-engine rows to fit 4 KiB (`truncated`), the full `report.json` in
+S3 is read instead. Both become the same status parts. Kubernetes API conventions forbid floats in
+status, so ratios are decimal strings and latencies integer microseconds; metrics (which are floats
+by nature) are derived from those status parts, so a restarted operator can re-export them.
+"""
+
+from __future__ import annotations
+
+import json
+from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Any
+
+from enginebuild_builder.report import Report
+
+from . import metrics
+
+Parts = dict[str, Any]
+
+
+def decimal_str(value: float | None, places: int = 4) -> str | None:
+    """A float as a fixed-point decimal string ('0.4981'), the status form of a ratio."""
+    if value is None:
+        return None
+    quantum = Decimal(1).scaleb(-places)
+    return str(Decimal(repr(float(value))).quantize(quantum, rounding=ROUND_HALF_EVEN))
+
+
+def micros(ms: float | None) -> int | None:
+    """Milliseconds (trtexec's unit) to integer microseconds."""
+    return None if ms is None else int(round(float(ms) * 1000))
+
+
+def parse_termination_message(text: str | None) -> dict[str, Any] | None:
+    """The summary JSON, or None when the message is absent or not ours (e.g. a log tail on OOM kill)."""
+    if not text:
+        return None
+    text = text.strip()
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(doc, dict) or "status" not in doc or "v" not in doc:
+        return None
+    return doc
+
+
+def summary_from_report(report: Report) -> dict[str, Any]:
+    """The summary shape, built from a full report without the 4 KiB cut (so no `truncated`)."""
+    return {
+        "v": report.schema_version,
+        "status": report.status,
+        "stages": report.stages_run,
+        "buildKey": report.build_key,
+        "artifactsUri": report.artifacts_uri,
+        "encoders": {
+            name: {
+                "onnxFp16Bytes": enc.onnx.fp16.bytes,
+                "onnxFp8Bytes": enc.onnx.fp8.bytes,
+                "sizeReduction": enc.size_reduction,
+                "quantized": enc.quantized_linear_layers,
+                "linear": enc.linear_layers,
+                "cosineMin": enc.accuracy.cosine_min if enc.accuracy else None,
+                "cosineMean": enc.accuracy.cosine_mean if enc.accuracy else None,
+                "top1": enc.accuracy.top1_agreement if enc.accuracy else None,
+                "passed": enc.accuracy.passed if enc.accuracy else None,
+            }
+            for name, enc in report.encoders.items()
+        },
+        "engines": [
+            {
+                "t": e.target,
+                "e": e.encoder,
+                "p": e.precision,
+                "bytes": e.engine.bytes,
+                "uri": e.engine.uri,
+                "p50": e.latency_ms.median,
+                "p90": e.latency_ms.p90,
+                "p99": e.latency_ms.p99,
+                "ips": e.throughput_items_per_s,
+                "trt": e.trt_version,
+                "gpu": e.gpu_name,
+                "build_s": e.build_s,
+            }
+            for e in report.engines
+        ],
+        "timings": dict(report.timings_s),
+        "warnings": list(report.warnings),
+        "error": report.error.model_dump(exclude={"log_tail"}) if report.error else None,
+        "logTail": report.error.log_tail if report.error else None,
+    }
+
+
+def onnx_parts(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for encoder, enc in sorted((summary.get("encoders") or {}).items()):
+        if enc.get("onnxFp16Bytes") is None or enc.get("onnxFp8Bytes") is None:
+            continue
+        out.append(
+            {
+                "encoder": encoder,
+                "fp16Bytes": int(enc["onnxFp16Bytes"]),
+                "fp8Bytes": int(enc["onnxFp8Bytes"]),
+                "sizeReduction": decimal_str(enc.get("sizeReduction")) or "0.0000",
+                "quantizedLinearLayers": int(enc.get("quantized") or 0),
+                "linearLayers": int(enc.get("linear") or 0),
+            }
+        )
+    return out
+
+
+def accuracy_parts(summary: dict[str, Any], min_cosine: float) -> list[dict[str, Any]]:
+    out = []
+    for encoder, enc in sorted((summary.get("encoders") or {}).items()):
+        if enc.get("cosineMin") is None:
+            continue
+        passed = enc.get("passed")
+        if passed is None:  # the compact summary carries the numbers; the gate is the spec's
+            passed = float(enc["cosineMin"]) >= min_cosine
+        out.append(
+            {
+                "encoder": encoder,
+                "cosineMin": decimal_str(enc["cosineMin"], 6),
+                "cosineMean": decimal_str(enc.get("cosineMean"), 6),
+                "top1Agreement": decimal_str(enc.get("top1"), 4),
+                "passed": bool(passed),
+            }
+        )
+    return out
+
+
+def engine_parts(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """engines[] rows with speedup over FP16 on FP8 rows (fp16 p50 / fp8 p50 of the same target and encoder)."""
+    rows = []
+    for e in summary.get("engines") or []:
+        rows.append(
+            {
+                "target": e["t"],
+                "encoder": e["e"],
+                "precision": e["p"],
+                "uri": e.get("uri"),
+                "bytes": int(e.get("bytes") or 0),
+                "latencyP50Micros": micros(e.get("p50")),
+                "latencyP90Micros": micros(e.get("p90")),
+                "latencyP99Micros": micros(e.get("p99")),
+                "throughputItemsPerSecond": decimal_str(e.get("ips"), 2),
+                "speedupOverFp16": None,
+                "trtVersion": e.get("trt"),
+                "gpu": e.get("gpu"),
+            }
+        )
+    return with_speedups(rows)
+
+
+def with_speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    p50 = {(r["target"], r["encoder"], r["precision"]): r.get("latencyP50Micros") for r in rows}
+    out = []
+    for r in rows:
+        r = dict(r)
+        if r["precision"] == "fp8":
+            fp16 = p50.get((r["target"], r["encoder"], "fp16"))
+            fp8 = r.get("latencyP50Micros")
+            r["speedupOverFp16"] = decimal_str(fp16 / fp8, 3) if fp16 and fp8 else None
+        out.append(r)
+    return sorted(out, key=lambda r: (r["target"], r["encoder"], r["precision"]))
+
+
+def merge_engines(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of a finished engine Job replace that (target, encoder, precision); others are kept."""
+    keyed = {(r["target"], r["encoder"], r["precision"]): r for r in old}
+    for r in new:
+        keyed[(r["target"], r["encoder"], r["precision"])] = r
+    return with_speedups(list(keyed.values()))
+
+
+def slower_fp8(engines: list[dict[str, Any]]) -> list[str]:
+    """`target/encoder` of every FP8 engine slower than its FP16 baseline (speedup below 1)."""
+    return [
+        f"{r['target']}/{r['encoder']}"
+        for r in engines
+        if r["precision"] == "fp8" and r.get("speedupOverFp16") is not None and Decimal(r["speedupOverFp16"]) < 1
+    ]
+
+
+def summary_columns(engines: list[dict[str, Any]]) -> dict[str, str | None]:
+    """Printer-column strings from the first target's FP8 rows (ms with 3 decimals; speedup of the image
+    encoder, else the text encoder)."""
+    if not engines:
+        return {"imageFp8LatencyMs": None, "textFp8LatencyMs": None, "fp8Speedup": None}
+    first = sorted({r["target"] for r in engines})[0]
+    fp8 = {r["encoder"]: r for r in engines if r["target"] == first and r["precision"] == "fp8"}
+
+    def ms(encoder: str) -> str | None:
+        row = fp8.get(encoder)
+        v = row.get("latencyP50Micros") if row else None
+        return None if v is None else decimal_str(v / 1000, 3)
+
+    speed = (fp8.get("image") or {}).get("speedupOverFp16") or (fp8.get("text") or {}).get("speedupOverFp16")
+    return {"imageFp8LatencyMs": ms("image"), "textFp8LatencyMs": ms("text"), "fp8Speedup": speed}
+
+
+def record_metrics(namespace: str, name: str, status: dict[str, Any], min_cosine: float | None) -> None:
+    """Set the per-EngineBuild gauges from the status (the one source of truth for the numbers)."""
+    for row in status.get("onnx") or []:
+        metrics.ONNX_SIZE.labels(namespace, name, row["encoder"], "fp16").set(row["fp16Bytes"])
+        metrics.ONNX_SIZE.labels(namespace, name, row["encoder"], "fp8").set(row["fp8Bytes"])
+    for row in status.get("accuracy") or []:
+        metrics.ACCURACY_COSINE_MIN.labels(namespace, name, row["encoder"]).set(float(row["cosineMin"]))
+    if min_cosine is not None:
+        metrics.ACCURACY_GATE.labels(namespace, name).set(min_cosine)
+    for row in status.get("engines") or []:
+        labels = (namespace, name, row["target"], row["encoder"], row["precision"])
+        metrics.ENGINE_SIZE.labels(*labels).set(row["bytes"])
+        for quantile, field in (("0.5", "latencyP50Micros"), ("0.9", "latencyP90Micros"), ("0.99", "latencyP99Micros")):
+            if row.get(field) is not None:
+                metrics.ENGINE_LATENCY.labels(*labels, quantile).set(row[field] / 1e6)
+        if row.get("throughputItemsPerSecond") is not None:
+            metrics.ENGINE_THROUGHPUT.labels(*labels).set(float(row["throughputItemsPerSecond"]))
+        if row["precision"] == "fp8" and row.get("speedupOverFp16") is not None:
+            metrics.FP8_SPEEDUP.labels(namespace, name, row["target"], row["encoder"]).set(
+                float(row["speedupOverFp16"])
+            )

@@ -478,6 +478,7 @@ class S3Store:
             preferred_transfer_client="classic",
         )
         self._lock = threading.Lock()
+        self._buckets_seen: set[str] = set()
 
     def __repr__(self) -> str:
         return f"S3Store({self.config!r})"
@@ -516,7 +517,14 @@ class S3Store:
             raise self._fail(exc, "create bucket", f"s3://{bucket}") from None
 
     def check_bucket(self, uri: S3Uri) -> None:
-        """Fail early, with the right error, when the bucket is missing or the credentials are wrong."""
+        """Fail early, with the right error, when the bucket is missing or the credentials are wrong.
+
+        Writers call it once per bucket: some S3-compatible stores (SeaweedFS with an admin identity)
+        create a bucket on the first PUT, which would hide a typo in `output.uri`.
+        """
+        with self._lock:
+            if uri.bucket in self._buckets_seen:
+                return
         try:
             self._client.head_bucket(Bucket=uri.bucket)
         except Exception as exc:  # noqa: BLE001
@@ -527,6 +535,8 @@ class S3Store:
                     f"{self.config.endpoint_url or 'AWS S3'}: create it or fix the URI"
                 ) from None
             raise self._fail(exc, "check bucket of", uri) from None
+        with self._lock:
+            self._buckets_seen.add(uri.bucket)
 
     # ---- metadata --------------------------------------------------------------------------
 
@@ -587,6 +597,7 @@ class S3Store:
         path = Path(path)
         if not path.is_file():
             raise StorageError(f"upload to {uri}: local file {path} does not exist")
+        self.check_bucket(uri)
         attempts = max(1, self.config.upload_attempts)
         last: BuildError | None = None
         started = datetime.now(timezone.utc)
@@ -636,6 +647,7 @@ class S3Store:
         """Small objects (manifests, configs): one PUT, server-checked SHA-256, verified by HEAD."""
         sha = hashlib.sha256(data)
         digest = FileDigest(len(data), sha.hexdigest(), base64.b64encode(sha.digest()).decode())
+        self.check_bucket(uri)
         attempts = max(1, self.config.upload_attempts)
         for attempt in range(1, attempts + 1):
             try:

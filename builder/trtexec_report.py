@@ -49,8 +49,11 @@ EXPLANATIONS = "Explanations of the performance metrics"
 
 
 def decode_version_number(num: str) -> str:
-    """`v101601` -> "10.16.1": trtexec encodes the version as major*10000 + minor*100 + patch."""
+    """`v101601` -> "10.16.1": TensorRT >= 10 encodes major*10000 + minor*100 + patch; 8.x used
+    major*1000 + minor*100 + patch (`v8601` -> "8.6.1")."""
     n = int(num)
+    if n < 10000:
+        return f"{n // 1000}.{(n // 100) % 10}.{n % 100}"
     return f"{n // 10000}.{(n // 100) % 100}.{n % 100}"
 
 

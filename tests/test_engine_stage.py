@@ -340,3 +340,9 @@ def test_trtexec_vanishing_mid_stage_is_not_found(double_env: Path, tmp_path: Pa
     with pytest.raises(TrtexecNotFound) as err:
         run_engines(spec, tmp_path, report, spec.targets[0], None, gone)
     assert err.value.exit_code == 30
+
+
+def test_tensorrt_8_is_refused(double_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRTEXEC_DOUBLE_VERSION", "8.6.1")
+    with pytest.raises(TrtexecNotFound, match="TensorRT 8.6.1; strongly typed FP8 engines need TensorRT >= 10"):
+        find_trtexec()

@@ -1,0 +1,271 @@
+"""The Grafana dashboard and the alert rules query only what the operator exports, and the alerts fire
+when (and only when) they should: checked with the real `promtool` (Debian's prometheus package).
+
+The end-to-end evaluation of every dashboard query against a Prometheus scraping a running operator
+uses `enginebuild_operator.dashboards.dashboard_exprs()` (written by the e2e test, not here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from enginebuild_operator.dashboards import (
+    ALERTS_PATH,
+    DASHBOARD_PATH,
+    alert_exprs,
+    alert_rules,
+    dashboard_exprs,
+    exported_metric_names,
+    metric_names,
+    resolve_variables,
+)
+
+
+@pytest.fixture(scope="module")
+def promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("promtool is missing in CI: .ci/setup.sh installs Debian's prometheus package")
+        pytest.skip("promtool not installed (apt-get install -y --no-install-recommends prometheus)")
+    return path
+
+
+def _promtool(promtool: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([promtool, *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+# --- names ----------------------------------------------------------------------------------------
+
+
+def test_metric_name_parser_on_known_expressions() -> None:
+    assert metric_names('sum by (le, stage) (rate(foo_bucket{stage="x"}[5m]))') == {"foo_bucket"}
+    assert metric_names("a_total / on (namespace, name) group_left () b > bool 1") == {"a_total", "b"}
+    assert metric_names('histogram_quantile(0.95, x{le=~"1|2"}) and on () up offset 5m') == {"x", "up"}
+    assert metric_names("time() - started_seconds > 600") == {"started_seconds"}
+    assert metric_names('count(x{a="by (y)"}) without (z)') == {"x"}
+
+
+def test_exported_names_follow_prometheus_client_suffixes() -> None:
+    names = exported_metric_names()
+    assert {"enginebuild_builds_total", "enginebuild_gpu_seconds_total", "enginebuild_cache_hits_total"} <= names
+    assert {f"enginebuild_stage_duration_seconds_{s}" for s in ("bucket", "sum", "count")} <= names
+    assert "enginebuild_builds" not in names  # a counter is never exported without _total
+
+
+@pytest.mark.parametrize("expr", dashboard_exprs() + alert_exprs())
+def test_every_query_uses_only_exported_metrics(expr: str) -> None:
+    used = metric_names(expr)
+    assert used, f"no metric in {expr!r}"
+    unknown = used - exported_metric_names()
+    assert not unknown, f"{expr!r} reads {sorted(unknown)}, which operator/metrics.py does not export"
+
+
+def test_dashboard_covers_every_exported_metric() -> None:
+    """A metric nobody looks at is either missing from the dashboard or should not exist."""
+    used = set().union(*(metric_names(e) for e in dashboard_exprs()))
+    exported = {n for n in exported_metric_names() if not n.endswith(("_sum", "_count"))}
+    assert exported - used == set()
+
+
+# --- dashboard shape ------------------------------------------------------------------------------
+
+
+def _dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD_PATH.read_text())
+
+
+def test_dashboard_is_grafana_json_with_the_promised_panels() -> None:
+    dash = _dashboard()
+    assert dash["schemaVersion"] == 39 and dash["uid"] == "enginebuild-overview"
+    panels = dash["panels"]
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids))
+    titles = " | ".join(p["title"].lower() for p in panels)
+    for topic in ("succeeded", "failed", "in progress", "stage duration p50 / p95", "engine size fp16 vs fp8",
+                  "latency", "speedup", "accuracy", "cache hit ratio", "gpu-seconds per target"):
+        assert topic in titles, topic
+    for p in panels:
+        if p["type"] == "row":
+            continue
+        assert p["targets"], p["title"]
+        for t in p["targets"]:
+            assert t["datasource"]["uid"] == "${datasource}", p["title"]
+        grid = p["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, p["title"]
+    quantiles = [e for e in dashboard_exprs() if e.startswith("histogram_quantile(")]
+    assert {q.split(",")[0] for q in quantiles} == {"histogram_quantile(0.5", "histogram_quantile(0.95"}
+
+
+def test_grafana_variables_resolve() -> None:
+    assert resolve_variables('x{namespace=~"$namespace"}[$__rate_interval]') == 'x{namespace=~".*"}[1m]'
+    with pytest.raises(ValueError, match="unresolved"):
+        resolve_variables("x[$__unknown]")
+    assert all("$" not in e for e in dashboard_exprs())
+
+
+def test_every_dashboard_query_parses_with_promtool(promtool: str, tmp_path: Path) -> None:
+    """promtool has no offline `query` check; recording rules run every expression through its parser."""
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:query_{i}", "expr": expr} for i, expr in enumerate(dashboard_exprs())]}]}
+    path = tmp_path / "dashboard.rules.yaml"
+    path.write_text(yaml.safe_dump(rules, sort_keys=False))
+    proc = _promtool(promtool, "check", "rules", str(path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"SUCCESS: {len(dashboard_exprs())} rules found" in proc.stdout
+
+    broken = tmp_path / "broken.rules.yaml"
+    broken.write_text(yaml.safe_dump({"groups": [{"name": "x", "rules": [{"record": "r", "expr": "sum(("}]}]}))
+    assert _promtool(promtool, "check", "rules", str(broken)).returncode != 0
+
+
+# --- alerts ---------------------------------------------------------------------------------------
+
+
+def test_alert_rules_file_passes_promtool_check(promtool: str) -> None:
+    proc = _promtool(promtool, "check", "rules", str(ALERTS_PATH))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_promised_alerts_exist() -> None:
+    names = {r["alert"] for r in alert_rules()}
+    assert {"EngineBuildFailing", "EngineBuildStuckPastDeadline", "EngineBuildFP8SlowerThanFP16",
+            "EngineBuildAccuracyBelowGate"} <= names
+    for rule in alert_rules():
+        assert rule["labels"]["severity"] in ("info", "warning", "critical")
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+
+
+def _alert(name: str, labels: dict[str, str], summary: str, description: str) -> dict[str, Any]:
+    return {"exp_labels": labels, "exp_annotations": {"summary": summary, "description": description}}
+
+
+def _unit_tests() -> dict[str, Any]:
+    """One firing and one quiet case per alert, with exact labels and rendered annotations."""
+    ns = 'namespace="ml", name="vit-l-14"'
+    return {
+        "rule_files": [str(ALERTS_PATH)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {   # Failing: two failures in the last hour fire one alert per reason; no failures: quiet.
+                "interval": "1m",
+                "input_series": [
+                    {"series": 'enginebuild_builds_total{result="failed", reason="AccuracyGateFailed"}',
+                     "values": "0x10 1 2x50"},
+                    {"series": 'enginebuild_builds_total{result="succeeded", reason=""}', "values": "0+1x60"},
+                    {"series": 'enginebuild_builds_total{result="failed", reason="ImagePullFailed"}',
+                     "values": "0x60"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "5m", "alertname": "EngineBuildFailing", "exp_alerts": []},
+                    {"eval_time": "30m", "alertname": "EngineBuildFailing", "exp_alerts": [
+                        _alert("EngineBuildFailing", {"severity": "warning", "reason": "AccuracyGateFailed"},
+                               "EngineBuilds are failing (AccuracyGateFailed)",
+                               "2 EngineBuild(s) failed in the last hour with reason AccuracyGateFailed. See "
+                               "`kubectl get eb -A` (Reason column) and the build logs kept in S3.")]},
+                ],
+            },
+            {   # Stuck: started at t=0 with a 600 s deadline; past it at 10m, fires after `for: 5m`.
+                "interval": "1m",
+                "input_series": [
+                    {"series": f"enginebuild_build_started_timestamp_seconds{{{ns}}}", "values": "0x30"},
+                    {"series": f"enginebuild_build_deadline_seconds{{{ns}}}", "values": "600x30"},
+                    {"series": 'enginebuild_build_started_timestamp_seconds{namespace="ml", name="ok"}',
+                     "values": "0x30"},
+                    {"series": 'enginebuild_build_deadline_seconds{namespace="ml", name="ok"}', "values": "7200x30"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "12m", "alertname": "EngineBuildStuckPastDeadline", "exp_alerts": []},
+                    {"eval_time": "20m", "alertname": "EngineBuildStuckPastDeadline", "exp_alerts": [
+                        _alert("EngineBuildStuckPastDeadline",
+                               {"severity": "warning", "namespace": "ml", "name": "vit-l-14"},
+                               "EngineBuild ml/vit-l-14 is running past its deadline",
+                               "The build started 20m 0s ago, longer than its activeDeadlineSeconds; its Jobs "
+                               "should have been stopped. Check the operator's logs and the Jobs of this "
+                               "EngineBuild.")]},
+                ],
+            },
+            {   # FP8 slower: 0.83 fires, 1.7 on another target does not.
+                "interval": "1m",
+                "input_series": [
+                    {"series": f'enginebuild_fp8_speedup_ratio{{{ns}, target="l40s", encoder="text"}}',
+                     "values": "0.83x5"},
+                    {"series": f'enginebuild_fp8_speedup_ratio{{{ns}, target="h100", encoder="image"}}',
+                     "values": "1.7x5"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "2m", "alertname": "EngineBuildFP8SlowerThanFP16", "exp_alerts": [
+                        _alert("EngineBuildFP8SlowerThanFP16",
+                               {"severity": "info", "namespace": "ml", "name": "vit-l-14", "target": "l40s",
+                                "encoder": "text"},
+                               "FP8 engine slower than FP16 for ml/vit-l-14 (l40s, text)",
+                               "FP16 median latency / FP8 median latency is 0.83. FP8 is often slower when the "
+                               "graph around Q/DQ stays FP32; check that the export used weights_dtype fp16 and "
+                               "the layer profile.")]},
+                ],
+            },
+            {   # Accuracy: image tower under the 0.99 gate fires, text above it does not.
+                "interval": "1m",
+                "input_series": [
+                    {"series": f'enginebuild_accuracy_cosine_min{{{ns}, encoder="image"}}', "values": "0.9812x5"},
+                    {"series": f'enginebuild_accuracy_cosine_min{{{ns}, encoder="text"}}', "values": "0.9969x5"},
+                    {"series": f"enginebuild_accuracy_min_cosine_required{{{ns}}}", "values": "0.99x5"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "2m", "alertname": "EngineBuildAccuracyBelowGate", "exp_alerts": [
+                        _alert("EngineBuildAccuracyBelowGate",
+                               {"severity": "warning", "namespace": "ml", "name": "vit-l-14", "encoder": "image"},
+                               "FP8 accuracy below the gate for ml/vit-l-14 (image)",
+                               "Min cosine FP8 vs FP16 is 0.9812, below spec.accuracy.minCosine. Calibrate on real "
+                               "data (spec.calibration.source) or raise the sample count.")]},
+                ],
+            },
+            {   # Queue backlog: queued with nothing running for 15 minutes; quiet while a build runs.
+                "interval": "1m",
+                "input_series": [
+                    {"series": "enginebuild_build_queue_length", "values": "3x40"},
+                    {"series": "enginebuild_builds_in_progress", "values": "1x10 0x30"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "10m", "alertname": "EngineBuildQueueBacklog", "exp_alerts": []},
+                    {"eval_time": "20m", "alertname": "EngineBuildQueueBacklog", "exp_alerts": []},
+                    {"eval_time": "30m", "alertname": "EngineBuildQueueBacklog", "exp_alerts": [
+                        _alert("EngineBuildQueueBacklog", {"severity": "warning"},
+                               "EngineBuilds are queued but none is running",
+                               "3 build(s) have waited 15 minutes with no build in progress: the concurrency "
+                               "slots may be held by lost builds.")]},
+                ],
+            },
+        ],
+    }
+
+
+def test_every_alert_has_a_unit_test() -> None:
+    tested = {case["alertname"] for t in _unit_tests()["tests"] for case in t["alert_rule_test"]}
+    assert tested == {r["alert"] for r in alert_rules()}
+
+
+def test_alert_unit_tests_pass_in_promtool(promtool: str, tmp_path: Path) -> None:
+    path = tmp_path / "alerts.test.yaml"
+    path.write_text(yaml.safe_dump(_unit_tests(), sort_keys=False, width=1000))
+    proc = _promtool(promtool, "test", "rules", str(path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "SUCCESS" in proc.stdout
+
+
+def test_promtool_unit_tests_catch_a_wrong_expectation(promtool: str, tmp_path: Path) -> None:
+    """The harness itself can fail: a wrong threshold in the expectations is reported."""
+    tests = _unit_tests()
+    tests["tests"][2]["alert_rule_test"][0]["exp_alerts"] = []  # claim FP8 0.83x is fine
+    path = tmp_path / "wrong.test.yaml"
+    path.write_text(yaml.safe_dump(tests, sort_keys=False, width=1000))
+    proc = _promtool(promtool, "test", "rules", str(path))
+    assert proc.returncode != 0 and "EngineBuildFP8SlowerThanFP16" in proc.stdout + proc.stderr

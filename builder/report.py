@@ -41,6 +41,7 @@ class Accuracy(_Model):
     min_cosine_required: float
     passed: bool
     evaluated_on: Literal["onnxruntime-cpu"] = "onnxruntime-cpu"
+    reference: str = "pytorch-fp16"  # the unquantized model the FP8 ONNX is compared with
 
 
 class EncoderReport(_Model):
@@ -53,6 +54,9 @@ class EncoderReport(_Model):
     quantized_linear_layers: int
     accuracy: Accuracy | None = None
     parameters: int
+    unquantized_layers: list[str] = Field(default_factory=list)  # projections left in FP16, by module name
+    opset: int | None = None  # ONNX opset of both files
+    fp8_weight_tensors: int | None = None  # MatMul/Gemm/Conv weights stored FP8 behind a DequantizeLinear
 
 
 class Percentiles(_Model):

@@ -1,0 +1,299 @@
+"""The export half of a build: checkpoint -> FP16 baseline + FP8 ONNX per tower, accuracy-gated.
+
+Stage order is chosen so that one FP32 model is enough: the FP16 copy is exported and computes the
+reference embeddings first and is then dropped, before ModelOpt quantizes the FP32 model in place.
+Every stage's wall time goes to `report.timings_s`; the report is filled as far as the build got
+before any error is raised, so a failed gate still leaves its numbers behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+import torch
+
+from ..errors import AccuracyGateFailed, QuantizationError
+from ..report import Accuracy, Artifact, EncoderReport, OnnxPair, Report
+from ..spec import EngineBuildSpec
+from ..toolinfo import peak_gpu_bytes, peak_host_bytes, tool_versions
+from . import onnx_checks, onnx_export, validate
+from .attention import split_attention
+from .calibration import load_calibration
+from .model_loading import LoadedModel, load_model, sha256_file
+from .quantize import FINAL_PROJECTION_PARAMS, count_layers, make_forward_loop, quantize_fp8
+
+log = logging.getLogger(__name__)
+
+ONNX_DIR = "onnx"
+CPU_CALIBRATION_BATCH = 32
+GPU_CALIBRATION_BATCH = 128
+
+
+@contextlib.contextmanager
+def _stage(report: Report, name: str) -> Iterator[None]:
+    log.info("stage %s: started", name)
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        elapsed = time.perf_counter() - start
+        report.timings_s[name] = round(report.timings_s.get(name, 0.0) + elapsed, 3)
+        log.info("stage %s: %.1f s", name, elapsed)
+
+
+def _reference_copy(model: torch.nn.Module, device: str) -> tuple[torch.nn.Module, str]:
+    """FP16 copy of the unquantized model; FP32 where this torch lacks FP16 kernels on `device`."""
+    ref = copy.deepcopy(model).half().eval()
+    probe = "pytorch-fp16"
+    try:
+        with torch.no_grad():
+            x = torch.zeros(1, 3, *_image_size(ref), device=device, dtype=torch.float16)
+            ref.encode_image(x)
+    except RuntimeError as exc:
+        log.warning("FP16 forward unsupported on %s (%s): FP32 reference and baseline", device, exc)
+        ref = ref.float()
+        probe = "pytorch-fp32"
+    return ref, probe
+
+
+def _image_size(model: torch.nn.Module) -> tuple[int, int]:
+    size = getattr(getattr(model, "visual", None), "image_size", 224)
+    return (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
+
+
+def _artifact(path: Path, workdir: Path) -> Artifact:
+    return Artifact(path=path.relative_to(workdir).as_posix(), bytes=onnx_export.file_size(path), sha256=sha256_file(path))
+
+
+def _input_signature(path: Path) -> tuple[str, list[int], str]:
+    model = onnx.load(str(path), load_external_data=False)
+    inp = model.graph.input[0]
+    dims = [d.dim_value if d.HasField("dim_value") else -1 for d in inp.type.tensor_type.shape.dim]
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type).name
+    return inp.name, dims, dtype
+
+
+def run_export(
+    spec: EngineBuildSpec,
+    workdir: Path,
+    device: str,
+    report: Report,
+    checkpoint: Path | None,
+    calibration_dir: Path | None,
+    config_path: Path | None = None,
+) -> None:
+    """Run load -> calibrate -> export_fp16 -> quantize -> export_fp8 -> validate into `report`.
+
+    `checkpoint`, `calibration_dir` and `config_path` are local copies of s3:// sources made by the
+    caller (None: take the spec's local path, or random init / synthetic).
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    onnx_dir = workdir / ONNX_DIR
+    onnx_dir.mkdir(exist_ok=True)
+    report.tool_versions.update(tool_versions())
+    if report.device is None:
+        report.device = device
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        _run(spec, workdir, onnx_dir, device, report, checkpoint, calibration_dir, config_path)
+    finally:
+        report.peak_memory_bytes["host"] = peak_host_bytes()
+        report.peak_memory_bytes["gpu"] = peak_gpu_bytes()
+
+
+def _run(
+    spec: EngineBuildSpec,
+    workdir: Path,
+    onnx_dir: Path,
+    device: str,
+    report: Report,
+    checkpoint: Path | None,
+    calibration_dir: Path | None,
+    config_path: Path | None,
+) -> None:
+    encoders = list(spec.encoders)
+    if checkpoint is None and spec.model.checkpoint and not spec.model.checkpoint.startswith("s3://"):
+        checkpoint = Path(spec.model.checkpoint)
+
+    with _stage(report, "load"):
+        loaded: LoadedModel = load_model(spec.model, checkpoint, config_path)
+    report.model.update(
+        {
+            "architecture": loaded.architecture,
+            "config": loaded.config_source,
+            "checkpoint": spec.model.checkpoint,
+            "checkpoint_sha256": loaded.checkpoint_sha256,
+            "random_init": loaded.random_init,
+        }
+    )
+    if loaded.random_init:
+        report.warnings.append("no model.checkpoint: the model is randomly initialised")
+
+    with _stage(report, "calibrate"):
+        data = load_calibration(
+            spec.calibration.source,
+            spec.calibration.samples,
+            spec.accuracy.samples,
+            spec.calibration.seed,
+            loaded,
+            encoders,
+            calibration_dir,
+        )
+    report.calibration.update(data.report())
+    report.warnings.extend(data.warnings)
+    if data.synthetic:
+        report.warnings.append("calibration.source is synthetic: FP8 scales come from random inputs")
+
+    model = loaded.model
+    if spec.quantization.split_attention_projections:
+        split = split_attention(model)
+        report.model["attention_modules_split"] = len(split.replaced)
+        for name, why in split.skipped.items():
+            report.warnings.append(f"attention {name} not split ({why}): its in_proj stays FP16")
+    else:
+        report.warnings.append("quantization.splitAttentionProjections is off: attention in_proj stays FP16")
+    model.to(device)
+
+    batch = spec.batch_size
+    dynamic = spec.dynamic_batch is not None
+    opset = spec.export.opset
+    paths = {e: (onnx_dir / f"{e}.fp16.onnx", onnx_dir / f"{e}.fp8.onnx") for e in encoders}
+    held = {"image": data.held_out.images, "text": data.held_out.texts}
+
+    # FP16 copy: baseline export + reference embeddings, then dropped.
+    with _stage(report, "export_fp16"):
+        ref_model, reference_kind = _reference_copy(model, device)
+        ref_dtype = torch.float16 if reference_kind == "pytorch-fp16" else torch.float32
+        for enc in encoders:
+            example = onnx_export.example_input(enc, batch, loaded.image_size, loaded.context_length, device, ref_dtype)
+            onnx_export.export_fp16(onnx_export.wrap(ref_model, enc), enc, example, paths[enc][0], opset, dynamic)
+            log.info("%s FP16 ONNX: %s (%d bytes)", enc, paths[enc][0], onnx_export.file_size(paths[enc][0]))
+    references: dict[str, np.ndarray] = {}
+    with _stage(report, "validate"):
+        ref_batch = min(batch, 64) if device == "cuda" else min(batch, 16)
+        for enc in encoders:
+            inputs = held[enc]
+            assert inputs is not None
+            references[enc] = validate.reference_embeddings(onnx_export.wrap(ref_model, enc), inputs, ref_batch, device)
+    del ref_model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+    with _stage(report, "quantize"):
+        cal_batch = GPU_CALIBRATION_BATCH if device == "cuda" else CPU_CALIBRATION_BATCH
+        loop = make_forward_loop(data.calibration.images, data.calibration.texts, cal_batch, device)
+        model = quantize_fp8(model, loop, include_vision=True)
+    counts = count_layers(model)
+    for enc in encoders:
+        c = counts[enc]
+        log.info("%s encoder: %d of %d projection layers quantized (FP16: %s)", enc, c.quantized, c.linear,
+                 ", ".join(c.unquantized) or "none")
+
+    with _stage(report, "export_fp8"):
+        for enc in encoders:
+            example = onnx_export.example_input(enc, batch, loaded.image_size, loaded.context_length, device)
+            repaired = onnx_export.export_fp8(onnx_export.wrap(model, enc), enc, example, paths[enc][1], opset, dynamic)
+            if repaired:
+                log.info("%s FP8 ONNX: %d FP32 casts in front of FP16 ops made FP16", enc, repaired)
+            log.info("%s FP8 ONNX: %s (%d bytes)", enc, paths[enc][1], onnx_export.file_size(paths[enc][1]))
+    del model
+    gc.collect()
+
+    with _stage(report, "validate"):
+        _validate(spec, workdir, paths, encoders, held, references, counts, reference_kind, report)
+
+
+def _validate(
+    spec: EngineBuildSpec,
+    workdir: Path,
+    paths: dict[str, tuple[Path, Path]],
+    encoders: list[str],
+    held: dict[str, torch.Tensor | None],
+    references: dict[str, np.ndarray],
+    counts: dict,
+    reference_kind: str,
+    report: Report,
+) -> None:
+    fp8_out: dict[str, np.ndarray] = {}
+    accuracies: dict[str, validate.EncoderAccuracy] = {}
+    allowed = tuple(f"{p}" for p in FINAL_PROJECTION_PARAMS)
+    problems: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="enginebuild-ort-") as tmp:
+        for enc in encoders:
+            fp16_path, fp8_path = paths[enc]
+            fp8_model = onnx.load(str(fp8_path), load_external_data=True)
+            opset = onnx_checks.opset_of(fp8_model)
+            if opset < spec.export.opset:
+                problems.append(f"{enc}: FP8 ONNX has opset {opset}, spec.export.opset asks >= {spec.export.opset}")
+            folding = onnx_checks.verify_weight_folding(fp8_model, allowed)
+            problems.extend(f"{enc}: {v}" for v in folding.violations[: onnx_checks.MAX_LISTED])
+            ort_model, _ = onnx_checks.to_ort_runnable(fp8_model)
+            del fp8_model
+            ort_path = Path(tmp) / f"{enc}.fp8.ort.onnx"
+            onnx_checks.save_model(ort_model, ort_path)
+            del ort_model
+            inputs = held[enc]
+            assert inputs is not None
+            log.info("%s: running the FP8 ONNX on ONNX Runtime CPU over %d held-out inputs", enc, len(inputs))
+            fp8_out[enc] = validate.run_onnx(ort_path, inputs.numpy(), spec.batch_size)
+            accuracies[enc] = validate.cosine_stats(fp8_out[enc], references[enc])
+            name, shape, dtype = _input_signature(fp8_path)
+            c = counts[enc]
+            fp16_art, fp8_art = _artifact(fp16_path, workdir), _artifact(fp8_path, workdir)
+            acc = accuracies[enc]
+            report.encoders[enc] = EncoderReport(
+                input_name=name,
+                input_shape=shape,
+                input_dtype=dtype,
+                onnx=OnnxPair(fp16=fp16_art, fp8=fp8_art),
+                size_reduction=round(1.0 - fp8_art.bytes / fp16_art.bytes, 6),
+                linear_layers=c.linear,
+                quantized_linear_layers=c.quantized,
+                parameters=c.parameters,
+                unquantized_layers=list(c.unquantized),
+                opset=opset,
+                fp8_weight_tensors=folding.fp8_weights,
+                accuracy=Accuracy(
+                    cosine_min=acc.cosine_min,
+                    cosine_mean=acc.cosine_mean,
+                    samples=acc.samples,
+                    min_cosine_required=spec.accuracy.min_cosine,
+                    passed=bool(acc.cosine_min >= spec.accuracy.min_cosine),  # NaN compares False
+                    reference=reference_kind,
+                ),
+            )
+            log.info(
+                "%s: FP16 %d B, FP8 %d B (%.1f %% smaller); cosine min %.6f mean %.6f",
+                enc, fp16_art.bytes, fp8_art.bytes, 100 * (1 - fp8_art.bytes / fp16_art.bytes),
+                acc.cosine_min, acc.cosine_mean,
+            )
+    if "image" in fp8_out and "text" in fp8_out:
+        top1 = validate.top1_agreement(fp8_out["image"], fp8_out["text"], references["image"], references["text"])
+        for enc in ("image", "text"):
+            acc_report = report.encoders[enc].accuracy
+            assert acc_report is not None
+            acc_report.top1_agreement = top1
+        log.info("top-1 image->text retrieval agreement FP8 vs reference: %.4f", top1)
+    if problems:
+        raise QuantizationError(
+            "the FP8 ONNX does not have every weight folded to FP8: " + "; ".join(problems), field="quantization"
+        )
+    failed = [e for e in encoders if not (report.encoders[e].accuracy and report.encoders[e].accuracy.passed)]
+    if failed:
+        detail = ", ".join(f"{e} cosine min {accuracies[e].cosine_min:.6f}" for e in failed)
+        raise AccuracyGateFailed(
+            f"FP8 ONNX below the gate ({detail} < {spec.accuracy.min_cosine}); lower spec.accuracy.minCosine, "
+            "calibrate on real data (calibration.source) or keep the FP16 engine",
+            field="accuracy.minCosine",
+        )

@@ -1,0 +1,228 @@
+"""Stage `load`: an open_clip model from a name or a model-config JSON, plus an optional checkpoint.
+
+Checkpoints are untrusted input (a user points the spec at any file): they are read only with
+`safetensors` or `torch.load(weights_only=True)`, never with plain pickle, so a crafted `.pt` can
+not run code in the builder. Every failure is a distinct `BuildError` naming the spec field.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import logging
+import pickle
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointMismatch, CheckpointNotFound, CheckpointUnreadable, UnknownArchitecture
+from ..spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_SUFFIXES = {".safetensors"}
+TORCH_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt"}
+# Keys a training script wraps a state dict in; the first one present (holding a dict) is used.
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+MAX_KEYS_IN_MESSAGE = 8
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    architecture: str
+    config_source: str  # "open_clip" (built-in name) or the config file it came from
+    checkpoint_sha256: str | None
+    random_init: bool
+    tokenizer: Callable[[list[str]], torch.Tensor]
+    preprocess: Callable[[Any], torch.Tensor]  # PIL image -> [3, H, W] float tensor
+    image_size: tuple[int, int]
+    context_length: int
+    vocab_size: int
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _register_config(config_path: Path, name: str | None) -> str:
+    """Register a model-config JSON with open_clip and return the name it is known by."""
+    import open_clip
+
+    field = "model.config"
+    if not config_path.is_file():
+        raise UnknownArchitecture(f"model-config file {config_path} does not exist", field=field)
+    try:
+        cfg = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UnknownArchitecture(f"{config_path} is not a readable JSON document: {exc}", field=field) from None
+    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if not isinstance(cfg, dict) or k not in cfg]
+    if missing:
+        raise UnknownArchitecture(
+            f"{config_path} is not an open_clip model config (missing {', '.join(missing)}); "
+            "see open_clip's model_configs/*.json for the format",
+            field=field,
+        )
+    name = name or config_path.stem
+    # open_clip names a registered config by its file stem: copy it under the wanted name.
+    reg_dir = Path(tempfile.mkdtemp(prefix="enginebuild-clipcfg-"))
+    (reg_dir / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(reg_dir / f"{name}.json")
+    return name
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    field = "model.checkpoint"
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            obj: Any = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointUnreadable(f"{path} is not a valid safetensors file: {exc}", field=field) from None
+    elif suffix in TORCH_SUFFIXES:
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            # weights_only refuses any pickle that would import or call something: never retry unsafely.
+            raise CheckpointUnreadable(
+                f"{path} was refused: it is a pickle that needs arbitrary code to load "
+                f"(torch.load weights_only=True said: {str(exc).splitlines()[0]}). "
+                "Save the checkpoint as a plain state dict, preferably .safetensors",
+                field=field,
+            ) from None
+        except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+            raise CheckpointUnreadable(f"{path} cannot be read as a torch state dict: {exc}", field=field) from None
+    else:
+        raise CheckpointUnreadable(
+            f"{path.name}: unsupported checkpoint type {suffix or '(no suffix)'}; "
+            f"use one of {', '.join(sorted(SAFETENSORS_SUFFIXES | TORCH_SUFFIXES))}",
+            field=field,
+        )
+    if isinstance(obj, dict):
+        for key in WRAPPER_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, dict) and inner and all(isinstance(k, str) for k in inner):
+                obj = inner
+                break
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointUnreadable(f"{path} does not hold a state dict (got {type(obj).__name__})", field=field)
+    non_tensor = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if non_tensor:
+        raise CheckpointUnreadable(
+            f"{path} is not a state dict of tensors; non-tensor entries: {', '.join(map(str, non_tensor[:5]))}",
+            field=field,
+        )
+    if all(k.startswith("module.") for k in obj):  # saved from DataParallel/DDP
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
+    return obj
+
+
+def _apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = sorted(
+        f"{k} (checkpoint {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
+        for k in set(state) & set(expected)
+        if state[k].shape != expected[k].shape
+    )
+    if missing or unexpected or wrong_shape:
+
+        def few(keys: list[str]) -> str:
+            more = f" ... (+{len(keys) - MAX_KEYS_IN_MESSAGE} more)" if len(keys) > MAX_KEYS_IN_MESSAGE else ""
+            return ", ".join(keys[:MAX_KEYS_IN_MESSAGE]) + more
+
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {few(unexpected)}")
+        if wrong_shape:
+            parts.append(f"shape mismatches: {few(wrong_shape)}")
+        raise CheckpointMismatch(
+            f"{path.name} does not fit architecture {arch!r}: " + "; ".join(parts)
+            + ". Check model.architecture/model.config against the checkpoint",
+            field="model.checkpoint",
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def load_model(model_spec: ModelSpec, checkpoint: Path | None, config_path: Path | None = None) -> LoadedModel:
+    """Build the open_clip model in eval mode, FP32, on the CPU (the caller moves it)."""
+    import open_clip
+
+    if config_path is None and model_spec.config:
+        if model_spec.config.startswith("s3://"):
+            raise UnknownArchitecture(
+                "an s3:// model config must be downloaded by the caller and passed as config_path",
+                field="model.config",
+            )
+        config_path = Path(model_spec.config)
+    if config_path is not None:
+        arch = _register_config(config_path, model_spec.architecture)
+        source = str(config_path)
+    else:
+        arch = str(model_spec.architecture)
+        known = open_clip.list_models()
+        if arch not in known:
+            close = difflib.get_close_matches(arch, known, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else "; see open_clip.list_models()"
+            raise UnknownArchitecture(
+                f"{arch!r} is not an open_clip model name{hint} (or give model.config, a model-config JSON)",
+                field="model.architecture",
+            )
+        source = "open_clip"
+
+    checkpoint_sha256: str | None = None
+    state: dict[str, torch.Tensor] | None = None
+    if checkpoint is not None:
+        if not checkpoint.is_file():
+            raise CheckpointNotFound(f"{checkpoint} does not exist or is not a file", field="model.checkpoint")
+        checkpoint_sha256 = sha256_file(checkpoint)
+        state = _read_state_dict(checkpoint)
+
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            arch, pretrained=None, pretrained_image=False, pretrained_text=False, device="cpu"
+        )
+    except (RuntimeError, ValueError, KeyError, TypeError, AssertionError) as exc:
+        field = "model.config" if config_path is not None else "model.architecture"
+        raise UnknownArchitecture(f"open_clip cannot build {arch!r}: {exc}", field=field) from None
+    model = model.float().eval()
+    if state is not None:
+        assert checkpoint is not None
+        _apply_state_dict(model, state, checkpoint, arch)
+        log.info("loaded %s into %s (sha256 %s)", checkpoint.name, arch, checkpoint_sha256)
+    else:
+        log.warning("no model.checkpoint given: %s is RANDOMLY initialised (recorded in the report)", arch)
+
+    visual = getattr(model, "visual", None)
+    size = getattr(visual, "image_size", 224)
+    image_size = (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
+    tokenizer = open_clip.get_tokenizer(arch)
+    context_length = int(getattr(model, "context_length", None) or getattr(tokenizer, "context_length", 77))
+    vocab_size = int(getattr(model, "vocab_size", None) or 49408)
+    return LoadedModel(
+        model=model,
+        architecture=arch,
+        config_source=source,
+        checkpoint_sha256=checkpoint_sha256,
+        random_init=state is None,
+        tokenizer=tokenizer,
+        preprocess=preprocess,
+        image_size=image_size,
+        context_length=context_length,
+        vocab_size=vocab_size,
+    )

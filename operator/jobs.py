@@ -257,7 +257,7 @@ def _job(
                             "values": list(PERMANENT_EXIT_CODES),
                         },
                     },
-                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
                 ]
             },
             "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec},

@@ -1,0 +1,113 @@
+"""The operator's view of the artefact store: build keys, cache checks, the top manifest, deletion.
+
+The operator reaches S3 with the credentials of the EngineBuild's own `spec.output.secretRef` (read
+from the Secret, kept in memory only, never logged), falling back to its own environment (IRSA, or
+AWS_* set by the chart). All calls block (boto3); handlers run them in threads.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from enginebuild_builder import buildkey
+from enginebuild_builder.constants import REPORT_FILE
+from enginebuild_builder.report import Report
+from enginebuild_builder.spec import EngineBuildSpec
+from enginebuild_builder.storage import S3Config, S3Store, parse_s3_uri
+
+# A Secret's data keys that configure S3 (KServe-style); anything else in the Secret is ignored.
+S3_KEYS = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+    "S3_ENDPOINT", "AWS_REGION", "AWS_DEFAULT_REGION", "S3_USE_HTTPS", "S3_VERIFY_SSL", "S3_ADDRESSING_STYLE",
+    "AWS_CA_BUNDLE", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE",
+)
+
+
+def toolchain(image: str) -> dict[str, str]:
+    """The builder image reference pins ModelOpt, PyTorch and TensorRT: it is the toolchain identity."""
+    return {"image": image}
+
+
+@dataclass
+class _Cached:
+    store: S3Store
+    created: float
+    secrets: tuple[str, ...]
+
+
+class StoreCache:
+    """One S3Store per (namespace, Secret) for a short while: a reconcile pass must not re-read the Secret."""
+
+    def __init__(self, base_env: Mapping[str, str], ttl_s: float = 60.0) -> None:
+        self.base_env = dict(base_env)
+        self.ttl_s = ttl_s
+        self._stores: dict[tuple[str, str | None], _Cached] = {}
+
+    def get(self, namespace: str, secret_name: str | None,
+            read_secret: Callable[[str, str], Mapping[str, str] | None] | None) -> S3Store:
+        key = (namespace, secret_name)
+        hit = self._stores.get(key)
+        if hit and time.monotonic() - hit.created < self.ttl_s:
+            return hit.store
+        env = {k: v for k, v in self.base_env.items() if k in S3_KEYS}
+        if secret_name and read_secret is not None:
+            data = read_secret(namespace, secret_name) or {}
+            env.update({k: v for k, v in data.items() if k in S3_KEYS})
+        config = S3Config.from_env(env, max_attempts=3, connect_timeout_s=5.0, read_timeout_s=30.0)
+        store = S3Store(config)
+        self._stores[key] = _Cached(store, time.monotonic(), config.secrets)
+        return store
+
+    def secrets(self) -> tuple[str, ...]:
+        out: list[str] = []
+        for c in self._stores.values():
+            out.extend(c.secrets)
+        return tuple(out)
+
+    def forget(self, namespace: str, secret_name: str | None) -> None:
+        self._stores.pop((namespace, secret_name), None)
+
+
+def compute_key(spec: EngineBuildSpec, store: S3Store, image: str) -> str:
+    inputs = buildkey.resolve_key_inputs(spec, store, toolchain(image))
+    return buildkey.compute_build_key(spec, inputs)
+
+
+def artifacts_uri(spec: EngineBuildSpec, build_key: str) -> str:
+    assert spec.output is not None
+    return str(parse_s3_uri(spec.output.uri, field="spec.output.uri").child(build_key)) + "/"
+
+
+def _publish() -> Any:
+    from enginebuild_builder.stages import publish
+
+    return publish
+
+
+def build_exists(store: S3Store, spec: EngineBuildSpec, build_key: str) -> bool:
+    assert spec.output is not None
+    return bool(_publish().build_exists(store, spec.output.uri, build_key))
+
+
+def read_report(store: S3Store, artifacts: str, target: str | None = None) -> Report | None:
+    """The full report.json of a build (or of one target's engine Job, when it wrote its own)."""
+    base = parse_s3_uri(artifacts, field="status.artifactsUri")
+    candidates = ([base.child(target, REPORT_FILE)] if target else []) + [base.child(REPORT_FILE)]
+    for uri in candidates:
+        if store.head(uri) is None:
+            continue
+        return Report.model_validate(json.loads(store.get_bytes(uri)))
+    return None
+
+
+def finalize(store: S3Store, spec: EngineBuildSpec, build_key: str) -> Any:
+    assert spec.output is not None
+    return _publish().finalize_build(store, spec.output.uri, build_key)
+
+
+def delete_build(store: S3Store, spec: EngineBuildSpec, build_key: str) -> Any:
+    assert spec.output is not None
+    return _publish().delete_build(store, spec.output.uri, build_key)

@@ -1,0 +1,659 @@
+"""kopf wiring: thin handlers around reconcile.py's state machine.
+
+One daemon per EngineBuild runs the build's loop: it wakes on the EngineBuild's own watch events, on
+events of its Jobs (a kopf index keeps every managed Job's state in memory, so a pass costs no LIST),
+on a freed concurrency slot, or every ENGINEBUILD_RECONCILE_INTERVAL_SECONDS. Only that daemon
+writes the EngineBuild's status, so its in-memory copy of the status is authoritative (the live body
+may lag behind our own writes). The finalizer handler removes Jobs and, with `deletionPolicy:
+Delete`, the artefacts. The kubernetes client is blocking: every call runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import copy
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import kopf
+
+from enginebuild_builder.constants import GROUP, LABEL_INSTANCE, LABEL_MANAGED_BY, PLURAL, VERSION
+from enginebuild_builder.errors import BuildError
+from enginebuild_builder.spec import EngineBuildSpec
+from enginebuild_builder.status_model import EngineBuildStatus
+
+from . import artifacts, jobs, metrics, reconcile, results
+from .conditions import ConditionSet, now_rfc3339
+from .config import OperatorConfig, load_config
+from .queue import BuildId, BuildQueue
+from .reconcile import Plan, Step
+from .validation import InvalidSpec, deadline_seconds, validate
+
+log = logging.getLogger("enginebuild.operator")
+
+for _reason in reconcile.ALL_FAILURE_REASONS:
+    metrics.BUILDS.labels(result="failed", reason=_reason)
+for _reason in ("SpecChanged", "Deleted"):
+    metrics.BUILDS.labels(result="cancelled", reason=_reason)
+
+EVENT_TYPES = ("Ready", "Succeeded", "Validated", "Queued", "Exported", "AccuracyPassed", "EnginesBuilt",
+               "Published", "FP8Faster")
+
+
+@dataclass
+class Runtime:
+    """Process-wide state, created at operator start-up."""
+
+    config: OperatorConfig
+    queue: BuildQueue
+    stores: artifacts.StoreCache
+    batch: Any = None
+    core: Any = None
+    custom: Any = None
+    wakeups: dict[BuildId, asyncio.Event] = field(default_factory=dict)
+
+    def wake(self, build: BuildId) -> None:
+        ev = self.wakeups.get(build)
+        if ev is not None:
+            ev.set()
+
+    def event_for(self, build: BuildId) -> asyncio.Event:
+        return self.wakeups.setdefault(build, asyncio.Event())
+
+
+RUNTIME: Runtime | None = None
+
+
+def runtime() -> Runtime:
+    if RUNTIME is None:
+        raise RuntimeError("the operator runtime is not initialised (startup handler not run)")
+    return RUNTIME
+
+
+def _load_kube_clients() -> tuple[Any, Any, Any]:
+    import kubernetes
+
+    try:
+        kubernetes.config.load_incluster_config()
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
+    api = kubernetes.client.ApiClient()
+    return kubernetes.client.BatchV1Api(api), kubernetes.client.CoreV1Api(api), kubernetes.client.CustomObjectsApi(api)
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    global RUNTIME
+    config = load_config()
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP, key="last-handled-configuration")
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.posting.level = logging.INFO
+    settings.watching.server_timeout = 300
+    settings.peering.name = config.peering_name
+    settings.peering.mandatory = settings.peering.mandatory or config.peering_mandatory
+    # kopf's "handled" log lines are many at scale; our own log says what happened.
+    asyncio.get_running_loop().set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=16))
+    batch, core, custom = _load_kube_clients()
+    queue = BuildQueue(
+        config.max_concurrent_builds,
+        on_queue_length=metrics.QUEUE_LENGTH.set,
+        on_running=metrics.BUILDS_IN_PROGRESS.set,
+    )
+    RUNTIME = Runtime(config=config, queue=queue, stores=artifacts.StoreCache(os.environ), batch=batch,
+                      core=core, custom=custom)
+    log.info("operator started: builder image %s, max %d concurrent builds", config.builder_image,
+             config.max_concurrent_builds)
+
+
+# --- indexes and wake-ups -------------------------------------------------------------------------
+
+MANAGED = {LABEL_MANAGED_BY: jobs.MANAGED_BY}
+
+
+@kopf.index("batch", "v1", "jobs", labels=MANAGED)
+def build_jobs(namespace: str, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict[BuildId, reconcile.ObservedJob]:
+    """Every managed Job's state, by owning EngineBuild: the daemons read this instead of listing Jobs."""
+    return {(namespace, labels.get(LABEL_INSTANCE, "")): reconcile.observe_job(body)}
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=MANAGED)
+def job_event(namespace: str, labels: Mapping[str, str], **_: Any) -> None:
+    if RUNTIME is not None:
+        RUNTIME.wake((namespace, labels.get(LABEL_INSTANCE, "")))
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def engine_build_event(namespace: str, name: str, **_: Any) -> None:
+    if RUNTIME is not None:
+        RUNTIME.wake((namespace, name))
+
+
+@kopf.on.probe(id="builds")
+def probe_builds(**_: Any) -> dict[str, int]:
+    rt = runtime()
+    return {"running": rt.queue.running, "queued": rt.queue.waiting}
+
+
+# --- Kubernetes calls (blocking; run in threads) -----------------------------------------------------
+
+
+def _status_code(exc: BaseException) -> int | None:
+    return getattr(exc, "status", None)
+
+
+def _create_job(manifest: dict[str, Any]) -> bool:
+    """Create; True if created, False if it already existed (an earlier pass or a previous process)."""
+    try:
+        runtime().batch.create_namespaced_job(manifest["metadata"]["namespace"], manifest, _preload_content=False)
+        return True
+    except Exception as exc:  # kubernetes.client.ApiException
+        if _status_code(exc) == 409:
+            return False
+        raise
+
+
+def _delete_job(namespace: str, name: str) -> None:
+    try:
+        runtime().batch.delete_namespaced_job(
+            name, namespace, propagation_policy="Background", _preload_content=False
+        )
+    except Exception as exc:
+        if _status_code(exc) != 404:
+            raise
+
+
+def _job_exists(namespace: str, name: str) -> bool:
+    try:
+        runtime().batch.read_namespaced_job(name, namespace, _preload_content=False)
+        return True
+    except Exception as exc:
+        if _status_code(exc) == 404:
+            return False
+        raise
+
+
+def _job_pods(namespace: str, job: reconcile.ObservedJob) -> list[dict[str, Any]]:
+    resp = runtime().core.list_namespaced_pod(namespace, label_selector=f"job-name={job.name}", _preload_content=False)
+    items = json.loads(resp.data).get("items") or []
+    out = []
+    for pod in items:  # a selector-blind API server answers with every Pod: keep the Job's own
+        meta = pod.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        owners = {o.get("uid") for o in meta.get("ownerReferences") or []}
+        if labels.get("job-name") == job.name or labels.get("batch.kubernetes.io/job-name") == job.name or (
+            job.uid and job.uid in owners
+        ):
+            out.append(pod)
+    return out
+
+
+def _read_secret(namespace: str, name: str) -> dict[str, str] | None:
+    import base64
+
+    try:
+        resp = runtime().core.read_namespaced_secret(name, namespace, _preload_content=False)
+    except Exception as exc:
+        if _status_code(exc) == 404:
+            return None
+        raise
+    data = json.loads(resp.data).get("data") or {}
+    return {k: base64.b64decode(v).decode() for k, v in data.items()}
+
+
+def _patch_status(namespace: str, name: str, status: dict[str, Any]) -> None:
+    runtime().custom.patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace, PLURAL, name, {"status": status}, _preload_content=False
+    )
+
+
+# --- the build loop --------------------------------------------------------------------------------
+
+
+class _Retry(Exception):
+    """A transient problem (S3 or API unreachable): keep the status, try again after a delay."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(delay)
+        self.delay = delay
+
+
+@dataclass
+class BuildState:
+    """What one daemon keeps between passes."""
+
+    status: dict[str, Any]
+    written: dict[str, Any]
+    key_generation: int | None = None
+    key: str | None = None
+    cache_checked_for: str | None = None
+    deleted_jobs: set[str] = field(default_factory=set)
+    retry_delay: float = 1.0
+
+
+def _store(namespace: str, spec: EngineBuildSpec) -> Any:
+    rt = runtime()
+    secret = spec.output.secret_ref.name if spec.output and spec.output.secret_ref else None
+    return rt.stores.get(namespace, secret, _read_secret if rt.config.read_secrets else None)
+
+
+def _emit_events(body: kopf.Body, cs: ConditionSet) -> None:
+    for cond in cs.flips:
+        bad = cond["status"] == "False" and cond["type"] not in ("Queued",) or cond.get("reason") == "FP8Slower"
+        text = f"{cond['type']}={cond['status']}: {cond.get('message', '')}"
+        try:
+            kopf.event(body, type="Warning" if bad else "Normal", reason=cond["reason"], message=text[:1000])
+        except Exception:  # events are best effort; never fail a pass on them
+            log.debug("could not post event", exc_info=True)
+
+
+def _sanitize(status: dict[str, Any]) -> dict[str, Any]:
+    """Round-trip through the status contract: a field the CRD does not know is a bug, caught here."""
+    return EngineBuildStatus.model_validate(status).model_dump(mode="json", by_alias=True)
+
+
+async def _write(namespace: str, name: str, state: BuildState) -> None:
+    clean = _sanitize(state.status)
+    if clean == state.written:
+        return
+    await asyncio.to_thread(_patch_status, namespace, name, clean)
+    state.written = clean
+    state.status = copy.deepcopy(clean)
+
+
+def _observed(index: Any, build: BuildId, state: BuildState) -> list[reconcile.ObservedJob]:
+    try:
+        store = index.get(build, [])
+    except Exception:
+        store = []
+    return [j for j in store if j.name not in state.deleted_jobs]
+
+
+def _order(meta: Mapping[str, Any]) -> tuple[str, str, str]:
+    return (meta.get("creationTimestamp") or "", meta.get("namespace") or "", meta.get("name") or "")
+
+
+async def _release(build: BuildId) -> None:
+    rt = runtime()
+    for other in rt.queue.release(build):
+        rt.wake(other)
+
+
+async def reconcile_once(
+    body: kopf.Body, namespace: str, name: str, uid: str, index: Any, state: BuildState
+) -> float | None:
+    """One pass: act until the build waits for something. Returns a delay for an early re-run, if any."""
+    rt = runtime()
+    cfg = rt.config
+    build = (namespace, name)
+    meta = body.get("metadata") or {}
+    if meta.get("deletionTimestamp"):
+        return None
+    generation = meta.get("generation")
+    raw_spec = json.loads(json.dumps(dict(body.get("spec") or {})))
+    cs = ConditionSet(state.status.get("conditions"), generation)
+    status = state.status
+
+    try:
+        spec = validate(raw_spec, name, cfg)
+    except InvalidSpec as exc:
+        was_invalid = (cs.get("Validated") or {}).get("status") == "False" and status.get("observedGeneration") == generation
+        # A build of an older generation still running is cancelled: the new spec is what counts.
+        for job in _observed(index, build, state):
+            await asyncio.to_thread(_delete_job, namespace, job.name)
+            state.deleted_jobs.add(job.name)
+        await _release(build)
+        reconcile.mark_invalid(cs, str(exc))
+        status.update({"observedGeneration": generation, "conditions": cs.conditions, "buildKey": None, "jobs": []})
+        if not was_invalid:
+            metrics.BUILDS.labels(result="failed", reason=reconcile.R_INVALID).inc()
+            log.warning("%s/%s: invalid spec", namespace, name)
+        _emit_events(body, cs)
+        await _write(namespace, name, state)
+        return None
+    reconcile.mark_valid(cs)
+    deadline = deadline_seconds(raw_spec, spec, cfg)
+    owner = jobs.Owner(namespace, name, uid)
+    image = spec.image or cfg.builder_image
+
+    # The build key of this generation (computing it may read S3: do it once per generation).
+    if state.key_generation != generation:
+        if status.get("observedGeneration") == generation and status.get("buildKey"):
+            key = status["buildKey"]
+        else:
+            try:
+                store = await asyncio.to_thread(_store, namespace, spec)
+                key = await asyncio.to_thread(artifacts.compute_key, spec, store, image)
+            except BuildError as exc:
+                return await _storage_problem(body, namespace, name, state, cs, generation, exc)
+        state.key, state.key_generation = key, generation
+    key = state.key
+    assert key is not None
+
+    if status.get("buildKey") != key:
+        old_key = status.get("buildKey")
+        if old_key and not reconcile.is_terminal(status, old_key) and status.get("jobs"):
+            metrics.BUILDS.labels(result="cancelled", reason="SpecChanged").inc()
+            kopf.info(body, reason="SpecChanged", message=f"spec changed: build {old_key} cancelled, starting {key}")
+            await _release(build)
+        state.status = status = reconcile.fresh_status(status, key, generation, artifacts.artifacts_uri(spec, key))
+        cs = ConditionSet(status["conditions"], generation)
+        reconcile.mark_valid(cs)
+        for ctype in ("Exported", "AccuracyPassed", "EnginesBuilt", "Published", "FP8Faster"):
+            cs.remove(ctype)
+        reconcile.mark_in_progress(cs, reconcile.R_CHECKING, "computing the build key and checking the cache")
+    status["observedGeneration"] = generation
+    targets = [t.name for t in spec.targets]
+    delay: float | None = None
+
+    for _ in range(64):  # each step changes state; the bound only guards against a logic slip
+        observed = _observed(index, build, state)
+        status["jobs"] = reconcile.sync_job_refs(status.get("jobs") or [], observed, key)
+        p: Plan = reconcile.plan(
+            eb_name=name, build_key=key, targets=targets, status=status, observed=observed,
+            cache_checked=state.cache_checked_for == key, has_slot=rt.queue.holds(build),
+        )
+        if p.step in (Step.WAIT, Step.DONE):
+            if p.step == Step.DONE and rt.queue.holds(build):
+                await _release(build)
+            break
+        if p.step == Step.DELETE_STALE:
+            for job_name in p.jobs:
+                await asyncio.to_thread(_delete_job, namespace, job_name)
+                state.deleted_jobs.add(job_name)
+                kopf.info(body, reason="JobDeleted", message=f"deleted Job {job_name} of an older build")
+        elif p.step == Step.CONFIRM_MISSING:
+            gone = [n for n in p.jobs if not await asyncio.to_thread(_job_exists, namespace, n)]
+            if not gone:
+                delay = 1.0  # the Job exists; our watch is behind
+                break
+            for job_name in gone:
+                ref = reconcile.job_refs(status)[job_name]
+                reconcile.set_job_state(status, job_name, "Deleted")
+                message = (f"Job {job_name} was deleted before it finished; change the spec (or delete and "
+                           "re-create the EngineBuild) to build again")
+                reconcile.apply_failure(status, cs, ref.get("stage", "engine"), reconcile.R_JOB_DELETED, message, cs.now)
+            await _finish_failed(body, namespace, name, state, reconcile.R_JOB_DELETED, observed)
+        elif p.step == Step.COLLECT:
+            failed = await _collect(body, namespace, spec, owner, key, deadline, p.jobs, observed, state, cs)
+            if failed:
+                await _finish_failed(body, namespace, name, state, failed, _observed(index, build, state))
+        elif p.step == Step.CHECK_CACHE:
+            try:
+                store = await asyncio.to_thread(_store, namespace, spec)
+                hit = await asyncio.to_thread(artifacts.build_exists, store, spec, key)
+                report = await asyncio.to_thread(artifacts.read_report, store, status["artifactsUri"]) if hit else None
+            except BuildError as exc:
+                return await _storage_problem(body, namespace, name, state, cs, generation, exc)
+            state.cache_checked_for = key
+            if hit:
+                _fill_from_report(status, cs, report, spec, targets)
+                reconcile.apply_success(status, cs, cs.now, cached=True)
+                metrics.CACHE_HITS.inc()
+                metrics.BUILDS.labels(result="cached", reason="").inc()
+                results.record_metrics(namespace, name, status, spec.accuracy.min_cosine)
+                log.info("%s/%s: cache hit for %s", namespace, name, key)
+        elif p.step == Step.ACQUIRE_SLOT:
+            running = any(j.state in ("Pending", "Running") for j in observed) or any(
+                r.get("state") in ("Pending", "Running") for r in status.get("jobs") or []
+            )
+            if running:
+                rt.queue.hold(build)
+            elif not rt.queue.try_acquire(build, _order(meta)):
+                reconcile.mark_queued(cs, rt.queue.message())
+                break
+            reconcile.mark_started(cs)
+            status["startTime"] = status.get("startTime") or cs.now
+            metrics.BUILD_STARTED.labels(namespace, name).set(_epoch(status["startTime"]))
+            metrics.BUILD_DEADLINE.labels(namespace, name).set(deadline)
+        elif p.step == Step.CREATE_JOBS:
+            for job_name, target in zip(p.jobs, p.targets):
+                manifest = (jobs.export_job(owner, spec, key, cfg, deadline) if target is None else
+                            jobs.engine_job(owner, spec, key, next(t for t in spec.targets if t.name == target),
+                                            cfg, deadline))
+                created = await asyncio.to_thread(_create_job, manifest)
+                reconcile.set_job_state(status, job_name, "Pending", "export" if target is None else "engine", target)
+                if created:
+                    kopf.info(body, reason="JobCreated", message=f"created Job {job_name}")
+            if p.targets == (None,):
+                cs.set("Exported", "Unknown", reconcile.R_EXPORTING, "export Job created")
+            else:
+                cs.set("EnginesBuilt", "Unknown", reconcile.R_ENGINES, f"engine Jobs for {', '.join(map(str, p.targets))}")
+        elif p.step == Step.FINALIZE:
+            reconcile.apply_engines_done(status, cs, targets)
+            try:
+                store = await asyncio.to_thread(_store, namespace, spec)
+                await asyncio.to_thread(artifacts.finalize, store, spec, key)
+            except BuildError as exc:
+                return await _storage_problem(body, namespace, name, state, cs, generation, exc)
+            cs.set("Published", True, "Published", f"manifest written at {status.get('artifactsUri')}")
+        elif p.step == Step.SUCCEED:
+            reconcile.apply_engines_done(status, cs, targets)
+            reconcile.apply_success(status, cs, cs.now, cached=False)
+            await _release(build)
+            metrics.BUILDS.labels(result="succeeded", reason="").inc()
+            _observe_total(status)
+            results.record_metrics(namespace, name, status, spec.accuracy.min_cosine)
+            _clear_running_gauges(namespace, name)
+            log.info("%s/%s: build %s succeeded", namespace, name, key)
+
+    if not reconcile.is_terminal(status, key) and rt.queue.holds(build):
+        reason, message = reconcile.progress_reason(status, name, key)
+        reconcile.mark_in_progress(cs, reason, message)
+    status["conditions"] = cs.conditions
+    _emit_events(body, cs)
+    await _write(namespace, name, state)
+    state.retry_delay = 1.0
+    return delay
+
+
+def _epoch(rfc3339: str) -> float:
+    t = reconcile.parse_time(rfc3339)
+    return t.timestamp() if t else time.time()
+
+
+def _observe_total(status: Mapping[str, Any]) -> None:
+    start, end = reconcile.parse_time(status.get("startTime")), reconcile.parse_time(status.get("completionTime"))
+    if start and end and end >= start:
+        metrics.STAGE_DURATION.labels(stage="total").observe((end - start).total_seconds())
+
+
+def _clear_running_gauges(namespace: str, name: str) -> None:
+    for gauge in (metrics.BUILD_STARTED, metrics.BUILD_DEADLINE):
+        try:
+            gauge.remove(namespace, name)
+        except KeyError:
+            pass
+
+
+def _fill_from_report(status: dict[str, Any], cs: ConditionSet, report: Any, spec: EngineBuildSpec, targets: list[str]) -> None:
+    if report is not None:
+        summary = results.summary_from_report(report)
+        reconcile.apply_export_result(status, cs, summary, spec.accuracy.min_cosine)
+        reconcile.apply_engine_result(status, summary)
+        status["artifactsUri"] = report.artifacts_uri or status.get("artifactsUri")
+    else:
+        cs.set("Exported", True, "Exported", "from the cached build")
+    reconcile.apply_engines_done(status, cs, targets)
+
+
+async def _collect(
+    body: kopf.Body, namespace: str, spec: EngineBuildSpec, owner: jobs.Owner, key: str, deadline: int,
+    names: tuple[str, ...], observed: list[reconcile.ObservedJob], state: BuildState, cs: ConditionSet,
+) -> str | None:
+    """Read finished Jobs' results into the status; return the failure reason if one failed."""
+    status = state.status
+    by_name = {j.name: j for j in observed}
+    for job_name in names:
+        job = by_name[job_name]
+        pods = await asyncio.to_thread(_job_pods, namespace, job)
+        pod = reconcile.pod_result(pods)
+        summary = results.parse_termination_message(pod.message if pod else None)
+        if summary and summary.get("truncated") and job.state == "Succeeded":
+            try:
+                store = await asyncio.to_thread(_store, namespace, spec)
+                report = await asyncio.to_thread(
+                    artifacts.read_report, store, summary.get("artifactsUri") or status["artifactsUri"], job.target
+                )
+                if report is not None:
+                    summary = results.summary_from_report(report)
+            except BuildError as exc:
+                raise _Retry(5.0) from exc
+        # GPU-seconds: wall time x GPUs of the rendered Job (the same manifest as created).
+        target = next((t for t in spec.targets if t.name == job.target), None)
+        manifest = (jobs.export_job(owner, spec, key, runtime().config, deadline) if job.component == "export"
+                    else jobs.engine_job(owner, spec, key, target, runtime().config, deadline) if target else None)
+        gpus = jobs.gpus_requested(manifest) if manifest else 0
+        wall = reconcile.wall_seconds(job)
+        stage = "export" if job.component == "export" else "engine"
+        metrics.STAGE_DURATION.labels(stage=stage).observe(wall)
+        if gpus:
+            product = target.gpu_product if target else (spec.targets[0].gpu_product if spec.targets else "")
+            metrics.GPU_SECONDS.labels(target=job.target or (spec.targets[0].name if spec.targets else ""),
+                                       gpu_product=product).inc(wall * gpus)
+            status["gpuSeconds"] = int(status.get("gpuSeconds") or 0) + wall * gpus
+        reconcile.set_job_state(status, job_name, job.state, stage, job.target)
+        if job.state == "Succeeded":
+            if stage == "export":
+                reconcile.apply_export_result(status, cs, summary, spec.accuracy.min_cosine)
+            else:
+                reconcile.apply_engine_result(status, summary)
+            continue
+        reason, message = reconcile.classify_failure(job, pod, summary, deadline)
+        message = reconcile.redact(message, runtime().stores.secrets())
+        reconcile.apply_failure(status, cs, stage, reason, message, cs.now)
+        return reason
+    return None
+
+
+async def _finish_failed(body: kopf.Body, namespace: str, name: str, state: BuildState, reason: str,
+                         observed: list[reconcile.ObservedJob]) -> None:
+    """A failed build stops its other Jobs (no GPU time for a build that cannot succeed) and frees its slot."""
+    for job in observed:
+        if job.state in ("Pending", "Running"):
+            await asyncio.to_thread(_delete_job, namespace, job.name)
+            state.deleted_jobs.add(job.name)
+            reconcile.set_job_state(state.status, job.name, "Deleted")
+    await _release((namespace, name))
+    metrics.BUILDS.labels(result="failed", reason=reason).inc()
+    _observe_total(state.status)
+    _clear_running_gauges(namespace, name)
+    log.warning("%s/%s: build failed: %s", namespace, name, reason)
+
+
+async def _storage_problem(body: kopf.Body, namespace: str, name: str, state: BuildState, cs: ConditionSet,
+                           generation: int | None, exc: BuildError) -> float:
+    """S3 trouble before any Job: say so in Ready (retriable), keep everything else, retry with backoff."""
+    message = reconcile.redact(str(exc), runtime().stores.secrets())
+    if exc.retriable:
+        cs.set("Ready", False, exc.reason, f"{message}; retrying")
+        cs.set("Succeeded", "Unknown", exc.reason, f"{message}; retrying")
+    else:
+        cs.set("Ready", False, exc.reason, message)
+        cs.set("Succeeded", "Unknown", exc.reason, f"{message}; fix the Secret or bucket, the operator retries")
+    state.status["conditions"] = cs.conditions
+    state.status["observedGeneration"] = generation
+    _emit_events(body, cs)
+    await _write(namespace, name, state)
+    delay = state.retry_delay
+    state.retry_delay = min(state.retry_delay * 2, 60.0)
+    return delay
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=5.0)
+async def build_daemon(
+    body: kopf.Body, namespace: str, name: str, uid: str, stopped: kopf.DaemonStopped, build_jobs: kopf.Index,
+    **_: Any,
+) -> None:
+    """The build's loop (see the module docstring)."""
+    rt = runtime()
+    build = (namespace, name)
+    wake = rt.event_for(build)
+    initial = copy.deepcopy(dict(body.get("status") or {}))
+    initial.pop("kopf", None)
+    state = BuildState(status=initial, written=_safe_sanitize(initial))
+    try:
+        # Re-export the numbers of a finished build after an operator restart.
+        results.record_metrics(namespace, name, initial, None)
+    except Exception:
+        log.debug("could not re-export metrics for %s/%s", namespace, name, exc_info=True)
+    while not stopped:
+        wake.clear()
+        timeout = rt.config.reconcile_interval_seconds
+        try:
+            delay = await reconcile_once(body, namespace, name, uid, build_jobs, state)
+            if delay is not None:
+                timeout = delay
+        except _Retry as exc:
+            timeout = exc.delay
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s/%s: reconcile failed; retrying in %.0f s", namespace, name, state.retry_delay)
+            timeout = state.retry_delay
+            state.retry_delay = min(state.retry_delay * 2, 60.0)
+            # Resync with the server's view: our copy may be what failed to write.
+            state.status = copy.deepcopy(dict(body.get("status") or {}))
+            state.status.pop("kopf", None)
+            state.written = _safe_sanitize(state.status)
+            state.key_generation = None
+        await _wait(wake, stopped, timeout)
+
+
+def _safe_sanitize(status: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return _sanitize(status)
+    except Exception:
+        return {}
+
+
+async def _wait(wake: asyncio.Event, stopped: kopf.DaemonStopped, timeout: float) -> None:
+    waiter = asyncio.ensure_future(wake.wait())
+    stopper = asyncio.ensure_future(stopped.wait())
+    try:
+        await asyncio.wait({waiter, stopper}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (waiter, stopper):
+            t.cancel()
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL)
+async def on_delete(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, namespace: str, name: str,
+                    build_jobs: kopf.Index, logger: kopf.Logger, **_: Any) -> None:
+    """Finalizer: remove the Jobs, and the S3 artefacts with `deletionPolicy: Delete`; forget metrics."""
+    rt = runtime()
+    build = (namespace, name)
+    try:
+        existing = list(build_jobs.get(build, []))
+    except Exception:
+        existing = []
+    for job in existing:
+        await asyncio.to_thread(_delete_job, namespace, job.name)
+    raw = json.loads(json.dumps(dict(spec or {})))
+    key = (status or {}).get("buildKey")
+    if raw.get("deletionPolicy") == "Delete" and key:
+        try:
+            parsed = validate(raw, name, rt.config)
+        except InvalidSpec:
+            parsed = None
+        if parsed is not None:
+            try:
+                store = await asyncio.to_thread(_store, namespace, parsed)
+                await asyncio.to_thread(artifacts.delete_build, store, parsed, key)
+                kopf.info(body, reason="ArtifactsDeleted", message=f"deleted {artifacts.artifacts_uri(parsed, key)}")
+            except BuildError as exc:
+                if exc.retriable:
+                    raise kopf.TemporaryError(f"could not delete the artefacts: {exc}", delay=10) from None
+                raise kopf.PermanentError(f"could not delete the artefacts: {exc}") from None
+    was_running = rt.queue.holds(build)
+    await _release(build)
+    if was_running:
+        metrics.BUILDS.labels(result="cancelled", reason="Deleted").inc()
+    metrics.forget_resource(namespace, name)
+    rt.wakeups.pop(build, None)
+    logger.info("cleaned up %s/%s", namespace, name)

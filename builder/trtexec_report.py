@@ -268,7 +268,8 @@ def percentile_like_trtexec(sorted_values: list[float], pct: float) -> float:
     return sorted_values[max(n - 1 - exclude, 0)]
 
 
-def _stats(values: list[float]) -> dict[str, float | None]:
+def stats_like_trtexec(values: list[float]) -> dict[str, float | None]:
+    """min/max/mean/median/p90/p95/p99 computed the way trtexec computes its summary."""
     if not values:
         return _empty_percentiles()
     v = sorted(values)
@@ -292,11 +293,11 @@ def summarize_times(data: Any) -> dict[str, Any]:
     records = [r for r in data if isinstance(r, dict)]
     return {
         "queries": len(records),
-        "latency_ms": _stats([float(r["latencyMs"]) for r in records if "latencyMs" in r]),
-        "gpu_compute_ms": _stats([float(r["computeMs"]) for r in records if "computeMs" in r]),
-        "h2d_ms": _stats([float(r["h2dMs"]) for r in records if "h2dMs" in r]),
-        "d2h_ms": _stats([float(r["d2hMs"]) for r in records if "d2hMs" in r]),
-        "enqueue_ms": _stats(
+        "latency_ms": stats_like_trtexec([float(r["latencyMs"]) for r in records if "latencyMs" in r]),
+        "gpu_compute_ms": stats_like_trtexec([float(r["computeMs"]) for r in records if "computeMs" in r]),
+        "h2d_ms": stats_like_trtexec([float(r["h2dMs"]) for r in records if "h2dMs" in r]),
+        "d2h_ms": stats_like_trtexec([float(r["d2hMs"]) for r in records if "d2hMs" in r]),
+        "enqueue_ms": stats_like_trtexec(
             [float(r["endEnqMs"]) - float(r["startEnqMs"]) for r in records if "endEnqMs" in r and "startEnqMs" in r]
         ),
     }

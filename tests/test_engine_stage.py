@@ -346,3 +346,65 @@ def test_tensorrt_8_is_refused(double_env: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("TRTEXEC_DOUBLE_VERSION", "8.6.1")
     with pytest.raises(TrtexecNotFound, match="TensorRT 8.6.1; strongly typed FP8 engines need TensorRT >= 10"):
         find_trtexec()
+
+
+# ---------------------------------------------------------------- PyTorch FP16 baseline
+
+
+def _tiny_image_encoder():  # a factory, as the pipeline passes one
+    import torch
+
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+
+
+def test_baseline_without_cuda_is_a_clear_error_or_a_warning(tmp_path: Path) -> None:
+    import torch
+
+    from enginebuild_builder.stages.pytorch_baseline import (
+        BaselineUnavailable,
+        measure_pytorch_baseline,
+        run_pytorch_baselines,
+    )
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the no-CUDA path is what CI checks")
+    with pytest.raises(BaselineUnavailable, match="needs a CUDA GPU.*pytorchBaseline=false"):
+        measure_pytorch_baseline(_tiny_image_encoder, encoder="image", target="h100",
+                                 input_shape=[8, 3, 4], input_dtype="float32")
+    report = _report(tmp_path, BASE)
+    run_pytorch_baselines(report, "h100", {"image": _tiny_image_encoder})
+    assert report.pytorch_baselines == []
+    assert len(report.warnings) == 1 and report.warnings[0].startswith("PyTorch baseline skipped: the PyTorch FP16")
+
+
+def test_baseline_speedup_against_the_fp8_engine(double_env: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from enginebuild_builder.report import Percentiles, PytorchBaseline
+    from enginebuild_builder.stages.pytorch_baseline import attach_speedup
+
+    monkeypatch.setenv("TRTEXEC_DOUBLE_LATENCY", json.dumps({"/fp16/": 2.0, "/fp8/": 1.25}))
+    report = _report(tmp_path, BASE)
+    spec = parse_spec(BASE)
+    run_engines(spec, tmp_path, report, spec.targets[0], None)
+    measured = PytorchBaseline(target="h100", encoder="image", latency_ms=Percentiles(median=5.0))
+    assert attach_speedup(report, measured).speedup_fp8_engine_vs_pytorch == 4.0
+    attach_speedup(report, measured.model_copy(update={"latency_ms": Percentiles(median=2.5)}))
+    assert [b.speedup_fp8_engine_vs_pytorch for b in report.pytorch_baselines] == [2.0]  # replaced, not added
+    other = PytorchBaseline(target="l40s", encoder="image", latency_ms=Percentiles(median=5.0))
+    assert attach_speedup(report, other).speedup_fp8_engine_vs_pytorch is None  # no engine for that target
+
+
+def test_baseline_on_a_real_gpu(tmp_path: Path) -> None:
+    import torch
+
+    from enginebuild_builder.stages.pytorch_baseline import measure_pytorch_baseline
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (runs on the GPU machine, not on CI)")
+    text = torch.nn.Sequential(torch.nn.Embedding(100, 16), torch.nn.Flatten(), torch.nn.Linear(16 * 5, 4))
+    for model, shape, dtype in ((_tiny_image_encoder, [8, 3, 4], "float32"), (text, [8, 5], "int64")):
+        b = measure_pytorch_baseline(model, encoder="image", target="h200", input_shape=shape, input_dtype=dtype,
+                                     warmup=3, iterations=20, vocab_size=100)
+        lat = b.latency_ms
+        assert lat.min is not None and lat.max is not None and lat.median is not None
+        assert 0 < lat.min <= lat.median <= lat.p90 <= lat.p99 <= lat.max

@@ -1,0 +1,301 @@
+"""The Helm chart, linted and rendered offline with helm-python-sdk (Helm v4's Go SDK; no helm binary,
+no cluster), every rendered manifest validated with kubernetes-validate in strict mode.
+
+ServiceMonitor, PrometheusRule and the kopf peering objects are custom resources whose schemas
+kubernetes-validate does not have; they are skipped there only, and checked by hand (PrometheusRule's
+rules go through promtool). The rendered Deployment's environment is fed to the operator's own
+`load_config`, so a renamed variable on either side fails here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+
+from enginebuild_operator.config import load_config
+
+REPO = Path(__file__).resolve().parent.parent
+CHART = REPO / "charts" / "enginebuild"
+KUBE_VERSION = "1.32"
+NAMESPACE = "enginebuild-system"
+# Custom resources kubernetes-validate has no schema for (not part of Kubernetes itself).
+NOT_IN_KUBERNETES_SCHEMAS = {"ServiceMonitor", "PrometheusRule", "ClusterKopfPeering", "KopfPeering"}
+
+
+def render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    chart = helm.Chart.load(str(CHART))
+    out = chart.render(values or {}, name="eb", namespace=NAMESPACE, is_install=True)
+    docs: list[dict[str, Any]] = []
+    for path, text in sorted(out.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        docs += [d for d in yaml.safe_load_all(text) if d]
+    return docs
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    (doc,) = by_kind(docs, kind)
+    return doc
+
+
+def rules_of(doc: dict[str, Any]) -> set[tuple[str, str, str]]:
+    return {(g, r, v) for rule in doc["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+
+
+VALUE_SETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "namespaced": {"watchNamespaces": ["team-a", "team-b"], "secrets": {"namespaces": ["team-a"]}},
+    "monitoring": {"serviceMonitor": {"enabled": True, "labels": {"release": "kps"}},
+                   "prometheusRule": {"enabled": True}, "dashboard": {"folder": "ML"}},
+    "standalone": {"peering": {"enabled": False}, "secrets": {"readReferenced": False},
+                   "s3": {"endpoint": "http://minio.storage:9000", "region": "eu-west-1", "existingSecret": "s3-creds"},
+                   "defaultDeadlineSeconds": 3600, "builder": {"image": {"repository": "registry.local/eb-builder",
+                                                                         "tag": "1.2.3"}, "serviceAccountName": "gpu-jobs"}},
+    "ha": {"replicaCount": 2, "peering": {"enabled": True, "mandatory": True}},
+}
+
+
+# --- lint and schema ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_lint_strict_has_no_warnings(name: str) -> None:
+    report = helm.lint(str(CHART), VALUE_SETS[name], strict=True, namespace=NAMESPACE, kube_version="v1.32.0")
+    assert report["errors"] == []
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert problems == []
+
+
+def test_values_schema_rejects_typos_and_bad_values() -> None:
+    chart = helm.Chart.load(str(CHART))
+    chart.validate_schema({})
+    for bad in ({"maxConcurentBuilds": 3}, {"maxConcurrentBuilds": 0}, {"watchNamespaces": ["Team_A"]},
+                {"s3": {"endpoint": "minio:9000"}}, {"defaultDeadlineSeconds": 30}, {"ports": {"metrics": 80}},
+                {"serviceMonitor": {"interval": "soon"}}):
+        with pytest.raises(helm.HelmError):
+            chart.validate_schema(bad)
+
+
+def test_replicas_without_peering_fail_to_render() -> None:
+    with pytest.raises(helm.HelmError, match="peering"):
+        render({"replicaCount": 2, "peering": {"enabled": False}})
+
+
+# --- every manifest is valid Kubernetes -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_rendered_manifests_validate_strict(name: str) -> None:
+    docs = render(VALUE_SETS[name])
+    assert docs
+    for doc in docs:
+        if doc["kind"] in NOT_IN_KUBERNETES_SCHEMAS:
+            assert doc["apiVersion"] in ("monitoring.coreos.com/v1", "kopf.dev/v1")
+            continue
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+        assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "enginebuild"
+
+
+def test_chart_crd_is_valid_and_is_the_generated_one() -> None:
+    chart = helm.Chart.load(str(CHART))
+    (crd_file,) = chart.crds
+    doc = yaml.safe_load(crd_file["data"] if "data" in crd_file else (CHART / crd_file["name"]).read_text())
+    kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+    assert doc == yaml.safe_load((REPO / "crds" / "enginebuild.yaml").read_text())
+
+
+def test_validation_is_not_vacuous() -> None:
+    deployment = one(render(), "Deployment")
+    deployment["spec"]["template"]["spec"]["containers"][0]["securityContext"]["runAsNonRot"] = True
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBE_VERSION, strict=True)
+
+
+# --- the Deployment -------------------------------------------------------------------------------
+
+
+def _container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (container,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def _env(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container["env"] if "value" in e}
+
+
+def test_deployment_is_locked_down() -> None:
+    docs = render()
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    container = _container(docs)
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+    assert container["command"][0] == "enginebuild" and container["command"][-1] == "operator"
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_rendered_env_is_what_the_operator_reads(name: str) -> None:
+    """The Deployment's variables go through the operator's own config loader: names and values agree."""
+    docs = render(VALUE_SETS[name])
+    container = _container(docs)
+    env = _env(container)
+    config = load_config(env)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert config.metrics_port == ports["metrics"] and config.health_port == ports["health"]
+    values = helm.Chart.load(str(CHART)).merge_values(VALUE_SETS[name])
+    tag = values["builder"]["image"]["tag"] or "0.1.0"
+    assert config.builder_image == f"{values['builder']['image']['repository']}:{tag}"
+    assert config.max_concurrent_builds == values["maxConcurrentBuilds"]
+    assert config.default_deadline_seconds == (values["defaultDeadlineSeconds"] or None)
+    assert config.read_secrets is values["secrets"]["readReferenced"]
+    assert config.peering_mandatory is values["peering"]["mandatory"]
+    assert config.job_service_account == (values["builder"]["serviceAccountName"] or None)
+    assert dict(config.export_cpu_resources) == values["builder"]["exportCpuResources"]
+    unknown = {k for k in env if k.startswith("ENGINEBUILD_")} - _variables_the_operator_reads()
+    assert unknown == set(), f"variables set by the chart that operator/config.py never reads: {unknown}"
+
+
+def _variables_the_operator_reads() -> set[str]:
+    import re
+
+    text = (REPO / "operator" / "config.py").read_text()
+    return set(re.findall(r'"(ENGINEBUILD_[A-Z_]+)"', text))
+
+
+def test_watch_scope_and_peering_reach_the_command_line() -> None:
+    assert _container(render())["args"] == ["--all-namespaces"]
+    assert _container(render(VALUE_SETS["namespaced"]))["args"] == ["--namespace=team-a", "--namespace=team-b"]
+    assert "--standalone" in _container(render(VALUE_SETS["standalone"]))["args"]
+
+
+def test_s3_endpoint_and_credentials_secret() -> None:
+    container = _container(render(VALUE_SETS["standalone"]))
+    env = _env(container)
+    assert env["AWS_ENDPOINT_URL"] == "http://minio.storage:9000" and env["AWS_REGION"] == "eu-west-1"
+    assert container["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(env), "credentials only through the Secret"
+    assert "envFrom" not in _container(render())
+
+
+# --- RBAC -----------------------------------------------------------------------------------------
+
+OPERATOR_RULES = {
+    ("enginebuild.io", "enginebuilds", v) for v in ("get", "list", "watch", "patch", "update")
+} | {("enginebuild.io", "enginebuilds/status", v) for v in ("get", "patch", "update")} | {
+    ("enginebuild.io", "enginebuilds/finalizers", "update")
+} | {("batch", "jobs", v) for v in ("create", "get", "list", "watch", "delete", "patch")} | {
+    ("", "pods", v) for v in ("get", "list", "watch")
+} | {("", "pods/log", "get"), ("", "events", "create"), ("", "events", "patch")}
+DISCOVERY_RULES = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")} | {
+    ("", "namespaces", v) for v in ("list", "watch")
+}
+SECRET_RULES = {("", "secrets", "get")}
+
+
+def test_rbac_cluster_wide_default() -> None:
+    docs = render()
+    roles = {d["metadata"]["name"]: rules_of(d) for d in by_kind(docs, "ClusterRole")}
+    assert roles["eb-enginebuild"] == OPERATOR_RULES | SECRET_RULES
+    assert roles["eb-enginebuild-discovery"] == DISCOVERY_RULES | {
+        ("kopf.dev", "clusterkopfpeerings", v) for v in ("get", "list", "watch", "patch")}
+    assert by_kind(docs, "Role") == []
+    for binding in by_kind(docs, "ClusterRoleBinding"):
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "eb-enginebuild", "namespace": NAMESPACE}]
+
+
+def test_rbac_namespaced() -> None:
+    docs = render(VALUE_SETS["namespaced"])
+    roles = {(d["metadata"]["namespace"], d["metadata"]["name"]): rules_of(d) for d in by_kind(docs, "Role")}
+    peering = {("kopf.dev", "kopfpeerings", v) for v in ("get", "list", "watch", "patch")}
+    assert roles == {
+        ("team-a", "eb-enginebuild"): OPERATOR_RULES | peering,
+        ("team-b", "eb-enginebuild"): OPERATOR_RULES | peering,
+        ("team-a", "eb-enginebuild-secrets"): SECRET_RULES,  # secrets.namespaces narrows it to team-a
+    }
+    (cluster_role,) = by_kind(docs, "ClusterRole")
+    assert rules_of(cluster_role) == DISCOVERY_RULES  # nothing namespaced leaks cluster-wide
+    bound = {(b["metadata"]["namespace"], b["roleRef"]["name"]) for b in by_kind(docs, "RoleBinding")}
+    assert bound == set(roles)
+    assert {d["metadata"]["namespace"] for d in by_kind(docs, "KopfPeering")} == {"team-a", "team-b"}
+
+
+def test_rbac_without_secret_access() -> None:
+    docs = render(VALUE_SETS["standalone"])
+    for doc in by_kind(docs, "ClusterRole") + by_kind(docs, "Role"):
+        assert not {r for r in rules_of(doc) if r[1] == "secrets"}
+        assert not {r for r in rules_of(doc) if r[0] == "kopf.dev"}
+    assert not [d for d in docs if d["apiVersion"].startswith("kopf.dev") or "kopf.dev" in d["metadata"]["name"]]
+
+
+def test_rbac_has_no_wildcards() -> None:
+    for name in VALUE_SETS:
+        for doc in by_kind(render(VALUE_SETS[name]), "ClusterRole") + by_kind(render(VALUE_SETS[name]), "Role"):
+            assert not any("*" in part for rule in rules_of(doc) for part in rule), doc["metadata"]["name"]
+
+
+# --- monitoring objects ---------------------------------------------------------------------------
+
+
+def test_monitoring_objects_only_when_enabled() -> None:
+    assert not by_kind(render(), "ServiceMonitor") and not by_kind(render(), "PrometheusRule")
+    docs = render(VALUE_SETS["monitoring"])
+    monitor = one(docs, "ServiceMonitor")
+    service = one(docs, "Service")
+    assert monitor["metadata"]["labels"]["release"] == "kps"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"] == "metrics"
+    assert service["spec"]["selector"].items() <= one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_prometheus_rule_is_the_alerts_file_and_passes_promtool(tmp_path: Path) -> None:
+    rule = one(render(VALUE_SETS["monitoring"]), "PrometheusRule")
+    alerts = yaml.safe_load((CHART / "files" / "alerts.rules.yaml").read_text())
+    assert rule["spec"] == alerts
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("promtool is missing in CI")
+        pytest.skip("promtool not installed")
+    path = tmp_path / "rendered.rules.yaml"
+    path.write_text(yaml.safe_dump(rule["spec"]))
+    proc = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_dashboard_configmap_for_the_grafana_sidecar() -> None:
+    docs = render(VALUE_SETS["monitoring"])
+    (cm,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["annotations"]["grafana_folder"] == "ML"
+    assert json.loads(cm["data"]["enginebuild.json"]) == json.loads((CHART / "files" / "dashboard.json").read_text())
+    assert not [d for d in by_kind(render({"dashboard": {"enabled": False}}), "ConfigMap")]
+
+
+def test_kopf_peering_crds_are_valid_and_kept() -> None:
+    docs = render()
+    crds = {d["metadata"]["name"]: d for d in by_kind(docs, "CustomResourceDefinition")}
+    assert set(crds) == {"clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}
+    for crd in crds.values():
+        assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    peering = one(docs, "ClusterKopfPeering")
+    assert peering["metadata"]["name"] == "enginebuild"
+    assert "post-install" in peering["metadata"]["annotations"]["helm.sh/hook"]

@@ -36,6 +36,7 @@ from ..storage import (
     InvalidS3Uri,
     ObjectInfo,
     ObjectNotFound,
+    ProgressCallback,
     S3Store,
     S3Uri,
     join_key,
@@ -165,6 +166,8 @@ def publish_files(
     workdir: Path | str,
     files: Sequence[PublishItem],
     stage: str,
+    *,
+    progress: ProgressCallback | None = None,
 ) -> StageManifest:
     """Upload `files` (each verified) under `<prefix>/<key>/`, then write `stages/<stage>.json`.
 
@@ -182,7 +185,8 @@ def publish_files(
     for local, dest, expected in resolved:
         if expected and sha256_file(local) != expected:
             raise ChecksumMismatch(f"{local} changed since the report recorded its SHA-256; refusing to publish it")
-        info = store.upload_file(local, root.child(dest), content_type=_CONTENT_TYPES.get(local.suffix))
+        info = store.upload_file(local, root.child(dest), content_type=_CONTENT_TYPES.get(local.suffix),
+                                 progress=progress)
         entries.append(ObjectEntry(key=dest, size=info.size, sha256=info.sha256 or ""))
         log.info("published %s (%d bytes)", root.child(dest), info.size)
     manifest = StageManifest(build_key=key, stage=stage, created_at=_now(), objects=entries)

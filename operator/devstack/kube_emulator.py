@@ -87,10 +87,10 @@ def _at_version(obj: Obj, info: ResourceInfo) -> Obj:
 class KubeEmulator:
     """The aiohttp application around a Store, with debounced persistence."""
 
-    def __init__(self, state_file: Path | None = None) -> None:
+    def __init__(self, state_file: Path | None = None, history: int | None = None) -> None:
         self.state_file = state_file
         self._save_handle: asyncio.TimerHandle | None = None
-        self.store = Store(on_change=self._schedule_save)
+        self.store = Store(on_change=self._schedule_save, history=history)
         if state_file is not None and state_file.exists():
             self.store.load(state_file)
         self.closing = asyncio.Event()
@@ -400,8 +400,8 @@ class KubeEmulator:
 
 
 # ---------------------------------------------------------------- the server process
-async def serve(host: str, port: int, state_file: Path | None) -> None:
-    emulator = KubeEmulator(state_file)
+async def serve(host: str, port: int, state_file: Path | None, history: int | None = None) -> None:
+    emulator = KubeEmulator(state_file, history)
     runner = web.AppRunner(emulator.app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
@@ -424,12 +424,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed on stdout)")
     parser.add_argument("--state-file", type=Path, default=None, help="JSON snapshot to load and keep saving")
+    parser.add_argument("--history", type=int, default=None,
+                        help="watch events kept for resumption (older resourceVersions get 410 Gone)")
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         parser.error("the emulator has no authentication: it only binds to 127.0.0.1")
-    asyncio.run(serve(args.host, args.port, args.state_file))
+    asyncio.run(serve(args.host, args.port, args.state_file, args.history))
     return 0
 
 
@@ -445,6 +447,7 @@ class EmulatorProcess:
     state_file: Path
     proc: subprocess.Popen[bytes]
     log_file: Path
+    history: int | None = None
     _stderr: Any = field(default=None, repr=False)
 
     @property
@@ -473,8 +476,9 @@ class EmulatorProcess:
         self._close_pipes()
 
     def restart(self, hard: bool = False) -> None:
+        """Stop (SIGTERM, or SIGKILL with hard=True) and start again on the same port and state file."""
         self.kill() if hard else self.stop()
-        fresh = _spawn(self.workdir, self.port, self.state_file, self.log_file)
+        fresh = _spawn(self.workdir, self.port, self.state_file, self.log_file, self.history)
         self.proc, self._stderr = fresh.proc, fresh._stderr
 
     def _close_pipes(self) -> None:
@@ -491,11 +495,13 @@ class EmulatorProcess:
         self.stop()
 
 
-def _spawn(workdir: Path, port: int, state_file: Path, log_file: Path, timeout: float = 30.0) -> EmulatorProcess:
+def _spawn(workdir: Path, port: int, state_file: Path, log_file: Path, history: int | None = None,
+           timeout: float = 30.0) -> EmulatorProcess:
     stderr = open(log_file, "ab")
+    extra = ["--history", str(history)] if history else []
     proc = subprocess.Popen(
         [sys.executable, "-m", "enginebuild_operator.devstack.kube_emulator", "--port", str(port),
-         "--state-file", str(state_file)],
+         "--state-file", str(state_file), *extra],
         stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL, cwd=str(workdir),
     )
     assert proc.stdout is not None
@@ -516,14 +522,17 @@ def _spawn(workdir: Path, port: int, state_file: Path, log_file: Path, timeout: 
     info = json.loads(line.decode())
     url = info["url"]
     return EmulatorProcess(workdir, int(info["port"]), url, workdir / "kubeconfig.yaml", state_file, proc,
-                           log_file, stderr)
+                           log_file, history, stderr)
 
 
-def start_emulator(workdir: Path, port: int = 0) -> EmulatorProcess:
-    """Start an emulator process with its state and kubeconfig in `workdir` (created if missing)."""
+def start_emulator(workdir: Path, port: int = 0, history: int | None = None) -> EmulatorProcess:
+    """Start an emulator process with its state and kubeconfig in `workdir` (created if missing).
+
+    `history` bounds the watch events kept for resumption (default 50,000): a watch from an older
+    resourceVersion gets a 410 Gone ERROR event, as on a real API server after compaction."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    emulator = _spawn(workdir, port, workdir / "kube-state.json", workdir / "kube-emulator.log")
+    emulator = _spawn(workdir, port, workdir / "kube-state.json", workdir / "kube-emulator.log", history)
     write_kubeconfig(emulator.kubeconfig, emulator.url)
     return emulator
 

@@ -133,11 +133,12 @@ def _spec_part(obj: Obj) -> Obj:
 class Store:
     """In-memory objects keyed by (storage key, namespace, name) plus watch fan-out."""
 
-    def __init__(self, registry: ResourceRegistry | None = None, on_change: Callable[[], None] | None = None) -> None:
+    def __init__(self, registry: ResourceRegistry | None = None, on_change: Callable[[], None] | None = None,
+                 history: int | None = None) -> None:
         self.registry = registry or ResourceRegistry()
         self.objects: dict[str, dict[tuple[str, str], Obj]] = collections.defaultdict(dict)
         self.rv = 0
-        self.history: collections.deque[WatchEvent] = collections.deque(maxlen=HISTORY_IN_MEMORY)
+        self.history: collections.deque[WatchEvent] = collections.deque(maxlen=history or HISTORY_IN_MEMORY)
         self.history_floor = 0
         self.watchers: set[Watcher] = set()
         self.on_change = on_change
@@ -586,7 +587,7 @@ class Store:
 
     # ----------------------------------------------------------------- persistence
     def snapshot(self) -> Obj:
-        history = list(self.history)[-HISTORY_PERSISTED:]
+        history = list(self.history)[-min(HISTORY_PERSISTED, self.history.maxlen or HISTORY_PERSISTED):]
         floor = history[0].rv - 1 if history else self.rv
         return {
             "version": 1,
@@ -608,8 +609,10 @@ class Store:
             self.objects[key][(ns, name)] = obj
         self.rv = int(state["resourceVersion"])
         self.history.clear()
-        for rv, key, type_, obj, prev in state["history"]:
-            self.history.append(WatchEvent(rv, key, type_, obj, prev))
         self.history_floor = int(state["historyFloor"])
+        for rv, key, type_, obj, prev in state["history"]:
+            if len(self.history) == self.history.maxlen:
+                self.history_floor = max(self.history_floor, self.history[0].rv)
+            self.history.append(WatchEvent(rv, key, type_, obj, prev))
         for crd in self.objects.get("customresourcedefinitions.apiextensions.k8s.io", {}).values():
             self.registry.register_crd(crd)

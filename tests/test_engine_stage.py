@@ -104,6 +104,7 @@ def test_find_trtexec_on_path_and_missing(double_env: Path, monkeypatch: pytest.
     monkeypatch.delenv("TRTEXEC")
     env = {"PATH": os.pathsep.join([str(DOUBLE_DIR), str(Path(sys.executable).parent)])}
     assert find_trtexec(env).path == DOUBLE
+    assert find_trtexec({**env, "TRTEXEC": "trtexec"}).path == DOUBLE  # a bare name is looked up on PATH
     monkeypatch.setattr(stage, "DEFAULT_TRTEXEC", tmp_path / "nope")
     with pytest.raises(TrtexecNotFound) as err:
         find_trtexec({"PATH": str(tmp_path)})
@@ -245,7 +246,7 @@ def test_static_onnx_gets_no_shape_flags_and_its_own_batch(double_env: Path, tmp
     argvs = _argvs(double_env)
     assert not any(a.startswith(("--shapes", "--minShapes")) for argv in argvs for a in argv)
     assert all(e.batch_size == 4 and e.throughput_items_per_s == 4000.0 for e in report.engines)
-    assert any("static batch of 4, not spec.batchSize=8" in w for w in report.warnings)
+    assert report.warnings == ["image ONNX has a static batch of 4, not spec.batchSize=8: the engine runs the ONNX batch"]
 
 
 def test_dynamic_batch_profile(double_env: Path, tmp_path: Path) -> None:

@@ -110,7 +110,8 @@ def find_trtexec(env: dict[str, str] | None = None) -> TrtexecInfo:
     env = dict(os.environ) if env is None else env
     explicit = env.get(TRTEXEC_ENV)
     if explicit:
-        path = Path(explicit)
+        found = shutil.which(explicit, path=env.get("PATH")) if os.sep not in explicit else None
+        path = Path(found or explicit)
         if not (path.is_file() and os.access(path, os.X_OK)):
             raise TrtexecNotFound(
                 f"${TRTEXEC_ENV}={explicit} is not an executable file; point it at trtexec or unset it",
@@ -454,10 +455,12 @@ def run_engines(
                 )
             shapes = _shapes(spec, onnx_path, enc.input_name, enc.input_shape)
             if not shapes.dynamic and shapes.batch != spec.batch_size:
-                report.warnings.append(
+                warning = (
                     f"{encoder} ONNX has a static batch of {shapes.batch}, not spec.batchSize={spec.batch_size}: "
                     "the engine runs the ONNX batch"
                 )
+                if warning not in report.warnings:
+                    report.warnings.append(warning)
             entry = _build_one(
                 spec, workdir, target, encoder, precision, onnx_path, shapes, timing_cache, info, report.warnings
             )

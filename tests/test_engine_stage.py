@@ -395,6 +395,7 @@ def test_baseline_speedup_against_the_fp8_engine(double_env: Path, tmp_path: Pat
     assert attach_speedup(report, other).speedup_fp8_engine_vs_pytorch is None  # no engine for that target
 
 
+@pytest.mark.gpu
 def test_baseline_on_a_real_gpu(tmp_path: Path) -> None:
     import torch
 

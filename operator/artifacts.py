@@ -7,9 +7,12 @@ AWS_* set by the chart). All calls block (boto3); handlers run them in threads.
 
 from __future__ import annotations
 
+import inspect
 import json
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from enginebuild_builder import buildkey
@@ -87,25 +90,105 @@ def _publish() -> Any:
     return publish
 
 
-def build_exists(store: S3Store, spec: EngineBuildSpec, build_key: str) -> bool:
+def build_exists(store: S3Store, spec: EngineBuildSpec, build_key: str) -> Any:
+    """The manifest when the build is complete in S3 (every listed object present), else None."""
     assert spec.output is not None
-    return bool(_publish().build_exists(store, spec.output.uri, build_key))
+    return _publish().build_exists(store, spec.output.uri, build_key)
+
+
+def report_of(store: S3Store, manifest: Any, artifacts: str) -> Report | None:
+    """The build's report: embedded in the manifest (one GET filled it), else report.json beside it."""
+    embedded = getattr(manifest, "report", None)
+    if embedded:
+        try:
+            return Report.model_validate(embedded)
+        except ValueError:
+            pass
+    return read_report(store, artifacts)
 
 
 def read_report(store: S3Store, artifacts: str, target: str | None = None) -> Report | None:
     """The full report.json of a build (or of one target's engine Job, when it wrote its own)."""
     base = parse_s3_uri(artifacts, field="status.artifactsUri")
-    candidates = ([base.child(target, REPORT_FILE)] if target else []) + [base.child(REPORT_FILE)]
-    for uri in candidates:
+    names = ([f"report.{target}.json", f"{target}/{REPORT_FILE}"] if target else []) + [REPORT_FILE]
+    for name in names:
+        uri = base.child(*name.split("/"))
         if store.head(uri) is None:
             continue
         return Report.model_validate(json.loads(store.get_bytes(uri)))
     return None
 
 
-def finalize(store: S3Store, spec: EngineBuildSpec, build_key: str) -> Any:
+def _stage_reports(store: S3Store, output_uri: str, build_key: str) -> list[Report]:
+    """Every report a stage Job published (found through the stage manifests)."""
+    publish = _publish()
+    root = publish.build_uri(output_uri, build_key)
+    found: list[Report] = []
+    seen: set[str] = set()
+    for sm in publish.read_stage_manifests(store, output_uri, build_key):
+        for entry in sm.objects:
+            name = entry.key.rsplit("/", 1)[-1]
+            if entry.key in seen or not (name == REPORT_FILE or (name.startswith("report.") and name.endswith(".json"))):
+                continue
+            seen.add(entry.key)
+            try:
+                found.append(Report.model_validate(json.loads(store.get_bytes(root.child(*entry.key.split("/"))))))
+            except ValueError:
+                continue
+    return found
+
+
+def merge_reports(reports: list[Report]) -> Report | None:
+    """One report for the whole build: the export half's, plus every target's engines and comparisons."""
+    if not reports:
+        return None
+    base_candidates = [r for r in reports if r.encoders] or reports
+    merged = base_candidates[0].model_copy(deep=True)
+    for other in reports:
+        if other is base_candidates[0]:
+            continue
+        have = {(e.target, e.encoder, e.precision) for e in merged.engines}
+        merged.engines += [e for e in other.engines if (e.target, e.encoder, e.precision) not in have]
+        have_c = {(c.target, c.encoder) for c in merged.comparisons}
+        merged.comparisons += [c for c in other.comparisons if (c.target, c.encoder) not in have_c]
+        merged.pytorch_baselines += other.pytorch_baselines
+        merged.warnings += [w for w in other.warnings if w not in merged.warnings]
+        for k, v in other.timings_s.items():
+            merged.timings_s.setdefault(k, v)
+        for stage in other.stages_run:
+            if stage not in merged.stages_run:
+                merged.stages_run.append(stage)
+        if other.tool_versions:
+            merged.tool_versions = {**merged.tool_versions, **other.tool_versions}
+    merged.status = "succeeded"
+    merged.error = None
+    return merged
+
+
+def finalize(store: S3Store, spec: EngineBuildSpec, build_key: str, image: str) -> Any:
+    """Write the top manifest once every Job succeeded (the operator's job when there are targets:
+    no single Job sees the whole build). Idempotent: a complete build is left as it is."""
     assert spec.output is not None
-    return _publish().finalize_build(store, spec.output.uri, build_key)
+    publish = _publish()
+    existing = publish.build_exists(store, spec.output.uri, build_key)
+    if existing is not None:
+        return existing
+    merged = merge_reports(_stage_reports(store, spec.output.uri, build_key))
+    if merged is not None:
+        merged.artifacts_uri = artifacts_uri(spec, build_key)
+        merged.build_key = build_key
+    inputs = buildkey.resolve_key_inputs(spec, store, toolchain(image))
+    key_document = buildkey.build_key_document(spec, inputs)
+    params = inspect.signature(publish.finalize_build).parameters
+    if "report_path" in params:
+        with tempfile.TemporaryDirectory(prefix="enginebuild-finalize-") as tmp:
+            path = None
+            if merged is not None:
+                path = Path(tmp) / REPORT_FILE
+                merged.write(path)
+            return publish.finalize_build(store, spec.output.uri, build_key, path, key_document=key_document)
+    kwargs = {"key_document": key_document} if "key_document" in params else {}
+    return publish.finalize_build(store, spec.output.uri, build_key, merged, **kwargs)
 
 
 def delete_build(store: S3Store, spec: EngineBuildSpec, build_key: str) -> Any:

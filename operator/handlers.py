@@ -353,6 +353,7 @@ async def reconcile_once(
 
     for _ in range(64):  # each step changes state; the bound only guards against a logic slip
         observed = _observed(index, build, state)
+        status["conditions"] = cs.conditions  # plan() reads the conditions of this very pass
         status["jobs"] = reconcile.sync_job_refs(status.get("jobs") or [], observed, key)
         p: Plan = reconcile.plan(
             eb_name=name, build_key=key, targets=targets, status=status, observed=observed,
@@ -387,11 +388,11 @@ async def reconcile_once(
             try:
                 store = await asyncio.to_thread(_store, namespace, spec)
                 hit = await asyncio.to_thread(artifacts.build_exists, store, spec, key)
-                report = await asyncio.to_thread(artifacts.read_report, store, status["artifactsUri"]) if hit else None
+                report = await asyncio.to_thread(artifacts.report_of, store, hit, status["artifactsUri"]) if hit else None
             except BuildError as exc:
                 return await _storage_problem(body, namespace, name, state, cs, generation, exc)
             state.cache_checked_for = key
-            if hit:
+            if hit is not None:
                 _fill_from_report(status, cs, report, spec, targets)
                 reconcile.apply_success(status, cs, cs.now, cached=True)
                 metrics.CACHE_HITS.inc()
@@ -428,7 +429,7 @@ async def reconcile_once(
             reconcile.apply_engines_done(status, cs, targets)
             try:
                 store = await asyncio.to_thread(_store, namespace, spec)
-                await asyncio.to_thread(artifacts.finalize, store, spec, key)
+                await asyncio.to_thread(artifacts.finalize, store, spec, key, image)
             except BuildError as exc:
                 return await _storage_problem(body, namespace, name, state, cs, generation, exc)
             cs.set("Published", True, "Published", f"manifest written at {status.get('artifactsUri')}")

@@ -1,0 +1,311 @@
+"""The real operator process against the emulated API server over HTTP and SeaweedFS for S3.
+
+The tests play the cluster's part: they complete Jobs the way the Job controller and kubelet would
+(operator/devstack/jobplay.py: Job conditions plus a Pod whose container carries the builder's
+termination message), and publish into S3 what the builder's Jobs would publish (publish.py). The
+operator must do everything else: Jobs, status, events, the manifest, metrics, deletion.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from enginebuild_builder.errors import KINDS
+from enginebuild_builder.report import (
+    Accuracy, Artifact, EncoderReport, EngineReport, ErrorInfo, OnnxPair, Percentiles, Report, summarize,
+)
+from enginebuild_builder.spec import parse_spec
+from enginebuild_builder.stages import publish
+from enginebuild_builder.storage import S3Store
+from enginebuild_operator import artifacts
+from enginebuild_operator.devstack.jobplay import complete_job, fail_job
+from enginebuild_operator.devstack.kube_http import resource_path
+from plugins.operator_proc import Cluster, eb_cluster, metric_value, wait_until  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.slow
+
+P50 = {("image", "fp16"): 6.35, ("image", "fp8"): 4.12}
+
+
+def _write(path: Path, data: bytes) -> Artifact:
+    import hashlib
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return Artifact(path=str(path.name), bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+
+def export_half(store: S3Store, uri: str, key: str, workdir: Path, cosine: float = 0.9931) -> Report:
+    """What the export Job publishes: two ONNX files and its report; returns the report."""
+    fp16 = _write(workdir / "image.fp16.onnx", b"\x01" * 4000)
+    fp8 = _write(workdir / "image.fp8.onnx", b"\x02" * 2500)
+    acc = Accuracy(cosine_min=cosine, cosine_mean=0.9987, top1_agreement=0.98, samples=64, min_cosine_required=0.99,
+                   passed=cosine >= 0.99)
+    report = Report(spec={}, build_key=key, stages_run=["export", "upload"], artifacts_uri=f"{uri}/{key}/",
+                    encoders={"image": EncoderReport(input_name="image", input_shape=[128, 3, 224, 224], input_dtype="float32",
+                                                     onnx=OnnxPair(fp16=fp16, fp8=fp8), size_reduction=0.375,
+                                                     linear_layers=50, quantized_linear_layers=49, accuracy=acc,
+                                                     parameters=88_000_000)})
+    report.write(workdir / "report.json")
+    publish.publish_files(store, uri, key, workdir, ["image.fp16.onnx", "image.fp8.onnx", "report.json"], "export")
+    return report
+
+
+def engine_half(store: S3Store, uri: str, key: str, workdir: Path, target: str, p50: dict | None = None) -> Report:
+    p50 = p50 or P50
+    engines = []
+    for (encoder, precision), ms in sorted(p50.items()):
+        art = _write(workdir / target / encoder / precision / "model.plan", bytes([len(precision)]) * (3000 if precision == "fp16" else 1600))
+        art = art.model_copy(update={"path": f"{target}/{encoder}/{precision}/model.plan", "uri": f"{uri}/{key}/{target}/{encoder}/{precision}/model.plan"})
+        engines.append(EngineReport(target=target, encoder=encoder, precision=precision, engine=art, trt_version="10.16.1",
+                                    gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0", build_s=30.0,
+                                    latency_ms=Percentiles(median=ms, p90=ms * 1.1, p99=ms * 1.5), gpu_compute_ms=Percentiles(median=ms),
+                                    throughput_qps=1000 / ms, throughput_items_per_s=128000 / ms))
+    report = Report(spec={}, build_key=key, stages_run=["engine", "upload"], engines=engines, artifacts_uri=f"{uri}/{key}/")
+    name = f"report.{target}.json"
+    report.write(workdir / name)
+    publish.publish_files(store, uri, key, workdir, [e.engine.path for e in engines] + [name], f"engine-{target}")
+    return report
+
+
+def message(report: Report) -> str:
+    return json.dumps(summarize(report), separators=(",", ":"))
+
+
+def run_build(c: Cluster, store: S3Store, name: str, tmp: Path, seconds: int = 100) -> str:
+    """Play a whole build of `name` (export Job, then the h100 engine Job); return the build key."""
+    export = c.wait_job(name, "export")
+    key = export["metadata"]["annotations"]["enginebuild.io/build-key"]
+    uri = f"s3://{c.bucket}/engines"
+    c.start_job(export["metadata"]["name"], seconds_ago=seconds)
+    complete_job(c.http, c.namespace, export["metadata"]["name"], 0, message(export_half(store, uri, key, tmp / name / "x")))
+    engine = c.wait_job(name, "h100")
+    c.start_job(engine["metadata"]["name"], seconds_ago=seconds)
+    complete_job(c.http, c.namespace, engine["metadata"]["name"], 0, message(engine_half(store, uri, key, tmp / name / "e", "h100")))
+    return key
+
+
+def test_build_runs_to_ready_with_status_s3_manifest_events_and_metrics(eb_cluster: Cluster, s3_store: S3Store, tmp_path: Path) -> None:
+    c = eb_cluster
+    op = c.start_operator()
+    c.create("clip", c.spec())
+    export = c.wait_job("clip", "export")
+    c.wait_condition("clip", "Ready", "False", "Exporting")
+    assert [j["metadata"]["name"] for j in c.jobs("clip")] == [export["metadata"]["name"]]  # engines wait for the export
+    key = run_build(c, s3_store, "clip", tmp_path)
+    c.wait_condition("clip", "Ready", "True", "Succeeded")
+    st = c.status("clip")
+    assert st["buildKey"] == key and st["observedGeneration"] == 1 and st["cached"] is False
+    assert st["artifactsUri"] == f"s3://{c.bucket}/engines/{key}/"
+    conds = {x["type"]: x for x in st["conditions"]}
+    for t, s in (("Succeeded", "True"), ("Validated", "True"), ("Exported", "True"), ("AccuracyPassed", "True"),
+                 ("EnginesBuilt", "True"), ("Published", "True"), ("FP8Faster", "True")):
+        assert conds[t]["status"] == s, (t, conds[t])
+        assert conds[t]["observedGeneration"] == 1
+    assert st["onnx"] == [{"encoder": "image", "fp16Bytes": 4000, "fp8Bytes": 2500, "sizeReduction": "0.3750",
+                           "quantizedLinearLayers": 49, "linearLayers": 50}]
+    assert st["accuracy"][0]["cosineMin"] == "0.993100" and st["accuracy"][0]["passed"] is True
+    rows = {(e["encoder"], e["precision"]): e for e in st["engines"]}
+    assert rows[("image", "fp8")]["latencyP50Micros"] == 4120 and rows[("image", "fp8")]["bytes"] == 1600
+    assert rows[("image", "fp8")]["speedupOverFp16"] == "1.541" and rows[("image", "fp16")]["latencyP50Micros"] == 6350
+    assert st["summary"] == {"imageFp8LatencyMs": "4.120", "fp8Speedup": "1.541"}
+    # Both Jobs ran ~100 s on one GPU each (export on a GPU by default).
+    assert 198 <= st["gpuSeconds"] <= 210
+    assert {j["state"] for j in st["jobs"]} == {"Succeeded"} and len(st["jobs"]) == 2
+    # The operator wrote the top manifest, with the merged report of both Jobs.
+    manifest = publish.build_exists(s3_store, f"s3://{c.bucket}/engines", key)
+    assert manifest is not None and len(manifest.report["engines"]) == 2 and "image" in manifest.report["encoders"]
+    assert manifest.key_document["toolchain"] == {"image": "registry.test/builder:1"}
+    reasons = {e["reason"] for e in c.events("clip")}
+    assert {"JobCreated", "Succeeded", "Exported", "Published"} <= reasons
+    text = op.metrics()
+    assert metric_value(text, "enginebuild_builds_total", result="succeeded", reason="") == 1.0
+    assert metric_value(text, "enginebuild_builds_total", result="failed", reason="DeadlineExceeded") == 0.0
+    assert metric_value(text, "enginebuild_engine_size_bytes", namespace="default", name="clip", target="h100",
+                        encoder="image", precision="fp8") == 1600.0
+    assert metric_value(text, "enginebuild_fp8_speedup_ratio", name="clip", target="h100", encoder="image") == 1.541
+    assert metric_value(text, "enginebuild_engine_latency_seconds", name="clip", precision="fp8", quantile="0.5") == 0.00412
+    assert metric_value(text, "enginebuild_onnx_size_bytes", name="clip", encoder="image", precision="fp16") == 4000.0
+    assert 198 <= metric_value(text, "enginebuild_gpu_seconds_total", target="h100", gpu_product="NVIDIA-H100-80GB-HBM3") <= 210
+    assert metric_value(text, "enginebuild_stage_duration_seconds_count", stage="engine") == 1.0
+    assert metric_value(text, "enginebuild_builds_in_progress") == 0.0
+    # The same spec again: a cache hit, no Job.
+    c.create("clip-again", c.spec())
+    c.wait_condition("clip-again", "Ready", "True", "CacheHit")
+    again = c.status("clip-again")
+    assert again["cached"] is True and again["buildKey"] == key and again["engines"] == st["engines"]
+    assert c.jobs("clip-again") == []
+    assert metric_value(op.metrics(), "enginebuild_cache_hits_total") == 1.0
+
+
+def test_cache_hit_from_a_prepublished_build_creates_no_job(eb_cluster: Cluster, s3_store: S3Store, tmp_path: Path) -> None:
+    c = eb_cluster
+    spec_doc = c.spec(deletionPolicy="Delete")
+    key = artifacts.compute_key(parse_spec(spec_doc), s3_store, "registry.test/builder:1")
+    uri = f"s3://{c.bucket}/engines"
+    exp = export_half(s3_store, uri, key, tmp_path / "x")
+    eng = engine_half(s3_store, uri, key, tmp_path / "e", "h100", {("image", "fp16"): 5.0, ("image", "fp8"): 6.0})
+    merged = artifacts.merge_reports([exp, eng])
+    merged.write(tmp_path / "report.json")
+    publish.finalize_build(s3_store, uri, key, tmp_path / "report.json")
+    op = c.start_operator()
+    c.create("cached", spec_doc)
+    c.wait_condition("cached", "Ready", "True", "CacheHit")
+    st = c.status("cached")
+    assert st["cached"] is True and c.jobs("cached") == []
+    # FP8 slower than FP16 is said plainly: a False condition and a warning.
+    fp8 = c.condition("cached", "FP8Faster")
+    assert fp8["status"] == "False" and fp8["reason"] == "FP8Slower" and "h100/image" in fp8["message"]
+    assert any("slower" in w for w in st["warnings"])
+    assert any(e["reason"] == "FP8Slower" and e["type"] == "Warning" for e in c.events("cached"))
+    assert metric_value(op.metrics(), "enginebuild_builds_total", result="cached", reason="") == 1.0
+    # deletionPolicy: Delete removes the artefacts with the resource.
+    assert s3_store.list(publish.build_uri(uri, key))
+    c.http.delete(c.eb_path("cached"))
+    wait_until(lambda: c.get("cached") is None, 30, "the EngineBuild to be gone")
+    assert s3_store.list(publish.build_uri(uri, key)) == []
+    assert metric_value(op.metrics(), "enginebuild_engine_size_bytes", name="cached", precision="fp8") is None
+
+
+def test_deletion_with_retain_keeps_artefacts_and_removes_jobs(eb_cluster: Cluster, s3_store: S3Store, tmp_path: Path) -> None:
+    c = eb_cluster
+    c.start_operator()
+    c.create("kept", c.spec())
+    key = run_build(c, s3_store, "kept", tmp_path)
+    c.wait_condition("kept", "Ready", "True")
+    c.create("half", c.spec(batchSize=64))
+    c.wait_job("half", "export")
+    for name in ("kept", "half"):
+        c.http.delete(c.eb_path(name))
+    wait_until(lambda: c.get("kept") is None and c.get("half") is None, 30, "both EngineBuilds gone")
+    wait_until(lambda: c.jobs("kept") == [] and c.jobs("half") == [], 30, "their Jobs gone")
+    assert publish.build_exists(s3_store, f"s3://{c.bucket}/engines", key) is not None
+
+
+def test_operator_killed_mid_build_restarts_without_duplicates(eb_cluster: Cluster, s3_store: S3Store, tmp_path: Path) -> None:
+    c = eb_cluster
+    op = c.start_operator()
+    c.create("crash", c.spec(targets=[{"name": "h100", "gpuProduct": "NVIDIA-H100-80GB-HBM3"},
+                                      {"name": "l4", "gpuProduct": "NVIDIA-L4"}]))
+    export = c.wait_job("crash", "export")
+    name = export["metadata"]["name"]
+    key = export["metadata"]["annotations"]["enginebuild.io/build-key"]
+    uri = f"s3://{c.bucket}/engines"
+    op.kill()
+    # The export finishes while no operator runs.
+    c.start_job(name, seconds_ago=50)
+    complete_job(c.http, c.namespace, name, 0, message(export_half(s3_store, uri, key, tmp_path / "x")))
+    op2 = c.start_operator()
+    c.wait_job("crash", "h100")
+    c.wait_job("crash", "l4")
+    op2.kill()  # and once more, with engine Jobs running
+    op3 = c.start_operator()
+    for target in ("h100", "l4"):
+        job = c.wait_job("crash", target)["metadata"]["name"]
+        c.start_job(job, seconds_ago=20)
+        complete_job(c.http, c.namespace, job, 0, message(engine_half(s3_store, uri, key, tmp_path / target, target)))
+    c.wait_condition("crash", "Ready", "True", "Succeeded")
+    names = sorted(j["metadata"]["name"] for j in c.jobs("crash"))
+    assert len(names) == 3 and len(set(names)) == 3
+    st = c.status("crash")
+    assert len(st["engines"]) == 4 and 85 <= st["gpuSeconds"] <= 100  # 50 + 2 x 20, each counted once
+    assert metric_value(op3.metrics(), "enginebuild_builds_total", result="succeeded", reason="") == 1.0
+
+
+def test_spec_change_cancels_the_old_build_and_starts_a_new_key(eb_cluster: Cluster) -> None:
+    c = eb_cluster
+    op = c.start_operator()
+    c.create("moving", c.spec())
+    old = c.wait_job("moving", "export")
+    old_key = old["metadata"]["annotations"]["enginebuild.io/build-key"]
+    c.http.patch(c.eb_path("moving"), {"spec": {"batchSize": 32}})
+    def new_job() -> dict[str, Any] | None:
+        jobs = c.jobs("moving")
+        keys = {j["metadata"]["annotations"]["enginebuild.io/build-key"] for j in jobs}
+        return jobs[0] if len(jobs) == 1 and old_key not in keys else None
+    job = wait_until(new_job, 60, "the old Job deleted and a new one created")
+    new_key = job["metadata"]["annotations"]["enginebuild.io/build-key"]
+    assert new_key != old_key and job["metadata"]["name"] == f"moving-{new_key[:8]}-export"
+    wait_until(lambda: c.status("moving").get("observedGeneration") == 2, 30, "observedGeneration 2")
+    st = c.status("moving")
+    assert st["buildKey"] == new_key and st["artifactsUri"].endswith(f"/{new_key}/")
+    assert [j["name"] for j in st["jobs"]] == [job["metadata"]["name"]]
+    assert metric_value(op.metrics(), "enginebuild_builds_total", result="cancelled", reason="SpecChanged") == 1.0
+
+
+def test_invalid_spec_is_reported_with_the_fix(eb_cluster: Cluster) -> None:
+    c = eb_cluster
+    c.start_operator()
+    spec = c.spec(targets=[{"name": "h100", "gpuProduct": "NVIDIA-H100", "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-L4"}}])
+    c.create("wrong", spec)
+    cond = c.wait_condition("wrong", "Ready", "False", "InvalidSpec")
+    assert "spec.targets[0].nodeSelector.nvidia.com/gpu.product" in cond["message"] and "remove it" in cond["message"]
+    assert c.condition("wrong", "Validated")["status"] == "False"
+    assert c.jobs("wrong") == []
+    c.http.patch(c.eb_path("wrong"), {"spec": {"targets": [{"name": "h100", "gpuProduct": "NVIDIA-H100"}]}})
+    c.wait_job("wrong", "export")
+    assert c.condition("wrong", "Validated")["status"] == "True"
+
+
+FAILURES = {
+    # name: (how the export Job ends, expected reason)
+    "accuracy": ("permanent-summary", "AccuracyGateFailed"),
+    "trtexec": ("engine-exit-31", "EngineBuildFailed"),
+    "deadline": ("deadline", "DeadlineExceeded"),
+    "oom": ("exit-137", "OutOfMemory"),
+    "storage": ("exit-40", "StorageUnavailable"),
+    "deleted": ("deleted", "JobDeleted"),
+}
+
+
+def test_each_failure_class_ends_in_its_reason(eb_cluster: Cluster, s3_store: S3Store, tmp_path: Path) -> None:
+    c = eb_cluster
+    op = c.start_operator()
+    for name in FAILURES:
+        c.create(name, c.spec())
+    uri = f"s3://{c.bucket}/engines"
+    for name, (how, _) in FAILURES.items():
+        job = c.wait_job(name, "export")
+        jname = job["metadata"]["name"]
+        key = job["metadata"]["annotations"]["enginebuild.io/build-key"]
+        if how == "permanent-summary":
+            err = ErrorInfo(kind="accuracy", reason=KINDS["accuracy"].reason, exit_code=20, retriable=False,
+                            message="image: FP8 cosine min 0.9712 < spec.accuracy.minCosine 0.99",
+                            log_tail="gate failed\naws_secret_access_key=shouldnotleak")
+            rep = Report(spec={}, status="failed", build_key=key, error=err)
+            complete_job(c.http, c.namespace, jname, 20, message(rep))
+        elif how == "engine-exit-31":
+            c.start_job(jname)
+            complete_job(c.http, c.namespace, jname, 0, message(export_half(s3_store, uri, key, tmp_path / name)))
+            eng = c.wait_job(name, "h100")["metadata"]["name"]
+            complete_job(c.http, c.namespace, eng, 31, "")
+        elif how == "deadline":
+            c.start_job(jname)
+            fail_job(c.http, c.namespace, jname, 137, "", reason="DeadlineExceeded")
+        elif how == "exit-137":
+            complete_job(c.http, c.namespace, jname, 137, "")
+        elif how == "exit-40":
+            complete_job(c.http, c.namespace, jname, 40, "botocore: could not connect to the endpoint")
+        elif how == "deleted":
+            c.start_job(jname)
+            wait_until(lambda: any(j["state"] == "Running" for j in c.status(name).get("jobs") or []), 30, "Running recorded")
+            c.http.delete(resource_path("batch/v1", "jobs", c.namespace, jname))
+    for name, (_, reason) in FAILURES.items():
+        cond = c.wait_condition(name, "Ready", "False", reason)
+        assert c.condition(name, "Succeeded")["status"] == "False"
+        assert c.condition(name, "Succeeded")["reason"] == reason
+    assert "shouldnotleak" not in json.dumps(c.status("accuracy"))
+    assert "gate failed" in c.condition("accuracy", "Ready")["message"]
+    assert c.condition("accuracy", "AccuracyPassed")["status"] == "False"
+    assert c.condition("trtexec", "Exported")["status"] == "True"
+    assert c.condition("trtexec", "EnginesBuilt")["reason"] == "EngineBuildFailed"
+    assert "activeDeadlineSeconds=7200" in c.condition("deadline", "Ready")["message"]
+    text = op.metrics()
+    for name, (_, reason) in FAILURES.items():
+        assert metric_value(text, "enginebuild_builds_total", result="failed", reason=reason) == 1.0, reason
+    assert any(e["type"] == "Warning" and e["reason"] == "DeadlineExceeded" for e in c.events("deadline"))
+    assert "shouldnotleak" not in json.dumps(c.events("accuracy"))

@@ -410,3 +410,55 @@ def test_baseline_on_a_real_gpu(tmp_path: Path) -> None:
         lat = b.latency_ms
         assert lat.min is not None and lat.max is not None and lat.median is not None
         assert 0 < lat.min <= lat.median <= lat.p90 <= lat.p99 <= lat.max
+
+
+def test_enginebuild_build_stages_engine_via_the_cli(double_env: Path, tmp_path: Path) -> None:
+    """The console script end to end: export half's report.json in the workdir -> engine stage -> report."""
+    import subprocess
+
+    import yaml
+
+    workdir = tmp_path / "out"
+    workdir.mkdir()
+    _report(workdir, BASE).write(workdir / "report.json")
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(BASE))
+    term = tmp_path / "termination"
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "enginebuild"), "build", "--spec", str(spec_file), "--workdir",
+         str(workdir), "--stages", "engine", "--target", "h100", "--termination-log", str(term)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = Report.read(workdir / "report.h100.json")
+    assert report.status == "succeeded" and report.tool_versions["tensorrt"] == "10.16.1"
+    assert [(e.encoder, e.precision, e.latency_ms.median) for e in report.engines] == [
+        ("image", "fp16", 1.0), ("image", "fp8", 1.0)]
+    cache = workdir / "timing-caches" / "timing-cache_nvidia-h100-80gb-hbm3_trt10.16.1.cache"
+    assert json.loads(cache.read_text())["builds"] == 2
+    summary = json.loads(term.read_text())
+    assert [(e["p"], e["p50"], e["trt"]) for e in summary["engines"]] == [("fp16", 1.0, "10.16.1"), ("fp8", 1.0, "10.16.1")]
+
+
+def test_enginebuild_build_engine_failure_exit_code_and_report(double_env: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    import yaml
+
+    monkeypatch.setenv("TRTEXEC_DOUBLE_FAIL", "build")
+    workdir = tmp_path / "out"
+    workdir.mkdir()
+    _report(workdir, BASE).write(workdir / "report.json")
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(BASE))
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "enginebuild"), "build", "--spec", str(spec_file), "--workdir",
+         str(workdir), "--stages", "engine", "--target", "h100"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 31, proc.stderr[-3000:]
+    report = Report.read(workdir / "report.h100.json")
+    assert report.status == "failed" and report.error is not None
+    assert (report.error.reason, report.error.exit_code, report.error.retriable) == ("EngineBuildFailed", 31, False)
+    assert report.error.log_tail and "Could not find any implementation for node" in report.error.log_tail

@@ -130,11 +130,29 @@ def verify_weight_folding(model: onnx.ModelProto, allowed_unquantized: tuple[str
     return rep
 
 
+LIGHT_INITIALIZER_BYTES = 4096
+
+
 def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    stripped = onnx.ModelProto()
-    stripped.CopyFrom(model)
-    del stripped.graph.value_info[:]
-    inferred = shape_inference.infer_shapes(stripped)
+    """Element type of every tensor, by ONNX type inference on a weight-less copy.
+
+    Large initializers become typed graph inputs in the copy: types do not depend on weight values,
+    and inferring over a ViT-L-sized graph without its 300-600 MB of weights is fast.
+    """
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    g = light.graph
+    g.name = model.graph.name
+    g.node.extend(model.graph.node)
+    g.input.extend(model.graph.input)
+    g.output.extend(model.graph.output)
+    for init in model.graph.initializer:
+        if len(init.raw_data) <= LIGHT_INITIALIZER_BYTES and not init.external_data:
+            g.initializer.append(init)
+        else:
+            g.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    inferred = shape_inference.infer_shapes(light)
     types = {
         v.name: v.type.tensor_type.elem_type
         for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)

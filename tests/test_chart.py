@@ -199,12 +199,10 @@ def test_s3_endpoint_and_credentials_secret() -> None:
 # --- RBAC -----------------------------------------------------------------------------------------
 
 OPERATOR_RULES = {
-    ("enginebuild.io", "enginebuilds", v) for v in ("get", "list", "watch", "patch", "update")
-} | {("enginebuild.io", "enginebuilds/status", v) for v in ("get", "patch", "update")} | {
-    ("enginebuild.io", "enginebuilds/finalizers", "update")
-} | {("batch", "jobs", v) for v in ("create", "get", "list", "watch", "delete", "patch")} | {
-    ("", "pods", v) for v in ("get", "list", "watch")
-} | {("", "pods/log", "get"), ("", "events", "create"), ("", "events", "patch")}
+    ("enginebuild.io", "enginebuilds", v) for v in ("list", "watch", "patch")
+} | {("enginebuild.io", "enginebuilds/status", "patch"), ("enginebuild.io", "enginebuilds/finalizers", "update")} | {
+    ("batch", "jobs", v) for v in ("create", "get", "list", "watch", "delete")
+} | {("", "pods", "list"), ("", "events", "create")}
 DISCOVERY_RULES = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")} | {
     ("", "namespaces", v) for v in ("list", "watch")
 }
@@ -299,3 +297,77 @@ def test_kopf_peering_crds_are_valid_and_kept() -> None:
     peering = one(docs, "ClusterKopfPeering")
     assert peering["metadata"]["name"] == "enginebuild"
     assert "post-install" in peering["metadata"]["annotations"]["helm.sh/hook"]
+
+
+# --- RBAC derived from the operator's code ----------------------------------------------------------
+
+_CLIENT_VERBS = {"create": "create", "delete": "delete", "read": "get", "list": "list", "patch": "patch",
+                 "replace": "update"}
+_CLIENT_RESOURCES = {"job": ("batch", "jobs"), "pod": ("", "pods"), "secret": ("", "secrets"),
+                     "pod_log": ("", "pods/log"), "event": ("", "events"), "config_map": ("", "configmaps"),
+                     "custom_object": ("enginebuild.io", "enginebuilds")}
+# kopf handler kinds: event handlers only watch; the others also patch (finalizers, progress annotations).
+_KOPF_WATCH_ONLY = {"event", "index"}
+_KOPF_CHANGE = {"create", "update", "delete", "resume", "field", "timer", "daemon"}
+
+
+def derive_operator_rules(sources: list[Path]) -> set[tuple[str, str, str]]:
+    """(apiGroup, resource, verb) the operator's code needs, read from its AST."""
+    import ast
+    import re
+
+    from enginebuild_builder import constants
+
+    def value(node: ast.AST) -> str:
+        if isinstance(node, ast.Constant):
+            return str(node.value)
+        if isinstance(node, ast.Name) and hasattr(constants, node.id):
+            return str(getattr(constants, node.id))
+        raise AssertionError(f"cannot resolve {ast.dump(node)}: extend derive_operator_rules")
+
+    rules: set[tuple[str, str, str]] = set()
+    for path in sources:
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                attr = node.func.attr
+                client = re.fullmatch(r"(create|delete|read|list|patch|replace)_namespaced_(\w+?)(_status)?", attr)
+                if client:
+                    verb, kind, status = client.groups()
+                    assert kind in _CLIENT_RESOURCES, f"{path.name}: {attr} on an unmapped resource {kind}"
+                    group, resource = _CLIENT_RESOURCES[kind]
+                    rules.add((group, resource + ("/status" if status else ""), _CLIENT_VERBS[verb]))
+                chain = ast.unparse(node.func)
+                if chain in ("kopf.event", "kopf.info", "kopf.warn", "kopf.exception"):
+                    rules.add(("", "events", "create"))
+                handler = re.fullmatch(r"kopf\.on\.(\w+)", chain)
+                if handler and handler.group(1) in _KOPF_WATCH_ONLY | _KOPF_CHANGE and len(node.args) >= 3:
+                    group, _, plural = (value(a) for a in node.args[:3])
+                    rules |= {(group, plural, "list"), (group, plural, "watch")}
+                    if handler.group(1) in _KOPF_CHANGE:
+                        rules.add((group, plural, "patch"))
+            if isinstance(node, ast.Dict):
+                keys = [k.value for k in node.keys if isinstance(k, ast.Constant)]
+                if "blockOwnerDeletion" in keys:  # owner references on Jobs: OwnerReferencesPermissionEnforcement
+                    rules.add(("enginebuild.io", "enginebuilds/finalizers", "update"))
+    return rules
+
+
+def test_rbac_is_exactly_what_the_operator_code_uses() -> None:
+    sources = sorted(p for p in (REPO / "operator").glob("*.py") if p.name not in ("dashboards.py",))
+    if not (REPO / "operator" / "handlers.py").exists():
+        pytest.skip("operator/handlers.py not written yet")
+    derived = derive_operator_rules(sources)
+    assert ("batch", "jobs", "create") in derived and ("enginebuild.io", "enginebuilds", "watch") in derived
+    granted = rules_of([d for d in by_kind(render(), "ClusterRole") if d["metadata"]["name"] == "eb-enginebuild"][0])
+    assert granted - SECRET_RULES == derived - SECRET_RULES, (
+        f"granted but unused: {sorted(granted - derived - SECRET_RULES)}; "
+        f"used but not granted: {sorted(derived - granted - SECRET_RULES)}"
+    )
+    assert derived & SECRET_RULES == SECRET_RULES  # what secrets.readReferenced grants is really used
+
+
+def test_rbac_derivation_sees_a_new_call(tmp_path: Path) -> None:
+    extra = tmp_path / "extra.py"
+    extra.write_text("def f(api):\n    api.read_namespaced_pod_log('p', 'ns')\n    api.replace_namespaced_job('j', 'ns', {})\n")
+    assert derive_operator_rules([extra]) == {("", "pods/log", "get"), ("batch", "jobs", "update")}

@@ -52,29 +52,30 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 {{- end -}}
 
-{{/* Rules the operator needs in every namespace it watches (derived from its code: reconcile, Jobs, results, events). */}}
+{{/* Rules the operator needs in every namespace it watches. Exactly what its code calls
+(tests/test_chart.py derives them from operator/*.py): kopf watches EngineBuilds and Jobs (list, watch)
+and patches EngineBuilds (finalizer, progress annotations); the operator patches status, creates, reads
+and deletes Jobs, lists Pods (termination messages) and posts Events. Jobs carry owner references with
+blockOwnerDeletion, which needs update on enginebuilds/finalizers. */}}
 {{- define "enginebuild.namespacedRules" -}}
 - apiGroups: ["enginebuild.io"]
   resources: ["enginebuilds"]
-  verbs: ["get", "list", "watch", "patch", "update"]
+  verbs: ["list", "watch", "patch"]
 - apiGroups: ["enginebuild.io"]
   resources: ["enginebuilds/status"]
-  verbs: ["get", "patch", "update"]
+  verbs: ["patch"]
 - apiGroups: ["enginebuild.io"]
   resources: ["enginebuilds/finalizers"]
   verbs: ["update"]
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["create", "get", "list", "watch", "delete", "patch"]
+  verbs: ["create", "get", "list", "watch", "delete"]
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
-- apiGroups: [""]
-  resources: ["pods/log"]
-  verbs: ["get"]
+  verbs: ["list"]
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- if and .Values.peering.enabled .Values.watchNamespaces }}
 - apiGroups: ["kopf.dev"]
   resources: ["kopfpeerings"]

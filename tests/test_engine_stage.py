@@ -14,10 +14,10 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-import numpy as np
 
 from enginebuild_builder.errors import (
     BenchmarkFailed,
@@ -29,8 +29,8 @@ from enginebuild_builder.report import Artifact, EncoderReport, OnnxPair, Report
 from enginebuild_builder.spec import parse_spec
 from enginebuild_builder.stages import engine as stage
 from enginebuild_builder.stages.engine import (
-    RUN_FLAGS,
     BUILD_FLAGS,
+    RUN_FLAGS,
     find_trtexec,
     run_engines,
     timing_cache_name,

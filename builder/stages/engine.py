@@ -277,7 +277,9 @@ def _artifact(path: Path, workdir: Path) -> Artifact:
 
 
 def _onnx_batch_axis(path: Path, input_name: str) -> tuple[bool, list[int | str]] | None:
-    """(dynamic batch?, dims) of the ONNX input, read from the file (weights not loaded)."""
+    """(dynamic batch?, dims) of the ONNX input, read from the file itself: the export half decides
+    whether the batch axis is symbolic, and trtexec's shape flags must agree with it. External
+    weight files are not read; None when the onnx package is missing (then spec.dynamicBatch decides)."""
     try:
         import onnx
     except ImportError:

@@ -371,3 +371,11 @@ def test_rbac_derivation_sees_a_new_call(tmp_path: Path) -> None:
     extra = tmp_path / "extra.py"
     extra.write_text("def f(api):\n    api.read_namespaced_pod_log('p', 'ns')\n    api.replace_namespaced_job('j', 'ns', {})\n")
     assert derive_operator_rules([extra]) == {("", "pods/log", "get"), ("batch", "jobs", "update")}
+
+
+def test_rbac_cluster_wide_with_secrets_narrowed_to_namespaces() -> None:
+    docs = render({"secrets": {"namespaces": ["ml-serving"]}})
+    main = [d for d in by_kind(docs, "ClusterRole") if d["metadata"]["name"] == "eb-enginebuild"][0]
+    assert rules_of(main) == OPERATOR_RULES  # no cluster-wide Secret access
+    (role,) = by_kind(docs, "Role")
+    assert (role["metadata"]["namespace"], rules_of(role)) == ("ml-serving", SECRET_RULES)

@@ -149,7 +149,8 @@ class LocalJobRunner:
         """Stop watching and kill every process still running (their Pods are left as they are)."""
         self._stop.set()
         for thread in self._threads:
-            thread.join(timeout)
+            if thread.name == "jobrunner":  # watch threads are daemons blocked in a read: they end on their own
+                thread.join(timeout)
         for run in self.runs.values():
             if run.pod is not None:
                 self._kill(run.pod)

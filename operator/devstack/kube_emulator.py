@@ -384,7 +384,10 @@ class KubeEmulator:
                 if request.transport is None or request.transport.is_closing():
                     break
                 try:
-                    type_, obj = await asyncio.wait_for(watcher.queue.get(), timeout=1.0)
+                    item = await asyncio.wait_for(watcher.queue.get(), timeout=1.0)
+                    if item is None:  # the server is shutting down
+                        break
+                    type_, obj = item
                 except asyncio.TimeoutError:
                     if bookmarks and time.monotonic() - last_bookmark >= BOOKMARK_INTERVAL_S:
                         last_bookmark = time.monotonic()
@@ -415,6 +418,8 @@ async def serve(host: str, port: int, state_file: Path | None, history: int | No
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     emulator.closing.set()
+    for watcher in list(emulator.store.watchers):
+        watcher.queue.put_nowait(None)  # type: ignore[arg-type]
     emulator.save_now()
     await runner.cleanup()
 

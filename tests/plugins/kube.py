@@ -144,7 +144,9 @@ def kube_http(kubeconfig: Path) -> KubeHttp:
 
 
 @pytest.fixture
-def job_runner(kube_emulator: EmulatorProcess, tmp_path: Path) -> Iterator[LocalJobRunner]:
+def job_runner(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LocalJobRunner]:
+    requires_emulator("the local Job runner: a real cluster runs Jobs with its own Job controller and kubelet")
+    kube_emulator: EmulatorProcess = request.getfixturevalue("kube_emulator")
     runner = LocalJobRunner(kube_emulator.url, tmp_path / "pods", backoff_base_s=0.05)
     runner.start()
     try:

@@ -90,18 +90,28 @@ def _store():
     return S3Store(S3Config.from_env())
 
 
+def local_toolchain() -> dict[str, str]:
+    """Identity of the tools a standalone build uses (the operator passes the builder image instead)."""
+    from importlib import metadata
+
+    image = os.environ.get("ENGINEBUILD_BUILDER_IMAGE")
+    if image:
+        return {"image": image}
+    versions: dict[str, str] = {}
+    for dist in ("torch", "nvidia-modelopt", "open_clip_torch", "onnx", "onnxruntime"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "absent"
+    return versions
+
+
 def _compute_key(spec: EngineBuildSpec) -> str:
-    """The same key the operator computes, so a build run by hand lands where the operator looks."""
-    from .buildkey import KeyInputs, compute_build_key, fingerprint_location, local_toolchain
+    """The same key function the operator uses, so a build run by hand lands where the operator looks."""
+    from .buildkey import compute_build_key, resolve_key_inputs
 
     store = _store() if _uses_s3(spec) else None
-    inputs = KeyInputs(
-        checkpoint_digest=fingerprint_location(spec.model.checkpoint, store),
-        config_digest=fingerprint_location(spec.model.config, store),
-        calibration_digest=fingerprint_location(spec.calibration.source, store),
-        toolchain=os.environ.get("ENGINEBUILD_TOOLCHAIN") or local_toolchain(),
-    )
-    return compute_build_key(spec, inputs)
+    return compute_build_key(spec, resolve_key_inputs(spec, store, local_toolchain()))
 
 
 def _uses_s3(spec: EngineBuildSpec) -> bool:
@@ -140,16 +150,16 @@ def _load_export_half(spec: EngineBuildSpec, workdir: Path, key: str, report: Re
     """Engine stage without export in this process: take the export half's report (and ONNX files)
     from the workdir, or download them from the build's S3 prefix."""
     local_report = workdir / EXPORT_REPORT
-    if not local_report.exists():
-        if not spec.output:
-            raise SpecError(
-                f"the engine stage needs the export half: {local_report} is missing and spec.output is not set",
-                field="--workdir",
-            )
-        from .stages.publish import download_export_half
+    if local_report.exists():
+        exported = Report.read(local_report)
+    elif spec.output and key:
+        from .stages.upload import download_export_half
 
-        download_export_half(_store(), spec.output.uri, key, workdir)
-    exported = Report.read(local_report)
+        exported = download_export_half(_store(), spec.output.uri, key, workdir, EXPORT_REPORT)
+    else:
+        raise SpecError(
+            f"the engine stage needs the export half: {local_report} is missing and there is no "
+            "spec.output + build key to fetch it from", field="--workdir")
     if not exported.encoders:
         raise SpecError(f"{local_report} holds no exported encoders; run the export stage first", field="--workdir")
     report.encoders = exported.encoders
@@ -184,17 +194,21 @@ def _run_engines(spec: EngineBuildSpec, workdir: Path, report: Report, plan: Bui
 
 
 def _publish(spec: EngineBuildSpec, workdir: Path, report: Report, key: str, plan: BuildPlan) -> None:
-    from .stages.publish import finalize_build, publish_report_stage
+    from .stages.publish import finalize_build
+    from .stages.upload import EXPORT_STAGE, engine_stage_name, publish_stage
 
     assert spec.output is not None
     store = _store()
     started = time.monotonic()
-    stage = "export" if "export" in plan.stages and "engine" not in plan.stages else (
-        f"engine-{plan.targets[0].name}" if len(plan.targets) == 1 and "export" not in plan.stages else "all")
-    report.artifacts_uri = publish_report_stage(store, spec.output.uri, key, workdir, report, stage)
-    if plan.finalize:
-        finalize_build(store, spec.output.uri, key, report)
+    exported = "export" in plan.stages
+    targets = {t.name for t in plan.targets} if "engine" in plan.stages else set()
+    stages = ([EXPORT_STAGE] if exported else []) + [engine_stage_name(t) for t in sorted(targets)]
+    # One stage manifest per Job; a single all-in-one run publishes under the first stage name.
+    publish_stage(store, spec.output.uri, key, workdir, report, stages[0], export=exported, targets=targets)
     report.timings_s["upload"] = time.monotonic() - started
+    if plan.finalize:
+        report.write(workdir / REPORT_FILE)
+        finalize_build(store, spec.output.uri, key, workdir / REPORT_FILE)
 
 
 def _write_termination(report: Report, path: str | None) -> None:

@@ -4,6 +4,7 @@ that do not need emulator-only powers run against that real cluster instead."""
 
 from __future__ import annotations
 
+from http.client import HTTPException
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from enginebuild_operator.devstack.kube_emulator import EmulatorProcess, install
 from enginebuild_operator.devstack.kube_http import KubeApiError, KubeHttp
 from enginebuild_operator.devstack.kube_patch import json_patch, merge_patch, strategic_merge_patch, PatchTestFailed
 from enginebuild_operator.devstack.kube_selectors import parse_field_selector, parse_label_selector
+from enginebuild_operator.devstack.kube_tables import human_duration, jsonpath
 from plugins.kube import Kubectl, wait_for
 
 GROUP = "example.dev"
@@ -74,6 +77,17 @@ def test_label_selectors_follow_kubernetes_syntax() -> None:
     assert not parse_field_selector("metadata.namespace=other")({"metadata": {"name": "w", "namespace": "default"}})
 
 
+def test_printer_column_jsonpath_subset() -> None:
+    obj = {"status": {"conditions": [{"type": "Other", "status": "False"}, {"type": "Ready", "status": "True",
+                                                                             "reason": "Built"}]},
+           "spec": {"targets": [{"name": "h100"}, {"name": "l4"}]}}
+    assert jsonpath(obj, '.status.conditions[?(@.type=="Ready")].reason') == ["Built"]
+    assert jsonpath(obj, ".spec.targets[*].name") == ["h100", "l4"]
+    assert jsonpath(obj, ".spec.targets[1].name") == ["l4"]
+    assert jsonpath(obj, ".status.missing") == []
+    assert human_duration(59) == "59s" and human_duration(150) == "2m30s" and human_duration(3 * 86400) == "3d"
+
+
 def test_patch_dialects() -> None:
     doc = {"metadata": {"finalizers": ["a"], "resourceVersion": "7"}, "spec": {"x": 1, "y": 2}}
     assert merge_patch(doc, {"spec": {"x": None, "z": 3}})["spec"] == {"y": 2, "z": 3}
@@ -121,6 +135,9 @@ def test_kubectl_apply_get_short_name_watch_and_wait(kubectl: Kubectl, crd: dict
     out, err = waiter.communicate(timeout=90)
     assert waiter.returncode == 0, err
     assert "condition met" in out
+    # Server-side printing: the CRD's additionalPrinterColumns, as on a real cluster.
+    table = kubectl("get", "wd").stdout.splitlines()
+    assert table[0].split() == ["NAME", "READY", "SIZE"] and table[1].split() == ["w1", "True", "4"]
     final = json.loads(kubectl("get", "wd", "w1", "-o", "json").stdout)
     assert final["metadata"]["generation"] == 2  # the spec patch bumped it, the status patch did not
     kubectl("delete", "wd", "w1")
@@ -347,8 +364,10 @@ def test_watch_stream_survives_restart_for_a_client_that_resumes(kube_emulator: 
                     last = event["object"]["metadata"]["resourceVersion"]
                     if event["type"] == "ADDED":
                         seen.append(event["object"]["metadata"]["name"])
-            except Exception:
-                pass
+                    if len(seen) >= 2:
+                        return
+            except (OSError, KubeApiError, HTTPException):  # restarting: resume from `last`
+                time.sleep(0.05)
 
     thread = threading.Thread(target=consume, daemon=True)
     thread.start()

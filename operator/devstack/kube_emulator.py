@@ -11,7 +11,8 @@ semantics in `kube_store` (objects, watches, deletion, GC), `kube_patch`, `kube_
 
 Usage: `python -m enginebuild_operator.devstack.kube_emulator --port 0 --state-file PATH` prints one
 JSON line `{"url": ..., "port": ..., "pid": ...}` on stdout once it accepts connections. SIGTERM
-saves the state and exits; the state is also saved ~50 ms after every write, so a SIGKILLed server
+saves the state and exits; the state is also saved ~50 ms after every write (later under a write
+storm, when saving itself gets slow), so a SIGKILLed server
 restarted on the same state file keeps its objects and resourceVersions (watches resume).
 """
 
@@ -90,6 +91,7 @@ class KubeEmulator:
     def __init__(self, state_file: Path | None = None, history: int | None = None) -> None:
         self.state_file = state_file
         self._save_handle: asyncio.TimerHandle | None = None
+        self._last_save_s = 0.0
         self.store = Store(on_change=self._schedule_save, history=history)
         if state_file is not None and state_file.exists():
             self.store.load(state_file)
@@ -105,12 +107,15 @@ class KubeEmulator:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
-        self._save_handle = loop.call_later(SAVE_DELAY_S, self.save_now)
+        # Saving blocks the loop: under a write storm, save at most ~1/5 of the time.
+        self._save_handle = loop.call_later(max(SAVE_DELAY_S, 4 * self._last_save_s), self.save_now)
 
     def save_now(self) -> None:
         self._save_handle = None
         if self.state_file is not None:
+            started = time.monotonic()
             self.store.save(self.state_file)
+            self._last_save_s = time.monotonic() - started
 
     # ------------------------------------------------------------ routing
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -362,7 +367,14 @@ class KubeEmulator:
         response.enable_chunked_encoding()
         await response.prepare(request)
 
+        table = wants_table(request.headers.get("Accept", ""))
+        columns_sent = False
+
         async def send(type_: str, obj: Obj) -> None:
+            nonlocal columns_sent
+            if table and type_ in ("ADDED", "MODIFIED", "DELETED"):
+                obj = to_table(t.info, [obj], None, with_columns=not columns_sent)
+                columns_sent = True
             line = json.dumps({"type": type_, "object": obj}, separators=(",", ":")) + "\n"
             await response.write(line.encode())
 
@@ -430,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed on stdout)")
     parser.add_argument("--state-file", type=Path, default=None, help="JSON snapshot to load and keep saving")
     parser.add_argument("--history", type=int, default=None,
-                        help="watch events kept for resumption (older resourceVersions get 410 Gone)")
+                        help="watch events kept for resumption (default 10000; older resourceVersions get 410 Gone)")
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")

@@ -33,8 +33,8 @@ from .kube_selectors import Predicate
 from .kube_time import now_rfc3339
 
 Obj = dict[str, Any]
-HISTORY_IN_MEMORY = 50_000
-HISTORY_PERSISTED = 5_000
+HISTORY_IN_MEMORY = 10_000
+HISTORY_PERSISTED = 1_000
 DEFAULT_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")

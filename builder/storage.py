@@ -605,7 +605,7 @@ class S3Store:
         """
         path = Path(path)
         if not path.is_file():
-            raise StorageError(f"upload to {uri}: local file {path} does not exist")
+            raise BuildError(f"upload to {uri}: local file {path} does not exist (a stage did not produce it)")
         self.check_bucket(uri)
         attempts = max(1, self.config.upload_attempts)
         last: BuildError | None = None

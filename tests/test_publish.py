@@ -163,7 +163,7 @@ def test_publish_rejects_bad_paths_before_uploading(s3_store: S3Store, s3_bucket
             publish_files(s3_store, output, KEY, workdir, items, stage="export")
     with pytest.raises(InvalidS3Uri):
         publish_files(s3_store, output, KEY, workdir, ["onnx/image.fp8.onnx"], stage="../x")
-    with pytest.raises(StorageError, match="not a file"):
+    with pytest.raises(BuildError, match="not a file"):
         publish_files(s3_store, output, KEY, workdir, ["onnx/missing.onnx"], stage="export")
     assert s3_store.list(S3Uri(s3_bucket, "p")) == []  # nothing half-written
 

@@ -329,14 +329,18 @@ def test_fetch_object_prefix_and_local(s3_store: S3Store, s3_bucket: str, tmp_pa
         fetch(str(tmp_path / "absent"), tmp_path / "dl5", s3_store)
 
 
-def test_copy_and_delete_prefix(s3_store: S3Store, s3_bucket: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("size", [2000, 12 * MIB], ids=["single", "multipart"])
+def test_copy_and_delete_prefix(s3_env: dict[str, str], s3_bucket: str, tmp_path: Path, size: int) -> None:
+    store = S3Store(S3Config.from_env(s3_env, multipart_threshold=5 * MIB, multipart_chunksize=5 * MIB))
     src = tmp_path / "e"
-    src.write_bytes(os.urandom(2000))
-    s3_store.upload_file(src, S3Uri(s3_bucket, "p/a/e"))
-    copied = s3_store.copy(S3Uri(s3_bucket, "p/a/e"), S3Uri(s3_bucket, "p/b/e"))
-    assert copied.sha256 == sha256_file(src) and copied.size == 2000
-    assert s3_store.delete_prefix(S3Uri(s3_bucket, "p")) == 2
-    assert s3_store.list(S3Uri(s3_bucket, "p")) == []
+    src.write_bytes(os.urandom(size))
+    store.upload_file(src, S3Uri(s3_bucket, "p/a/e"))
+    copied = store.copy(S3Uri(s3_bucket, "p/a/e"), S3Uri(s3_bucket, "p/b/e"))
+    assert copied.sha256 == sha256_file(src) and copied.size == size
+    store.download_file(S3Uri(s3_bucket, "p/b/e"), tmp_path / "copy")
+    assert (tmp_path / "copy").read_bytes() == src.read_bytes()
+    assert store.delete_prefix(S3Uri(s3_bucket, "p")) == 2
+    assert store.list(S3Uri(s3_bucket, "p")) == []
 
 
 def test_seaweedfs_binds_loopback_only(seaweedfs: SeaweedFS) -> None:

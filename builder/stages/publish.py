@@ -154,7 +154,7 @@ def _resolve_item(item: PublishItem, workdir: Path) -> tuple[Path, str, str | No
     if workdir.resolve() not in local.resolve().parents:
         raise InvalidS3Uri(f"{local_rel!r} resolves outside the workdir {workdir}", field="files")
     if not local.is_file():
-        raise StorageError(f"cannot publish {local_rel!r}: {local} is not a file (the stage did not produce it)")
+        raise BuildError(f"cannot publish {local_rel!r}: {local} is not a file (the stage did not produce it)")
     join_key("x", dest)  # validates the destination key (no '..', not absolute, no other bucket)
     return local, dest, expected
 

@@ -119,7 +119,8 @@ def _uses_s3(spec: EngineBuildSpec) -> bool:
     return bool(spec.output) or any(loc and loc.startswith("s3://") for loc in locations)
 
 
-def _fetch_inputs(spec: EngineBuildSpec, workdir: Path) -> tuple[Path | None, Path | None, Path | None]:
+def _fetch_inputs(spec: EngineBuildSpec, workdir: Path, *, calibration: bool = True
+                  ) -> tuple[Path | None, Path | None, Path | None]:
     """Bring s3:// inputs to local disk (verified); local paths are used where they are."""
     from .storage import fetch
 
@@ -134,16 +135,14 @@ def _fetch_inputs(spec: EngineBuildSpec, workdir: Path) -> tuple[Path | None, Pa
         return Path(location)
 
     return (local(spec.model.checkpoint, "checkpoint"), local(spec.model.config, "config"),
-            local(spec.calibration.source, "calibration"))
+            local(spec.calibration.source, "calibration") if calibration else None)
 
 
 def _run_export(spec: EngineBuildSpec, workdir: Path, device: str, report: Report) -> None:
     from .stages.export_half import run_export
 
     checkpoint, config, calibration = _fetch_inputs(spec, workdir)
-    if config is not None and spec.model.config and spec.model.config.startswith("s3://"):
-        spec = spec.model_copy(update={"model": spec.model.model_copy(update={"config": str(config)})})
-    run_export(spec, workdir, device, report, checkpoint, calibration)
+    run_export(spec, workdir, device, report, checkpoint, calibration, config_path=config)
 
 
 def _load_export_half(spec: EngineBuildSpec, workdir: Path, key: str, report: Report) -> None:
@@ -187,10 +186,26 @@ def _run_engines(spec: EngineBuildSpec, workdir: Path, report: Report, plan: Bui
         started = time.monotonic()
         run_engines(spec, workdir, report, target, cache, trtexec)
         report.timings_s[f"engine:{target.name}"] = time.monotonic() - started
+        if spec.benchmark.pytorch_baseline:
+            _pytorch_baselines(spec, workdir, report, target)
         if store is not None and cache.exists():
             from .stages.publish import put_timing_cache
 
             put_timing_cache(store, spec.output.uri, name, cache)
+
+
+def _pytorch_baselines(spec: EngineBuildSpec, workdir: Path, report: Report, target: TargetSpec) -> None:
+    """What users run today (PyTorch FP16 eager) timed on the same GPU, for the speedup they will see."""
+    from .stages.model_loading import load_model
+    from .stages.onnx_export import wrap
+    from .stages.pytorch_baseline import run_pytorch_baselines
+
+    started = time.monotonic()
+    checkpoint, config, _ = _fetch_inputs(spec, workdir, calibration=False)
+    loaded = load_model(spec.model, checkpoint, config)
+    run_pytorch_baselines(report, target.name, {enc: (lambda e=enc: wrap(loaded.model, e)) for enc in spec.encoders},
+                          vocab_size=loaded.vocab_size)
+    report.timings_s[f"pytorch_baseline:{target.name}"] = time.monotonic() - started
 
 
 def _publish(spec: EngineBuildSpec, workdir: Path, report: Report, key: str, plan: BuildPlan) -> None:

@@ -304,6 +304,10 @@ def test_server_killed_during_upload_leaves_no_manifest_and_retry_succeeds(
     assert fresh.head(build_uri(output, KEY).child("manifest.json")) is None
     assert fresh.head(build_uri(output, KEY).child("stages", "engine-h100.json")) is None
     assert fresh.head(build_uri(output, KEY).child(engine_key("h100", "image", "fp8"))) is None
+    # Same data dir after the restart: the file that landed before the crash is still there (and
+    # is still not a build, since no manifest lists it).
+    onnx = fresh.head(build_uri(output, KEY).child(onnx_key("image", "fp8")))
+    assert onnx is not None and onnx.sha256 == sha256_file(workdir / "onnx/image.fp8.onnx")
 
     # The next attempt (a new Job) publishes everything and the build exists.
     sm = publish_files(fresh, output, KEY, workdir, items, stage="engine-h100")

@@ -13,6 +13,7 @@ import pytest
 from enginebuild_builder.errors import SpecError, StorageAccessDenied, StorageError
 from enginebuild_builder.storage import (
     ChecksumMismatch,
+    FileDigest,
     InvalidS3Uri,
     ObjectNotFound,
     S3Config,
@@ -348,3 +349,49 @@ def test_seaweedfs_binds_loopback_only(seaweedfs: SeaweedFS) -> None:
     cmd = " ".join(seaweedfs.command())
     assert "-ip.bind=127.0.0.1" in cmd and "-s3.config=" in cmd
     assert len(set(seaweedfs.ports.values())) == len(seaweedfs.ports)
+
+
+def test_verification_catches_an_object_replaced_behind_our_back(
+    s3_store: S3Store, s3_bucket: str, tmp_path: Path
+) -> None:
+    src = tmp_path / "engine.plan"
+    src.write_bytes(os.urandom(4000))
+    uri = S3Uri(s3_bucket, "v/engine.plan")
+    s3_store.upload_file(src, uri)
+    digest = file_digest(src)
+    # Another writer puts different bytes of the same size, with our metadata copied over.
+    s3_store.client.put_object(Bucket=s3_bucket, Key=uri.key, Body=os.urandom(4000),
+                               Metadata={"sha256": digest.sha256}, ChecksumAlgorithm="SHA256")
+    with pytest.raises(ChecksumMismatch, match="server SHA-256"):
+        s3_store._verify_upload(uri, digest)
+    s3_store.client.put_object(Bucket=s3_bucket, Key=uri.key, Body=b"short")
+    with pytest.raises(ChecksumMismatch, match="bytes"):
+        s3_store._verify_upload(uri, FileDigest(4000, digest.sha256, digest.s3_checksum))
+
+
+def test_devstack_cli_runs_and_stops(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "enginebuild_operator.devstack.seaweedfs", "--dir", str(tmp_path / "s3"),
+         "--bucket", "cli-bucket"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        env: dict[str, str] = {}
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("export "):
+                name, _, value = line[len("export "):].strip().partition("=")
+                env[name] = value
+            if "S3_VERIFY_SSL" in env:
+                break
+        store = S3Store(S3Config.from_env(env))
+        store.check_bucket(S3Uri("cli-bucket", ""))
+        assert env["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    assert proc.returncode == 0

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal, Protocol, Union
+from typing import Any, Protocol, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -324,10 +324,6 @@ def delete_build(store: S3Store, output_uri: str, key: str) -> int:
 
 # ---- Triton model-repository view --------------------------------------------------------------
 
-TritonDType = Literal[
-    "TYPE_BOOL", "TYPE_UINT8", "TYPE_INT8", "TYPE_INT16", "TYPE_INT32", "TYPE_INT64",
-    "TYPE_FP16", "TYPE_BF16", "TYPE_FP32", "TYPE_FP64", "TYPE_STRING",
-]
 _DTYPE_ALIASES = {
     "bool": "TYPE_BOOL", "uint8": "TYPE_UINT8", "int8": "TYPE_INT8", "int16": "TYPE_INT16",
     "int32": "TYPE_INT32", "int64": "TYPE_INT64", "float16": "TYPE_FP16", "fp16": "TYPE_FP16",
@@ -455,7 +451,6 @@ def put_timing_cache(store: S3Store, output_uri: str, name: str, src: Path | str
 
 __all__ = [
     "ArtifactLike",
-    "BuildError",
     "Manifest",
     "ObjectEntry",
     "StageManifest",

@@ -19,6 +19,7 @@ from typing import Any
 
 import kubernetes
 import pytest
+import yaml
 
 from enginebuild_operator.devstack.kube_emulator import EmulatorProcess, install_kopf_peering_crds, start_emulator
 from enginebuild_operator.devstack.kube_http import KubeApiError, KubeHttp
@@ -425,3 +426,44 @@ def test_real_kopf_run_handles_create_and_finalizer_deletion(kubeconfig: Path, k
         log.close()
     text = (tmp_path / "kopf.log").read_text()
     assert "Traceback" not in text, text[-4000:]
+
+
+def test_project_crd_and_examples_apply_and_print_columns(kubectl: Kubectl, repo_root: Path) -> None:
+    kubectl("apply", "-f", str(repo_root / "crds" / "enginebuild.yaml"))
+    examples = sorted((repo_root / "examples").glob("*.yaml"))
+    assert examples
+    docs = [d for e in examples for d in yaml.safe_load_all(e.read_text()) if d]
+    for ns in sorted({d["metadata"].get("namespace", "default") for d in docs} - {"default"}):
+        kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}))
+    for example in examples:
+        kubectl("apply", "-f", str(example))
+    table = kubectl("get", "eb", "-A").stdout.splitlines()
+    assert table[0].split() == ["NAMESPACE", "NAME", "READY", "REASON", "IMAGE-FP8", "TEXT-FP8", "SPEEDUP", "AGE"]
+    assert len(table) == 1 + sum(1 for d in docs if d["kind"] == "EngineBuild")
+    assert "demo-tiny-clip" in kubectl("get", "enginebuilds.enginebuild.io", "-o", "name").stdout
+
+
+@pytest.mark.slow
+def test_two_kopf_replicas_with_peering_only_one_acts(kubeconfig: Path, kube_http: KubeHttp,
+                                                      crd: dict[str, Any], tmp_path: Path) -> None:
+    (tmp_path / "tiny_operator.py").write_text(OPERATOR)
+    install_kopf_peering_crds(kube_http.base_url)
+    env = {"PATH": os.environ.get("PATH", ""), "KUBECONFIG": str(kubeconfig), "HOME": str(tmp_path)}
+    logs = [tmp_path / f"kopf-{i}.log" for i in range(2)]
+    replicas = [subprocess.Popen([sys.executable, "-m", "kopf", "run", "--namespace", "default", "--peering", "default",
+                                  "--priority", str(i), "--verbose", str(tmp_path / "tiny_operator.py")],
+                                 env=env, cwd=tmp_path, stdout=log.open("w"), stderr=subprocess.STDOUT)
+                for i, log in enumerate(logs)]
+    try:
+        wait_for(lambda: len((kube_http.get("/apis/kopf.dev/v1/namespaces/default/kopfpeerings/default")
+                              .get("status") or {})) == 2, timeout=60, what="both replicas in the peering object")
+        kube_http.post(WIDGETS, widget("peered", 2))
+        wait_for(lambda: (kube_http.get(f"{WIDGETS}/peered").get("status") or {}).get("observedSize") == 2,
+                 timeout=60, what="a replica to handle the creation")
+    finally:
+        for replica in replicas:
+            replica.terminate()
+        for replica in replicas:
+            replica.wait(30)
+    handled = ["Handler 'created' succeeded" in log.read_text() for log in logs]
+    assert handled == [False, True]  # the higher priority replica acts, the other one pauses

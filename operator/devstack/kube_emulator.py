@@ -572,12 +572,21 @@ def kopf_peering_crds() -> list[Obj]:
     return crds
 
 
-def install_kopf_peering_crds(api_url: str) -> None:
-    """POST kopf's peering CRDs (an existing one is fine: 409 is ignored)."""
-    for crd in kopf_peering_crds():
-        request = urllib.request.Request(
-            f"{api_url.rstrip('/')}/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
-            data=json.dumps(crd).encode(), method="POST", headers={"Content-Type": "application/json"})
+def install_kopf_peering_crds(api_url: str, peering: str = "default", namespaces: tuple[str, ...] = ("default",)) -> None:
+    """POST kopf's peering CRDs and the peering objects kopf waits for: the ClusterKopfPeering
+    `peering` (for `kopf run -A`) and a KopfPeering `peering` in each of `namespaces` (for
+    `kopf run --namespace`). Existing ones are fine (409 is ignored)."""
+    base = api_url.rstrip("/")
+    posts: list[tuple[str, Obj]] = [("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", crd)
+                                    for crd in kopf_peering_crds()]
+    posts.append(("/apis/kopf.dev/v1/clusterkopfpeerings",
+                  {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": peering}}))
+    posts.extend((f"/apis/kopf.dev/v1/namespaces/{ns}/kopfpeerings",
+                  {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": peering}})
+                 for ns in namespaces)
+    for path, body in posts:
+        request = urllib.request.Request(base + path, data=json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
         try:
             urllib.request.urlopen(request, timeout=10).close()
         except urllib.error.HTTPError as exc:

@@ -376,7 +376,7 @@ def test_devstack_cli_runs_and_stops(tmp_path: Path) -> None:
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "enginebuild_operator.devstack.seaweedfs", "--dir", str(tmp_path / "s3"),
-         "--bucket", "cli-bucket"],
+         "--bucket", "cli-bucket", "--stop-grace", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:

@@ -276,8 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", default=None, help="data directory (default: a new temp dir)")
     parser.add_argument("--bucket", action="append", default=[], help="create this bucket (repeatable)")
+    parser.add_argument("--stop-grace", type=float, default=30.0,
+                        help="seconds between SIGTERM and SIGKILL on exit (weed can take ~29 s to stop)")
     args = parser.parse_args(argv)
-    server = start_seaweedfs(args.dir)
+    server = start_seaweedfs(args.dir, stop_grace_s=args.stop_grace)
     if args.bucket:
         from enginebuild_builder.storage import S3Config, S3Store
 
@@ -298,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         while not stop["flag"] and server.is_running():
             time.sleep(0.5)
     finally:
-        server.stop(grace_s=5.0)
+        server.stop()
     return 0
 
 

@@ -14,6 +14,7 @@ from enginebuild_builder.errors import SpecError, StorageAccessDenied, StorageEr
 from enginebuild_builder.storage import (
     ChecksumMismatch,
     FileDigest,
+    map_error,
     InvalidS3Uri,
     ObjectNotFound,
     S3Config,
@@ -395,3 +396,19 @@ def test_devstack_cli_runs_and_stops(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
     assert proc.returncode == 0
+
+
+def test_server_rejects_a_part_with_a_wrong_sha256(s3_store: S3Store, s3_bucket: str) -> None:
+    """What the design relies on: parts sent with ChecksumAlgorithm=SHA256 are checked on receipt."""
+    from botocore.exceptions import ClientError
+
+    client = s3_store.client
+    upload = client.create_multipart_upload(Bucket=s3_bucket, Key="p/k", ChecksumAlgorithm="SHA256")["UploadId"]
+    wrong = base64.b64encode(hashlib.sha256(b"other bytes").digest()).decode()
+    with pytest.raises(ClientError) as info:
+        client.upload_part(Bucket=s3_bucket, Key="p/k", UploadId=upload, PartNumber=1, Body=b"x" * (5 * MIB),
+                           ChecksumSHA256=wrong)
+    assert info.value.response["Error"]["Code"] == "BadDigest"
+    mapped = map_error(info.value, "upload to", S3Uri(s3_bucket, "p/k"), s3_store.config)
+    assert isinstance(mapped, StorageError) and mapped.retriable  # damaged in transit: send again
+    client.abort_multipart_upload(Bucket=s3_bucket, Key="p/k", UploadId=upload)

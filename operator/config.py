@@ -32,6 +32,10 @@ class OperatorConfig:
     reconcile_interval_seconds: float = 30.0
     peering_name: str = "enginebuild"
     peering_mandatory: bool = False
+    # Replicas with the same priority all pause (kopf); a random one per process makes exactly one act.
+    peering_priority: int | None = None
+    # A replica that died unannounced (SIGKILL, node loss) is presumed dead after this long.
+    peering_lifetime_seconds: int = 60
     # Local paths in model.checkpoint/config and calibration.source only exist on the machine that
     # runs the Job; in a cluster they are a mistake, in the dev stack (local Job runner) they work.
     allow_local_paths: bool = False
@@ -110,6 +114,8 @@ def load_config(env: Mapping[str, str] | None = None) -> OperatorConfig:
         reconcile_interval_seconds=interval_s,
         peering_name=env.get("ENGINEBUILD_PEERING_NAME", "").strip() or "enginebuild",
         peering_mandatory=_bool(env, "ENGINEBUILD_PEERING_MANDATORY", False),
+        peering_priority=_int(env, "ENGINEBUILD_PEERING_PRIORITY", None, 0, 2**31 - 1),
+        peering_lifetime_seconds=_int(env, "ENGINEBUILD_PEERING_LIFETIME_SECONDS", 60, 5, 3600) or 60,
         allow_local_paths=_bool(env, "ENGINEBUILD_ALLOW_LOCAL_PATHS", False),
         read_secrets=_bool(env, "ENGINEBUILD_READ_SECRETS", True),
         job_service_account=env.get("ENGINEBUILD_JOB_SERVICE_ACCOUNT", "").strip() or None,

@@ -97,6 +97,7 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 300
     settings.peering.name = config.peering_name
     settings.peering.mandatory = settings.peering.mandatory or config.peering_mandatory
+    settings.peering.lifetime = config.peering_lifetime_seconds
     # kopf's "handled" log lines are many at scale; our own log says what happened.
     asyncio.get_running_loop().set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=16))
     batch, core, custom = _load_kube_clients()
@@ -421,6 +422,7 @@ async def reconcile_once(
                 reconcile.set_job_state(status, job_name, "Pending", "export" if target is None else "engine", target)
                 if created:
                     kopf.info(body, reason="JobCreated", message=f"created Job {job_name}")
+                    log.info("%s/%s: created Job %s", namespace, name, job_name)
             if p.targets == (None,):
                 cs.set("Exported", "Unknown", reconcile.R_EXPORTING, "export Job created")
             else:
@@ -583,6 +585,17 @@ async def build_daemon(
         results.record_metrics(namespace, name, initial, None)
     except Exception:
         log.debug("could not re-export metrics for %s/%s", namespace, name, exc_info=True)
+    try:
+        await _loop(body, namespace, name, uid, stopped, build_jobs, state, wake)
+    finally:
+        # Stopped: deleted, operator shutting down, or paused by a peer. A resumed daemon re-takes its
+        # slot (hold() for running Jobs), so releasing here never lets a build run twice.
+        await _release(build)
+
+
+async def _loop(body: kopf.Body, namespace: str, name: str, uid: str, stopped: kopf.DaemonStopped,
+                build_jobs: kopf.Index, state: BuildState, wake: asyncio.Event) -> None:
+    rt = runtime()
     while not stopped:
         wake.clear()
         timeout = rt.config.reconcile_interval_seconds

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import random
 
 import kopf
 from prometheus_client import start_http_server
@@ -26,6 +27,9 @@ def main(args: argparse.Namespace) -> int:
     else:
         logging.getLogger("kopf").setLevel(logging.WARNING)
         logging.getLogger("kopf.activities.probe").setLevel(logging.ERROR)
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # probes every few seconds
+        # Which replica acts is operational news: keep kopf's peering decisions in the log.
+        logging.getLogger("kopf._core.engines.peering").setLevel(logging.INFO)
     from . import handlers  # noqa: F401  (registers the handlers with kopf's default registry)
 
     server, thread = start_http_server(config.metrics_port, addr=config.bind_address)
@@ -39,6 +43,7 @@ def main(args: argparse.Namespace) -> int:
             namespaces=() if clusterwide else namespaces,
             standalone=True if getattr(args, "standalone", False) else None,
             peering_name=peering_name,
+            priority=config.peering_priority if config.peering_priority is not None else random.randint(1, 2**31 - 1),
             liveness_endpoint=config.liveness_url,
         )
     finally:

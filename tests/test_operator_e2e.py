@@ -309,3 +309,43 @@ def test_each_failure_class_ends_in_its_reason(eb_cluster: Cluster, s3_store: S3
         assert metric_value(text, "enginebuild_builds_total", result="failed", reason=reason) == 1.0, reason
     assert any(e["type"] == "Warning" and e["reason"] == "DeadlineExceeded" for e in c.events("deadline"))
     assert "shouldnotleak" not in json.dumps(c.events("accuracy"))
+
+
+def test_concurrency_limit_queues_builds_in_creation_order(eb_cluster: Cluster, s3_store: S3Store, tmp_path: Path) -> None:
+    c = eb_cluster
+    op = c.start_operator(ENGINEBUILD_MAX_CONCURRENT_BUILDS="1")
+    c.create("first", c.spec())
+    c.wait_job("first", "export")
+    c.create("second", c.spec(batchSize=64))
+    queued = c.wait_condition("second", "Queued", "True", "WaitingForSlot")
+    assert queued["message"] == "waiting for a slot: 1 builds running, limit 1"
+    assert c.condition("second", "Ready")["reason"] == "Queued" and c.jobs("second") == []
+    assert metric_value(op.metrics(), "enginebuild_build_queue_length") == 1.0
+    run_build(c, s3_store, "first", tmp_path)
+    c.wait_condition("first", "Ready", "True")
+    c.wait_job("second", "export")
+    c.wait_condition("second", "Queued", "False", "SlotAcquired")
+    assert metric_value(op.metrics(), "enginebuild_build_queue_length") == 0.0
+
+
+def test_two_replicas_one_acts_and_the_other_takes_over(eb_cluster: Cluster, s3_store: S3Store, tmp_path: Path) -> None:
+    from enginebuild_operator.devstack.kube_emulator import install_kopf_peering_crds
+
+    c = eb_cluster
+    install_kopf_peering_crds(c.emulator.url)
+    c.http.post("/apis/kopf.dev/v1/clusterkopfpeerings",
+                {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": "enginebuild"}})
+    peering = {"ENGINEBUILD_PEERING_LIFETIME_SECONDS": "6", "ENGINEBUILD_PEERING_MANDATORY": "true"}
+    leader = c.start_operator("--all-namespaces", ENGINEBUILD_PEERING_PRIORITY="100", **peering)
+    follower = c.start_operator("--all-namespaces", ENGINEBUILD_PEERING_PRIORITY="50", **peering)
+    # kopf pauses a replica that starts in mandatory peering until it knows it is the highest priority.
+    c.create("ha", c.spec())
+    export = c.wait_job("ha", "export")
+    assert "created Job" in leader.log_tail(100_000) and "created Job" not in follower.log_tail(100_000)
+    leader.kill()
+    key = export["metadata"]["annotations"]["enginebuild.io/build-key"]
+    complete_job(c.http, c.namespace, export["metadata"]["name"], 0,
+                 message(export_half(s3_store, f"s3://{c.bucket}/engines", key, tmp_path / "x")))
+    c.wait_job("ha", "h100", timeout=90)
+    assert "created Job" in follower.log_tail(100_000) and "Resuming operations" in follower.log_tail(100_000)
+    assert len(c.jobs("ha")) == 2

@@ -337,13 +337,15 @@ def test_watch_resumes_after_restart_and_old_versions_expire(tmp_path: Path) -> 
         assert again["metadata"]["resourceVersion"] == rv
         assert _collect(http, WIDGETS, rv, 1) == [("ADDED", "after")]
 
-        # A SIGKILL loses nothing older than the ~50 ms save delay.
-        http.post(WIDGETS, widget("killed"))
-        wait_for(lambda: "killed" in emulator.state_file.read_text(), what="the state file to be saved")
+        # A SIGKILL right after a write loses nothing (the journal) and never reuses a resourceVersion.
+        killed = http.post(WIDGETS, widget("killed"))
+        patched = http.patch(f"{WIDGETS}/killed", {"spec": {"size": 2}})
         emulator.restart(hard=True)
-        assert http.get(f"{WIDGETS}/killed")["metadata"]["name"] == "killed"
+        assert http.get(f"{WIDGETS}/killed") == patched
         fresh_rv = http.post(WIDGETS, widget("next"))["metadata"]["resourceVersion"]
-        assert int(fresh_rv) > int(rv)
+        assert int(fresh_rv) > int(patched["metadata"]["resourceVersion"])
+        assert _collect(http, WIDGETS, killed["metadata"]["resourceVersion"], 2) == [
+            ("MODIFIED", "killed"), ("ADDED", "next")]
 
         for i in range(25):  # push the first events out of the 20-event history
             http.patch(f"{WIDGETS}/next", {"spec": {"size": i}})
@@ -467,3 +469,31 @@ def test_two_kopf_replicas_with_peering_only_one_acts(kubeconfig: Path, kube_htt
             replica.wait(30)
     handled = ["Handler 'created' succeeded" in log.read_text() for log in logs]
     assert handled == [False, True]  # the higher priority replica acts, the other one pauses
+
+
+@pytest.mark.slow
+def test_kopf_resumes_after_the_api_server_is_killed_and_restarted(kube_emulator: EmulatorProcess,
+                                                                   tmp_path: Path) -> None:
+    http = KubeHttp(kube_emulator.url)
+    http.post("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", CRD)
+    (tmp_path / "tiny_operator.py").write_text(OPERATOR)
+    env = {"PATH": os.environ.get("PATH", ""), "KUBECONFIG": str(kube_emulator.kubeconfig), "HOME": str(tmp_path)}
+    log = (tmp_path / "kopf.log").open("w")
+    kopf = subprocess.Popen([sys.executable, "-m", "kopf", "run", "--standalone", "--namespace", "default",
+                             str(tmp_path / "tiny_operator.py")], env=env, cwd=tmp_path, stdout=log,
+                            stderr=subprocess.STDOUT)
+    try:
+        for round_, hard in enumerate((False, True, True)):
+            name = f"r{round_}"
+            http.post(WIDGETS, widget(name, round_ + 1))
+            wait_for(lambda: (http.get(f"{WIDGETS}/{name}").get("status") or {}).get("observedSize") == round_ + 1,
+                     timeout=90, what=f"kopf to handle {name}")
+            kube_emulator.restart(hard=hard)  # mid-watch: kopf's streams break and must resume
+        http.post(WIDGETS, widget("after", 9))
+        wait_for(lambda: (http.get(f"{WIDGETS}/after").get("status") or {}).get("observedSize") == 9,
+                 timeout=90, what="kopf to handle an object created after the restarts")
+        assert kopf.poll() is None
+    finally:
+        kopf.terminate()
+        kopf.wait(30)
+        log.close()

@@ -10,10 +10,11 @@ semantics in `kube_store` (objects, watches, deletion, GC), `kube_patch`, `kube_
 `kube_resources` (discovery, CRDs). What is *not* emulated is listed in docs/devstack.md.
 
 Usage: `python -m enginebuild_operator.devstack.kube_emulator --port 0 --state-file PATH` prints one
-JSON line `{"url": ..., "port": ..., "pid": ...}` on stdout once it accepts connections. SIGTERM
-saves the state and exits; the state is also saved ~50 ms after every write (later under a write
-storm, when saving itself gets slow), so a SIGKILLed server
-restarted on the same state file keeps its objects and resourceVersions (watches resume).
+JSON line `{"url": ..., "port": ..., "pid": ...}` on stdout once it accepts connections. Every
+write is appended to a journal beside the state file before it is acknowledged, and a snapshot is
+written a second after writes (less often when snapshots get slow) and on SIGTERM, so a server
+SIGKILLed and restarted on the same state file keeps every object and never reuses a
+resourceVersion (watches resume without missing events).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from aiohttp import web
 
 from .kube_resources import BUILTIN_RESOURCES, ResourceInfo
 from .kube_selectors import SelectorError, parse_field_selector, parse_label_selector
-from .kube_store import ApiError, Obj, Store
+from .kube_store import ApiError, Obj, Store, WatchEvent
 from .kube_tables import wants_table, to_table
 from .kubeconfig import write_kubeconfig
 
@@ -53,7 +54,7 @@ SERVER_VERSION = {
 }
 LOG_FILE_ANNOTATION = "devstack.enginebuild.dev/log-file"
 BOOKMARK_INTERVAL_S = 5.0
-SAVE_DELAY_S = 0.05
+SAVE_DELAY_S = 1.0
 
 
 @dataclass
@@ -92,14 +93,29 @@ class KubeEmulator:
         self.state_file = state_file
         self._save_handle: asyncio.TimerHandle | None = None
         self._last_save_s = 0.0
-        self.store = Store(on_change=self._schedule_save, history=history)
-        if state_file is not None and state_file.exists():
-            self.store.load(state_file)
+        self.store = Store(history=history)
+        self.journal: Any = None
+        if state_file is not None:
+            journal_path = state_file.with_name(state_file.name + ".journal")
+            if state_file.exists() or journal_path.exists():
+                self.store = Store(history=history)
+                self.store.load(state_file, journal_path)
+            self.journal = open(journal_path, "a", encoding="utf-8")
+            self.save_now()  # a fresh snapshot; the journal restarts empty
+        self.store.on_change = self._on_event
         self.closing = asyncio.Event()
         self.app = web.Application(client_max_size=64 * 1024 * 1024)
         self.app.router.add_route("*", "/{tail:.*}", self.handle)
 
     # ------------------------------------------------------------ persistence
+    def _on_event(self, event: WatchEvent) -> None:
+        """Journal every write before the client hears of it, then snapshot later (debounced)."""
+        if self.journal is not None:
+            self.journal.write(json.dumps([event.rv, event.key, event.type, event.obj, event.prev],
+                                          separators=(",", ":")) + "\n")
+            self.journal.flush()
+        self._schedule_save()
+
     def _schedule_save(self) -> None:
         if self.state_file is None or self._save_handle is not None:
             return
@@ -115,6 +131,9 @@ class KubeEmulator:
         if self.state_file is not None:
             started = time.monotonic()
             self.store.save(self.state_file)
+            if self.journal is not None:
+                self.journal.seek(0)
+                self.journal.truncate()
             self._last_save_s = time.monotonic() - started
 
     # ------------------------------------------------------------ routing
@@ -486,7 +505,7 @@ class EmulatorProcess:
         self._close_pipes()
 
     def kill(self) -> None:
-        """SIGKILL: only writes older than ~50 ms are guaranteed to be in the state file."""
+        """SIGKILL: every acknowledged write is in the journal and survives."""
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()

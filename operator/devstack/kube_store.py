@@ -5,7 +5,7 @@ global increasing counter) / generation / creationTimestamp, optimistic concurre
 stale resourceVersion), the status subresource split, finalizers and deletionTimestamp,
 ownerReference garbage collection (synchronous, background/foreground/orphan), namespaces that
 terminate, a bounded event history so a watch can resume from a resourceVersion (410 Gone when it
-is older than the history), and a JSON snapshot so the server can be restarted with its state.
+is older than the history), and a JSON snapshot plus an append-only journal so the server can be restarted (even SIGKILLed) with its state.
 
 All mutations run synchronously on the event loop (no awaits inside), so a watch that snapshots the
 store and subscribes in one step can never miss or duplicate an event.
@@ -133,7 +133,7 @@ def _spec_part(obj: Obj) -> Obj:
 class Store:
     """In-memory objects keyed by (storage key, namespace, name) plus watch fan-out."""
 
-    def __init__(self, registry: ResourceRegistry | None = None, on_change: Callable[[], None] | None = None,
+    def __init__(self, registry: ResourceRegistry | None = None, on_change: Callable[[WatchEvent], None] | None = None,
                  history: int | None = None) -> None:
         self.registry = registry or ResourceRegistry()
         self.objects: dict[str, dict[tuple[str, str], Obj]] = collections.defaultdict(dict)
@@ -167,7 +167,7 @@ class Store:
             if translated is not None:
                 watcher.queue.put_nowait(translated)
         if self.on_change is not None:
-            self.on_change()
+            self.on_change(event)
 
     def find(self, info: ResourceInfo, namespace: str, name: str) -> Obj | None:
         return self.objects[info.storage_key].get((namespace, name))
@@ -602,8 +602,34 @@ class Store:
         tmp.write_text(json.dumps(self.snapshot(), separators=(",", ":")))
         os.replace(tmp, path)
 
-    def load(self, path: Path) -> None:
-        state = json.loads(path.read_text())
+    def load(self, path: Path, journal: Path | None = None) -> None:
+        """Snapshot, then the journal's events after it: every acknowledged write survives a SIGKILL,
+        so a resourceVersion is never handed out twice (a watch resuming from it would miss events)."""
+        state = json.loads(path.read_text()) if path.exists() else None
+        if state is not None:
+            self._load_snapshot(state)
+        if journal is not None and journal.exists():
+            for line in journal.read_text().splitlines():
+                try:
+                    rv, key, type_, obj, prev = json.loads(line)
+                except ValueError:
+                    break  # a line cut by the kill: nothing after it was acknowledged
+                if rv <= self.rv:
+                    continue
+                bucket = self.objects[key]
+                ident = (obj["metadata"].get("namespace", ""), obj["metadata"]["name"])
+                if type_ == "DELETED":
+                    bucket.pop(ident, None)
+                else:
+                    bucket[ident] = obj
+                if len(self.history) == self.history.maxlen:
+                    self.history_floor = max(self.history_floor, self.history[0].rv)
+                self.history.append(WatchEvent(rv, key, type_, obj, prev))
+                self.rv = rv
+        for crd in self.objects.get("customresourcedefinitions.apiextensions.k8s.io", {}).values():
+            self.registry.register_crd(crd)
+
+    def _load_snapshot(self, state: Obj) -> None:
         self.objects.clear()
         for key, ns, name, obj in state["objects"]:
             self.objects[key][(ns, name)] = obj
@@ -614,5 +640,3 @@ class Store:
             if len(self.history) == self.history.maxlen:
                 self.history_floor = max(self.history_floor, self.history[0].rv)
             self.history.append(WatchEvent(rv, key, type_, obj, prev))
-        for crd in self.objects.get("customresourcedefinitions.apiextensions.k8s.io", {}).values():
-            self.registry.register_crd(crd)

@@ -194,3 +194,27 @@ def test_jobplay_writes_the_runner_shapes(http: KubeHttp) -> None:
 
 def test_expand_vars_like_kubelet() -> None:
     assert expand_vars("--out=$(OUT)/x $(MISSING) $$(OUT)", {"OUT": "/w"}) == "--out=/w/x $(MISSING) $(OUT)"
+
+
+def test_runner_as_a_process_through_a_kubeconfig(kube_emulator: Any, http: KubeHttp, tmp_path: Path) -> None:
+    """The CLI form (as the demo runs it) reaches the API through the kubernetes client's config."""
+    import subprocess
+
+    from plugins.kube import requires_emulator
+
+    requires_emulator("the local Job runner")
+    log = (tmp_path / "runner.log").open("w")
+    runner = subprocess.Popen([sys.executable, "-m", "enginebuild_operator.devstack.jobrunner", "--kubeconfig",
+                               str(kube_emulator.kubeconfig), "--workdir", str(tmp_path / "pods"),
+                               "--env", "GREETING=hi"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        http.post(JOBS, make_job("cli", "import os, sys; open(sys.argv[1], 'w').write(os.environ['GREETING'])",
+                                 args=["/dev/termination-log"]))
+        job = wait_for(lambda: finished(http, "cli"), what="the runner process to finish the Job")
+        assert condition(job, "Complete")
+        [pod] = pods(http, "cli")
+        assert pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"] == "hi"
+    finally:
+        runner.terminate()
+        assert runner.wait(30) == 0
+        log.close()

@@ -497,3 +497,29 @@ def test_kopf_resumes_after_the_api_server_is_killed_and_restarted(kube_emulator
         kopf.terminate()
         kopf.wait(30)
         log.close()
+
+
+def test_jobs_are_defaulted_validated_and_their_template_is_immutable(kube_http: KubeHttp) -> None:
+    jobs = "/apis/batch/v1/namespaces/default/jobs"
+    template = {"metadata": {"labels": {"app": "eb"}},
+                "spec": {"containers": [{"name": "c", "image": "builder:1.0", "command": ["true"]}]}}
+    with pytest.raises(KubeApiError) as no_restart_policy:
+        kube_http.post(jobs, {"metadata": {"name": "bad"}, "spec": {"template": template}})
+    assert no_restart_policy.value.code == 422
+    assert no_restart_policy.value.body["details"]["causes"][0]["field"] == "spec.template.spec.restartPolicy"
+    template["spec"]["restartPolicy"] = "Never"
+    job = kube_http.post(jobs, {"metadata": {"name": "good"}, "spec": {"template": template}})
+    uid = job["metadata"]["uid"]
+    assert job["spec"]["backoffLimit"] == 6 and job["spec"]["completions"] == 1
+    assert job["spec"]["selector"] == {"matchLabels": {"batch.kubernetes.io/controller-uid": uid}}
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    assert labels["app"] == "eb" and labels["job-name"] == "good" and labels["controller-uid"] == uid
+    assert job["spec"]["template"]["spec"]["containers"][0]["terminationMessagePath"] == "/dev/termination-log"
+    with pytest.raises(KubeApiError) as immutable:
+        kube_http.patch(f"{jobs}/good", {"spec": {"template": {"spec": {"containers": [
+            {"name": "c", "image": "builder:2.0"}]}}}}, kind="strategic")
+    assert immutable.value.code == 422 and "immutable" in immutable.value.body["message"]
+    assert kube_http.patch(f"{jobs}/good", {"spec": {"activeDeadlineSeconds": 60}})["spec"]["activeDeadlineSeconds"] == 60
+    with pytest.raises(KubeApiError) as too_long:
+        kube_http.post(jobs, {"metadata": {"name": "j" * 64}, "spec": {"template": template}})
+    assert too_long.value.code == 422

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from .kube_builtins import FieldInvalid, check_job_update, default_and_validate_job, validate_pod
 from .kube_patch import PatchError, PatchTestFailed, json_patch, merge_patch, strategic_merge_patch
 from .kube_resources import CRDError, ResourceInfo, ResourceRegistry, crd_status
 from .kube_selectors import Predicate
@@ -265,6 +266,16 @@ class Store:
         if not name:
             raise invalid(info, "", "metadata.name", "Required value: name or generateName is required")
         self._validate_metadata(info, obj, name)
+        meta.pop("uid", None)
+        meta["uid"] = str(uuid.uuid4())
+        try:
+            if info.storage_key == "jobs.batch":
+                obj = default_and_validate_job(obj, meta["uid"])
+                meta = obj["metadata"]
+            elif info.storage_key == "pods":
+                validate_pod(obj)
+        except FieldInvalid as exc:
+            raise invalid(info, name, exc.field, exc.message) from exc
         self._check_namespace(info, namespace)
         if self.find(info, namespace, name) is not None:
             raise ApiError(409, "AlreadyExists", f'{info.storage_key} "{name}" already exists', _details(info, name))
@@ -296,7 +307,7 @@ class Store:
             meta.pop("namespace", None)
         for key in ("deletionTimestamp", "deletionGracePeriodSeconds"):
             meta.pop(key, None)
-        meta["uid"] = str(uuid.uuid4())
+        meta["uid"] = meta.get("uid") or str(uuid.uuid4())
         meta["creationTimestamp"] = now_rfc3339()
         meta["generation"] = 1
         meta["resourceVersion"] = self._next_rv() if commit else str(self.rv + 1)
@@ -391,6 +402,11 @@ class Store:
                                    f"no new finalizers can be added if the object is being deleted, found new "
                                    f"finalizers {sorted(added)!r}", _details(info, name))
             self._validate_metadata(info, result, name)
+            if info.storage_key == "jobs.batch":
+                try:
+                    check_job_update(old, result)
+                except FieldInvalid as exc:
+                    raise invalid(info, name, exc.field, exc.message) from exc
             self._normalize(info, result)
             if info.storage_key == "customresourcedefinitions.apiextensions.k8s.io":
                 from .kube_resources import resources_from_crd

@@ -218,3 +218,33 @@ def test_runner_as_a_process_through_a_kubeconfig(kube_emulator: Any, http: Kube
         runner.terminate()
         assert runner.wait(30) == 0
         log.close()
+
+
+def test_container_paths_are_mapped_and_host_values_are_not(kube_emulator: Any, http: KubeHttp,
+                                                             tmp_path: Path) -> None:
+    """An emptyDir mounted at a path that prefixes host paths (/tmp here, /work on CI machines):
+    the container's own values move into the pod directory, the runner's host values stay put."""
+    host_dir = tmp_path / "host"
+    host_dir.mkdir()
+    runner = LocalJobRunner(kube_emulator.url, tmp_path / "pods", extra_env={"HOST_DIR": str(host_dir)})
+    code = ("import json, os, sys; open(sys.argv[2], 'w').write('x');"
+            "open(os.environ['ENGINEBUILD_TERMINATION_LOG'], 'w').write(json.dumps({'scratch': os.environ['SCRATCH'],"
+            " 'host': os.environ['HOST_DIR'], 'arg': sys.argv[2], 'cwd': os.getcwd()}))")
+    job = make_job("mapped", code, env=[{"name": "SCRATCH", "value": "/tmp/scratch"}],
+                   args=["$(SCRATCH)", "/tmp/scratch/out.txt"])
+    pod_spec = job["spec"]["template"]["spec"]
+    pod_spec["volumes"] = [{"name": "scratch", "emptyDir": {}}]
+    pod_spec["containers"][0]["volumeMounts"] = [{"name": "scratch", "mountPath": "/tmp"}]
+    pod_spec["containers"][0]["workingDir"] = "/tmp/scratch"
+    with runner:
+        http.post(JOBS, job)
+        done = wait_for(lambda: finished(http, "mapped"), what="the Job to finish")
+    assert condition(done, "Complete")
+    [pod] = pods(http, "mapped")
+    import json
+
+    seen = json.loads(pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"])
+    volume = tmp_path / "pods" / "default" / pod["metadata"]["name"] / "volumes" / "scratch"
+    assert seen == {"scratch": str(volume / "scratch"), "host": str(host_dir),
+                    "arg": str(volume / "scratch" / "out.txt"), "cwd": str(volume / "scratch")}
+    assert (volume / "scratch" / "out.txt").read_text() == "x"

@@ -365,7 +365,7 @@ class LocalJobRunner:
             self._finish_pod(run, pod, 128, "the container has no command and the devstack runner has no "
                              "default entrypoint for its image")
             return
-        argv = [self._map_paths(expand_vars(a, env), mounts) for a in argv]
+        argv = [expand_vars(self._map_paths(a, mounts), env) for a in argv]
         workdir = self._map_paths(container.get("workingDir") or "", mounts) or str(pod.pod_dir)
         Path(workdir).mkdir(parents=True, exist_ok=True)
         pod.log_handle = open(pod.log_path, "ab")
@@ -402,21 +402,20 @@ class LocalJobRunner:
         return text
 
     def _container_env(self, run: JobRun, pod: RunningPod, container: Obj) -> dict[str, str]:
-        python_bin = str(Path(sys.executable).parent)
-        env = {"PATH": python_bin + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(pod.pod_dir),
-               "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1", "HOSTNAME": pod.name,
-               "KUBERNETES_SERVICE_HOST": "127.0.0.1"}
+        """The process env: runner-provided host values (PATH, HOME, extra_env) are never path-mapped;
+        only what the container declares is (its /work may be a prefix of a host path)."""
+        declared: dict[str, str] = {}
         for source in container.get("envFrom") or []:
             prefix = source.get("prefix", "")
             if "secretRef" in source:
                 data = self._object_data("secrets", run.namespace, source["secretRef"], None)
             else:
                 data = self._object_data("configmaps", run.namespace, source.get("configMapRef") or {}, None)
-            env.update({prefix + k: v for k, v in (data or {}).items()})
+            declared.update({prefix + k: v for k, v in (data or {}).items()})
         for item in container.get("env") or []:
             name = item["name"]
             if "value" in item:
-                env[name] = expand_vars(str(item["value"]), env)
+                declared[name] = expand_vars(str(item["value"]), declared)
             elif "valueFrom" in item:
                 ref = item["valueFrom"]
                 if "secretKeyRef" in ref:
@@ -429,13 +428,20 @@ class LocalJobRunner:
                 else:
                     value = ""
                 if value is not None:
-                    env[name] = str(value)
+                    declared[name] = str(value)
             else:
-                env[name] = ""
+                declared[name] = ""
+        mounts = self._mount_map(run, pod, container)
+        python_bin = str(Path(sys.executable).parent)
+        host_path = python_bin + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin")
+        env = {"PATH": host_path, "HOME": str(pod.pod_dir), "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1",
+               "HOSTNAME": pod.name, "KUBERNETES_SERVICE_HOST": "127.0.0.1"}
+        env.update({k: self._map_paths(v, mounts) for k, v in declared.items()})
+        if "PATH" in declared:  # keep this interpreter's tools reachable behind the container's PATH
+            env["PATH"] = python_bin + os.pathsep + env["PATH"]
         env[TERMINATION_ENV] = str(pod.termination_path)
         env.update(self.extra_env)
-        mounts = self._mount_map(run, pod, container)
-        return {k: self._map_paths(v, mounts) for k, v in env.items()}
+        return env
 
     def _object_data(self, plural: str, namespace: str, ref: Obj, key: str | None) -> Any:
         name, optional = ref.get("name", ""), bool(ref.get("optional"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import json
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,10 +49,16 @@ class StoreCache:
         self.base_env = dict(base_env)
         self.ttl_s = ttl_s
         self._stores: dict[tuple[str, str | None], _Cached] = {}
+        self._lock = threading.Lock()  # a burst of builds must not create a boto3 client each
 
     def get(self, namespace: str, secret_name: str | None,
             read_secret: Callable[[str, str], Mapping[str, str] | None] | None) -> S3Store:
         key = (namespace, secret_name)
+        with self._lock:
+            return self._get(key, namespace, secret_name, read_secret)
+
+    def _get(self, key: tuple[str, str | None], namespace: str, secret_name: str | None,
+             read_secret: Callable[[str, str], Mapping[str, str] | None] | None) -> S3Store:
         hit = self._stores.get(key)
         if hit and time.monotonic() - hit.created < self.ttl_s:
             return hit.store

@@ -41,6 +41,7 @@ for _reason in reconcile.ALL_FAILURE_REASONS:
 for _reason in ("SpecChanged", "Deleted"):
     metrics.BUILDS.labels(result="cancelled", reason=_reason)
 
+JUST_CREATED_S = 30.0
 EVENT_TYPES = ("Ready", "Succeeded", "Validated", "Queued", "Exported", "AccuracyPassed", "EnginesBuilt",
                "Published", "FP8Faster")
 
@@ -234,6 +235,9 @@ class BuildState:
     key: str | None = None
     cache_checked_for: str | None = None
     deleted_jobs: set[str] = field(default_factory=set)
+    # Jobs this daemon created, by name -> monotonic time: until the watch shows them, "not in the
+    # index" means "not seen yet", not "deleted by hand", so no GET is spent to check.
+    created: dict[str, float] = field(default_factory=dict)
     retry_delay: float = 1.0
 
 
@@ -370,6 +374,10 @@ async def reconcile_once(
                 state.deleted_jobs.add(job_name)
                 kopf.info(body, reason="JobDeleted", message=f"deleted Job {job_name} of an older build")
         elif p.step == Step.CONFIRM_MISSING:
+            fresh = [n for n in p.jobs if time.monotonic() - state.created.get(n, -1e9) < JUST_CREATED_S]
+            if fresh:
+                delay = 1.0
+                break
             gone = [n for n in p.jobs if not await asyncio.to_thread(_job_exists, namespace, n)]
             if not gone:
                 delay = 1.0  # the Job exists; our watch is behind
@@ -419,6 +427,7 @@ async def reconcile_once(
                             jobs.engine_job(owner, spec, key, next(t for t in spec.targets if t.name == target),
                                             cfg, deadline))
                 created = await asyncio.to_thread(_create_job, manifest)
+                state.created[job_name] = time.monotonic()
                 reconcile.set_job_state(status, job_name, "Pending", "export" if target is None else "engine", target)
                 if created:
                     kopf.info(body, reason="JobCreated", message=f"created Job {job_name}")

@@ -310,7 +310,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         stack.start()
         console.print("stack up on 127.0.0.1: " + ", ".join(f"{k} pid {v}" for k, v in stack.pids().items()),
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
         model = doc["spec"]["model"]
         with console.status("writing the tiny open_clip checkpoint (random weights) and its config to S3 ..."):
             written = stack.upload_model(MODEL_CONFIG, model["config"], model["checkpoint"])

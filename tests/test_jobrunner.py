@@ -73,6 +73,9 @@ def test_success_with_termination_message_secret_env_and_logs(job_runner: LocalJ
     assert terminated["startedAt"] <= terminated["finishedAt"]
     logs = kubernetes.client.CoreV1Api(kube_client).read_namespaced_pod_log(pod["metadata"]["name"], "default")
     assert logs == "exporting ViT-B-32\n"
+    events = http.get("/api/v1/namespaces/default/events", fieldSelector="involvedObject.name=export-ok")["items"]
+    assert [e["reason"] for e in events] == ["SuccessfulCreate", "Completed"]
+    assert "not-in-logs" not in (Path(job_runner.workdir) / "default" / pod["metadata"]["name"] / "container.log").read_text()
 
 
 def test_pod_failure_policy_fails_the_job_without_retries(job_runner: LocalJobRunner, http: KubeHttp) -> None:

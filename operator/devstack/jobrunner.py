@@ -343,6 +343,7 @@ class LocalJobRunner:
             return
         run.pod = RunningPod(name, container["name"], pod_dir, log_path, pod_dir / "termination-log",
                              container.get("terminationMessagePolicy", "File"))
+        self._event(run, "Normal", "SuccessfulCreate", f"Created pod: {name}")
         run.pod.termination_path.write_bytes(b"")
         log_path.write_bytes(b"")
         self._write_pod_status(run.namespace, name, pod_pending_status(container["name"]))
@@ -540,11 +541,13 @@ class LocalJobRunner:
 
     def _complete(self, run: JobRun) -> None:
         self._write_job_status(run, job_complete_status(run.start_time, run.succeeded, run.failed))
+        self._event(run, "Normal", "Completed", "Job completed")
         self._finished(run)
 
     def _fail(self, run: JobRun, reason: str, message: str | None = None) -> None:
-        self._write_job_status(run, job_failed_status(run.start_time, run.succeeded, run.failed, reason,
-                                                      message or JOB_FAILED_MESSAGES.get(reason)))
+        text = message or JOB_FAILED_MESSAGES.get(reason, reason)
+        self._write_job_status(run, job_failed_status(run.start_time, run.succeeded, run.failed, reason, text))
+        self._event(run, "Warning", reason, text)
         self._finished(run)
 
     def _finished(self, run: JobRun) -> None:
@@ -555,6 +558,22 @@ class LocalJobRunner:
         log.info("job %s/%s finished (succeeded=%d failed=%d)", run.namespace, run.name, run.succeeded, run.failed)
 
     # ------------------------------------------------------------ API writes
+    def _event(self, run: JobRun, type_: str, reason: str, message: str) -> None:
+        """A core/v1 Event on the Job, as the Job controller records them (`kubectl describe job`)."""
+        now = now_rfc3339()
+        meta = run.job["metadata"]
+        event = {"metadata": {"generateName": f"{run.name}.", "namespace": run.namespace},
+                 "involvedObject": {"apiVersion": "batch/v1", "kind": "Job", "name": run.name,
+                                    "namespace": run.namespace, "uid": meta["uid"],
+                                    "resourceVersion": meta.get("resourceVersion", "")},
+                 "reason": reason, "message": message, "type": type_, "count": 1,
+                 "firstTimestamp": now, "lastTimestamp": now, "source": {"component": "job-controller"},
+                 "reportingComponent": "job-controller", "reportingInstance": "devstack"}
+        try:
+            self.http.post(resource_path("v1", "events", run.namespace), event)
+        except KubeApiError as exc:
+            log.debug("cannot record event %s on %s/%s: %s", reason, run.namespace, run.name, exc)
+
     def _write_pod_status(self, namespace: str, name: str, status: Obj) -> None:
         try:
             self.http.patch(resource_path("v1", "pods", namespace, name, "status"), {"status": status})

@@ -63,9 +63,14 @@ class ResourceInfo:
         return entries
 
 
+# What `kubectl get all` lists on a real cluster (the "all" category).
+_CATEGORY_ALL = {"pods", "services", "deployments", "replicasets", "statefulsets", "daemonsets", "jobs", "cronjobs"}
+
+
 def _b(group: str, version: str, plural: str, kind: str, namespaced: bool = True, short: tuple[str, ...] = (),
        sub: tuple[str, ...] = ()) -> ResourceInfo:
-    return ResourceInfo(group, version, plural, kind, namespaced, kind.lower(), short, (), sub)
+    categories = ("all",) if plural in _CATEGORY_ALL and plural != "events" else ()
+    return ResourceInfo(group, version, plural, kind, namespaced, kind.lower(), short, categories, sub)
 
 
 BUILTIN_RESOURCES: tuple[ResourceInfo, ...] = (

@@ -2,7 +2,7 @@
 
 kubectl asks for a Table and prints whatever columns the server defines: for a CRD its
 `additionalPrinterColumns` (the README's `kubectl get eb` shows Ready, Reason, latencies...), for
-Pods and Jobs the familiar READY/STATUS and COMPLETIONS/DURATION. The CRD JSONPath subset covered
+Pods, Jobs and Events the familiar READY/STATUS, COMPLETIONS/DURATION and REASON/MESSAGE. The CRD JSONPath subset covered
 is what printer columns use: `.a.b`, `.a[0]`, `.a[*].b`, `.a[?(@.k=="v")].b`; `date` columns are
 rendered as ages ("5m") like the real server does.
 """
@@ -161,6 +161,18 @@ def _columns_and_row(info: ResourceInfo) -> tuple[list[Obj], Any]:
     if info.storage_key == "jobs.batch":
         cols = [name, _column("Status"), _column("Completions"), _column("Duration"), age]
         return cols, lambda o: [o["metadata"]["name"], *_job_row(o), _age(o["metadata"].get("creationTimestamp"))]
+    if info.storage_key in ("events", "events.events.k8s.io"):
+        cols = [_column("Last Seen"), _column("Type"), _column("Reason"), _column("Object"), _column("Message"),
+                _column("Name", fmt="name", priority=1)]
+
+        def event_row(o: Obj) -> list[Any]:
+            involved = o.get("involvedObject") or o.get("regarding") or {}
+            seen = o.get("lastTimestamp") or o.get("eventTime") or o["metadata"].get("creationTimestamp")
+            return [_age(seen), o.get("type", ""), o.get("reason", ""),
+                    f"{str(involved.get('kind', '')).lower()}/{involved.get('name', '')}",
+                    o.get("message") or o.get("note") or "", o["metadata"]["name"]]
+
+        return cols, event_row
     if info.storage_key == "namespaces":
         cols = [name, _column("Status"), age]
         return cols, lambda o: [o["metadata"]["name"], (o.get("status") or {}).get("phase", "Active"),

@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping
 
 from enginebuild_builder import buildkey
 from enginebuild_builder.constants import REPORT_FILE
+from enginebuild_builder.errors import StorageAccessDenied
 from enginebuild_builder.report import Report
 from enginebuild_builder.spec import EngineBuildSpec
 from enginebuild_builder.storage import S3Config, S3Store, parse_s3_uri
@@ -64,7 +65,13 @@ class StoreCache:
             return hit.store
         env = {k: v for k, v in self.base_env.items() if k in S3_KEYS}
         if secret_name and read_secret is not None:
-            data = read_secret(namespace, secret_name) or {}
+            data = read_secret(namespace, secret_name)
+            if data is None:
+                raise StorageAccessDenied(
+                    f"Secret {namespace}/{secret_name} does not exist: create it with the S3 keys "
+                    "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL; docs/storage.md)",
+                    field="spec.output.secretRef.name",
+                )
             env.update({k: v for k, v in data.items() if k in S3_KEYS})
         config = S3Config.from_env(env, max_attempts=3, connect_timeout_s=5.0, read_timeout_s=30.0)
         store = S3Store(config)

@@ -149,15 +149,27 @@ def _status_code(exc: BaseException) -> int | None:
     return getattr(exc, "status", None)
 
 
-def _create_job(manifest: dict[str, Any]) -> bool:
-    """Create; True if created, False if it already existed (an earlier pass or a previous process)."""
+def _create_job(manifest: dict[str, Any], deleted_uids: set[str]) -> str:
+    """`created`; `exists` when an earlier pass or process created it (409 is success: names are
+    deterministic); `terminating` when the name is still held by a Job we deleted (a spec changed
+    back to an earlier one has that build's key and names again): try again shortly."""
+    namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
     try:
-        runtime().batch.create_namespaced_job(manifest["metadata"]["namespace"], manifest, _preload_content=False)
-        return True
+        runtime().batch.create_namespaced_job(namespace, manifest, _preload_content=False)
+        return "created"
     except Exception as exc:  # kubernetes.client.ApiException
-        if _status_code(exc) == 409:
-            return False
+        if _status_code(exc) != 409:
+            raise
+    try:
+        resp = runtime().batch.read_namespaced_job(name, namespace, _preload_content=False)
+    except Exception as exc:
+        if _status_code(exc) == 404:
+            return "terminating"  # gone between the two calls: create on the next pass
         raise
+    meta = json.loads(resp.data).get("metadata") or {}
+    if meta.get("deletionTimestamp") or meta.get("uid") in deleted_uids:
+        return "terminating"
+    return "exists"
 
 
 def _delete_job(namespace: str, name: str) -> None:
@@ -234,7 +246,7 @@ class BuildState:
     key_generation: int | None = None
     key: str | None = None
     cache_checked_for: str | None = None
-    deleted_jobs: set[str] = field(default_factory=set)
+    deleted_uids: set[str] = field(default_factory=set)  # Jobs we deleted, until the watch drops them
     # Jobs this daemon created, by name -> monotonic time: until the watch shows them, "not in the
     # index" means "not seen yet", not "deleted by hand", so no GET is spent to check.
     created: dict[str, float] = field(default_factory=dict)
@@ -276,7 +288,7 @@ def _observed(index: Any, build: BuildId, state: BuildState) -> list[reconcile.O
         store = index.get(build, [])
     except Exception:
         store = []
-    return [j for j in store if j.name not in state.deleted_jobs]
+    return [j for j in store if j.uid not in state.deleted_uids]
 
 
 def _order(meta: Mapping[str, Any]) -> tuple[str, str, str]:
@@ -311,7 +323,7 @@ async def reconcile_once(
         # A build of an older generation still running is cancelled: the new spec is what counts.
         for job in _observed(index, build, state):
             await asyncio.to_thread(_delete_job, namespace, job.name)
-            state.deleted_jobs.add(job.name)
+            state.deleted_uids.add(job.uid or "")
         await _release(build)
         reconcile.mark_invalid(cs, str(exc))
         status.update({"observedGeneration": generation, "conditions": cs.conditions, "buildKey": None, "jobs": []})
@@ -369,9 +381,10 @@ async def reconcile_once(
                 await _release(build)
             break
         if p.step == Step.DELETE_STALE:
+            uids = {j.name: j.uid for j in observed}
             for job_name in p.jobs:
                 await asyncio.to_thread(_delete_job, namespace, job_name)
-                state.deleted_jobs.add(job_name)
+                state.deleted_uids.add(uids.get(job_name) or "")
                 kopf.info(body, reason="JobDeleted", message=f"deleted Job {job_name} of an older build")
         elif p.step == Step.CONFIRM_MISSING:
             fresh = [n for n in p.jobs if time.monotonic() - state.created.get(n, -1e9) < JUST_CREATED_S]
@@ -426,12 +439,17 @@ async def reconcile_once(
                 manifest = (jobs.export_job(owner, spec, key, cfg, deadline) if target is None else
                             jobs.engine_job(owner, spec, key, next(t for t in spec.targets if t.name == target),
                                             cfg, deadline))
-                created = await asyncio.to_thread(_create_job, manifest)
+                outcome = await asyncio.to_thread(_create_job, manifest, state.deleted_uids)
+                if outcome == "terminating":
+                    delay = 1.0
+                    continue
                 state.created[job_name] = time.monotonic()
                 reconcile.set_job_state(status, job_name, "Pending", "export" if target is None else "engine", target)
-                if created:
+                if outcome == "created":
                     kopf.info(body, reason="JobCreated", message=f"created Job {job_name}")
                     log.info("%s/%s: created Job %s", namespace, name, job_name)
+            if delay is not None:
+                break  # a name is still held by a deleted Job
             if p.targets == (None,):
                 cs.set("Exported", "Unknown", reconcile.R_EXPORTING, "export Job created")
             else:
@@ -549,7 +567,7 @@ async def _finish_failed(body: kopf.Body, namespace: str, name: str, state: Buil
     for job in observed:
         if job.state in ("Pending", "Running"):
             await asyncio.to_thread(_delete_job, namespace, job.name)
-            state.deleted_jobs.add(job.name)
+            state.deleted_uids.add(job.uid or "")
             reconcile.set_job_state(state.status, job.name, "Deleted")
     await _release((namespace, name))
     metrics.BUILDS.labels(result="failed", reason=reason).inc()

@@ -235,6 +235,15 @@ def test_spec_change_cancels_the_old_build_and_starts_a_new_key(eb_cluster: Clus
     assert st["buildKey"] == new_key and st["artifactsUri"].endswith(f"/{new_key}/")
     assert [j["name"] for j in st["jobs"]] == [job["metadata"]["name"]]
     assert metric_value(op.metrics(), "enginebuild_builds_total", result="cancelled", reason="SpecChanged") == 1.0
+    # Back to the first spec: its key and Job name again, as a new Job (the old one was deleted).
+    c.http.patch(c.eb_path("moving"), {"spec": {"batchSize": 128}})
+    def back() -> dict[str, Any] | None:
+        jobs = c.jobs("moving")
+        ok = len(jobs) == 1 and jobs[0]["metadata"]["name"] == old["metadata"]["name"]
+        return jobs[0] if ok and jobs[0]["metadata"]["uid"] != old["metadata"]["uid"] else None
+    wait_until(back, 60, "a fresh Job for the first spec")
+    wait_until(lambda: c.status("moving").get("buildKey") == old_key, 30, "the first key again")
+    assert metric_value(op.metrics(), "enginebuild_builds_total", result="cancelled", reason="SpecChanged") == 2.0
 
 
 def test_invalid_spec_is_reported_with_the_fix(eb_cluster: Cluster) -> None:
@@ -349,3 +358,29 @@ def test_two_replicas_one_acts_and_the_other_takes_over(eb_cluster: Cluster, s3_
     c.wait_job("ha", "h100", timeout=90)
     assert "created Job" in follower.log_tail(100_000) and "Resuming operations" in follower.log_tail(100_000)
     assert len(c.jobs("ha")) == 2
+
+
+def test_s3_credentials_come_from_the_secret_and_never_leak(eb_cluster: Cluster, s3_store: S3Store, tmp_path: Path) -> None:
+    import base64
+
+    c = eb_cluster
+    c.http.post(resource_path("v1", "secrets", c.namespace), {
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds", "namespace": c.namespace},
+        "data": {k: base64.b64encode(v.encode()).decode() for k, v in c.s3_env.items()}})
+    op = c.start_operator(own_s3_credentials=False)
+    spec = c.spec(output={"uri": f"s3://{c.bucket}/engines", "secretRef": {"name": "s3-creds"}})
+    c.create("secret", spec)
+    key = run_build(c, s3_store, "secret", tmp_path)
+    c.wait_condition("secret", "Ready", "True", "Succeeded")  # the operator reached S3: finalize wrote the manifest
+    assert publish.build_exists(s3_store, f"s3://{c.bucket}/engines", key) is not None
+    job = c.jobs("secret")[0]["spec"]["template"]["spec"]["containers"][0]
+    assert job["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
+    secret = c.s3_env["AWS_SECRET_ACCESS_KEY"]
+    for where, text in (("status", json.dumps(c.get("secret"))), ("events", json.dumps(c.events("secret"))),
+                        ("jobs", json.dumps(c.jobs("secret"))), ("log", op.log_tail(10**7)), ("metrics", op.metrics())):
+        assert secret not in text, f"the secret key leaked into the {where}"
+    # Without the Secret the operator cannot reach S3 and says so (and retries).
+    c.create("nosecret", c.spec(batchSize=32, output={"uri": f"s3://{c.bucket}/engines", "secretRef": {"name": "missing"}}))
+    cond = c.wait_condition("nosecret", "Ready", "False", "StorageAccessDenied")
+    assert "spec.output.secretRef.name: Secret default/missing does not exist" in cond["message"]
+    assert c.jobs("nosecret") == []

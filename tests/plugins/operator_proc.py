@@ -152,8 +152,10 @@ class Cluster:
             if exc.code != 409:
                 raise
 
-    def start_operator(self, *args: str, **env: str) -> OperatorProcess:
-        full = dict(os.environ, KUBECONFIG=str(self.emulator.kubeconfig), **self.s3_env,
+    def start_operator(self, *args: str, own_s3_credentials: bool = True, **env: str) -> OperatorProcess:
+        """`own_s3_credentials=False`: the operator gets no AWS_* and must use the specs' secretRef."""
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}
+        full = dict(base, KUBECONFIG=str(self.emulator.kubeconfig), **(self.s3_env if own_s3_credentials else {}),
                     ENGINEBUILD_RECONCILE_INTERVAL_SECONDS="2", ENGINEBUILD_BUILDER_IMAGE="registry.test/builder:1")
         full.update(env)
         op = OperatorProcess(full, self.workdir / f"operator-{len(self.operators)}.log", args or ("--standalone",))

@@ -691,7 +691,9 @@ async def on_delete(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, names
                 if exc.retriable:
                     raise kopf.TemporaryError(f"could not delete the artefacts: {exc}", delay=10) from None
                 raise kopf.PermanentError(f"could not delete the artefacts: {exc}") from None
-    was_running = rt.queue.holds(build)
+    st = dict(status or {})
+    was_running = bool(key) and not reconcile.is_terminal(st, key) and any(
+        j.get("state") in ("Pending", "Running") for j in st.get("jobs") or [])
     await _release(build)
     if was_running:
         metrics.BUILDS.labels(result="cancelled", reason="Deleted").inc()

@@ -173,7 +173,7 @@ def test_cache_hit_from_a_prepublished_build_creates_no_job(eb_cluster: Cluster,
 
 def test_deletion_with_retain_keeps_artefacts_and_removes_jobs(eb_cluster: Cluster, s3_store: S3Store, tmp_path: Path) -> None:
     c = eb_cluster
-    c.start_operator()
+    op = c.start_operator()
     c.create("kept", c.spec())
     key = run_build(c, s3_store, "kept", tmp_path)
     c.wait_condition("kept", "Ready", "True")
@@ -184,6 +184,9 @@ def test_deletion_with_retain_keeps_artefacts_and_removes_jobs(eb_cluster: Clust
     wait_until(lambda: c.get("kept") is None and c.get("half") is None, 30, "both EngineBuilds gone")
     wait_until(lambda: c.jobs("kept") == [] and c.jobs("half") == [], 30, "their Jobs gone")
     assert publish.build_exists(s3_store, f"s3://{c.bucket}/engines", key) is not None
+    text = op.metrics()
+    assert metric_value(text, "enginebuild_builds_total", result="cancelled", reason="Deleted") == 1.0  # "half" only
+    assert metric_value(text, "enginebuild_builds_in_progress") == 0.0
 
 
 def test_operator_killed_mid_build_restarts_without_duplicates(eb_cluster: Cluster, s3_store: S3Store, tmp_path: Path) -> None:
@@ -384,3 +387,24 @@ def test_s3_credentials_come_from_the_secret_and_never_leak(eb_cluster: Cluster,
     cond = c.wait_condition("nosecret", "Ready", "False", "StorageAccessDenied")
     assert "spec.output.secretRef.name: Secret default/missing does not exist" in cond["message"]
     assert c.jobs("nosecret") == []
+
+
+def test_s3_down_during_the_cache_check_is_reported_and_recovers(kube_emulator: Any, seaweedfs_private: Any, tmp_path: Path) -> None:
+    from enginebuild_builder.storage import S3Config
+
+    store = S3Store(S3Config.from_env(seaweedfs_private.env()))
+    store.create_bucket("down")
+    c = Cluster(kube_emulator, seaweedfs_private.env(), "down", tmp_path)
+    c.install_crd()
+    try:
+        c.start_operator()
+        seaweedfs_private.kill()
+        c.create("offline", c.spec())
+        cond = c.wait_condition("offline", "Ready", "False", "StorageUnavailable")
+        assert "retrying" in cond["message"] and c.jobs("offline") == []
+        assert c.condition("offline", "Succeeded")["status"] == "Unknown"
+        seaweedfs_private.restart()
+        c.wait_job("offline", "export", timeout=120)
+        c.wait_condition("offline", "Ready", "False", "Exporting")
+    finally:
+        c.close()

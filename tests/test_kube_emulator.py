@@ -219,6 +219,9 @@ def test_conflicts_duplicate_create_and_stale_resource_version(kube_http: KubeHt
                                             "value": first["metadata"]["resourceVersion"]}], kind="json")
     assert failed_test.value.code == 422  # what kopf's finalizer patch expects on a race
     fresh = kube_http.get(f"{WIDGETS}/dup")
+    with pytest.raises(KubeApiError) as unconditional:
+        kube_http.put(f"{WIDGETS}/dup", widget("dup", 7))  # custom resources need a resourceVersion on PUT
+    assert unconditional.value.code == 422
     replaced = kube_http.put(f"{WIDGETS}/dup", dict(fresh, spec={"size": 7}))
     assert replaced["spec"] == {"size": 7} and replaced["metadata"]["generation"] == 3
     with pytest.raises(KubeApiError) as missing:
@@ -318,6 +321,10 @@ def test_watch_honours_resource_version_and_selectors(kube_http: KubeHttp, crd: 
     assert _collect(kube_http, WIDGETS, rv, 3, labelSelector="pick=yes") == [
         ("ADDED", "late"), ("ADDED", "early"), ("DELETED", "late")]
     assert _collect(kube_http, WIDGETS, "0", 1) == [("ADDED", "early")]
+    # The single-object form watches one name.
+    kube_http.post(WIDGETS, widget("other"))
+    kube_http.patch(f"{WIDGETS}/early", {"spec": {"size": 8}})
+    assert _collect(kube_http, f"{WIDGETS}/early", rv, 2) == [("MODIFIED", "early"), ("MODIFIED", "early")]
 
 
 def test_watch_resumes_after_restart_and_old_versions_expire(tmp_path: Path) -> None:

@@ -39,7 +39,7 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from .kube_resources import BUILTIN_RESOURCES, ResourceInfo
+from .kube_resources import ResourceInfo
 from .kube_selectors import SelectorError, parse_field_selector, parse_label_selector
 from .kube_store import ApiError, Obj, Store, WatchEvent
 from .kube_tables import wants_table, to_table
@@ -264,6 +264,8 @@ class KubeEmulator:
                 return self._list(request, t)
             if t.subresource == "log":
                 return self._pod_log(request, t)
+            if t.subresource is None and (t.legacy_watch or q.get("watch") in ("true", "1", "True")):
+                return await self._watch(request, t)  # the old single-object form: a name field selector
             if t.subresource not in (None, "status"):
                 raise ApiError(404, "NotFound", f"unknown subresource {t.subresource!r}")
             obj = store.get(t.info, ns or "", t.name)
@@ -312,7 +314,7 @@ class KubeEmulator:
         elif ctype == "application/merge-patch+json":
             obj = self.store.patch(t.info, ns, t.name or "", "merge", body, t.subresource, dry_run)
         elif ctype == "application/strategic-merge-patch+json":
-            if t.info not in BUILTIN_RESOURCES:
+            if t.info.registry_crd:
                 raise ApiError(415, "UnsupportedMediaType", "strategic merge patch is not supported for custom "
                                "resources: use a merge patch (application/merge-patch+json)")
             obj = self.store.patch(t.info, ns, t.name or "", "strategic", body, t.subresource, dry_run)
@@ -378,7 +380,10 @@ class KubeEmulator:
 
     async def _watch(self, request: web.Request, t: _Target) -> web.StreamResponse:
         q = request.query
-        label, fields = parse_label_selector(q.get("labelSelector")), parse_field_selector(q.get("fieldSelector"))
+        field_selector = q.get("fieldSelector")
+        if t.name is not None:
+            field_selector = ",".join(filter(None, [field_selector, f"metadata.name={t.name}"]))
+        label, fields = parse_label_selector(q.get("labelSelector")), parse_field_selector(field_selector)
         bookmarks = q.get("allowWatchBookmarks") in ("true", "1")
         timeout = float(q["timeoutSeconds"]) if q.get("timeoutSeconds") else None
         response = web.StreamResponse(headers={"Content-Type": "application/json",

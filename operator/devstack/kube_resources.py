@@ -28,6 +28,7 @@ class ResourceInfo:
     categories: tuple[str, ...] = ()
     subresources: tuple[str, ...] = ()
     printer_columns: tuple[dict[str, Any], ...] = field(default=(), compare=False)
+    registry_crd: bool = False  # served because a CustomResourceDefinition says so
 
     @property
     def group_version(self) -> str:
@@ -139,6 +140,7 @@ def resources_from_crd(crd: dict[str, Any]) -> list[ResourceInfo]:
             short_names=tuple(names.get("shortNames") or ()), categories=tuple(names.get("categories") or ()),
             subresources=subresources,
             printer_columns=tuple(version.get("additionalPrinterColumns") or ()),
+            registry_crd=True,
         ))
     return result
 

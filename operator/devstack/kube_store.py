@@ -333,6 +333,9 @@ class Store:
             raise ApiError(400, "BadRequest", f"the name of the object ({body_meta.get('name')}) does not match "
                            f"the name on the URL ({name})")
         wanted_rv = body_meta.get("resourceVersion")
+        if not wanted_rv and subresource is None and info.group and info.registry_crd:
+            # Custom resources refuse unconditional updates (built-in kinds allow them).
+            raise invalid(info, name, "metadata.resourceVersion", "Invalid value: 0x0: must be specified for an update")
         if wanted_rv and wanted_rv != old["metadata"]["resourceVersion"]:
             raise conflict(info, name)
         return self._replace(info, namespace, old, copy.deepcopy(body), subresource, dry_run)

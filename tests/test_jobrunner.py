@@ -251,3 +251,25 @@ def test_container_paths_are_mapped_and_host_values_are_not(kube_emulator: Any, 
     assert seen == {"scratch": str(volume / "scratch"), "host": str(host_dir),
                     "arg": str(volume / "scratch" / "out.txt"), "cwd": str(volume / "scratch")}
     assert (volume / "scratch" / "out.txt").read_text() == "x"
+
+
+def test_pod_log_follow_streams_until_the_pod_finishes(job_runner: LocalJobRunner, http: KubeHttp,
+                                                       kubectl: Any, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    code = (f"import pathlib, time; print('first', flush=True)\n"
+            f"while not pathlib.Path({str(gate)!r}).exists(): time.sleep(0.05)\n"
+            "print('second', flush=True)")
+    http.post(JOBS, make_job("follow", code))
+    wait_for(lambda: pods(http, "follow") and (pods(http, "follow")[0].get("status") or {}).get("phase") == "Running",
+             what="the pod to run")
+    pod = pods(http, "follow")[0]["metadata"]["name"]
+    import subprocess
+
+    follower = subprocess.Popen(kubectl.argv("logs", "-f", pod), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    assert follower.stdout is not None
+    assert follower.stdout.readline() == "first\n"  # kubectl is following before the second line exists
+    gate.write_text("go")
+    out, err = follower.communicate(timeout=60)
+    assert follower.returncode == 0, err
+    assert out == "second\n"

@@ -263,6 +263,8 @@ class KubeEmulator:
                     return await self._watch(request, t)
                 return self._list(request, t)
             if t.subresource == "log":
+                if request.query.get("follow") in ("true", "1"):
+                    return await self._follow_pod_log(request, t)
                 return self._pod_log(request, t)
             if t.subresource is None and (t.legacy_watch or q.get("watch") in ("true", "1", "True")):
                 return await self._watch(request, t)  # the old single-object form: a name field selector
@@ -377,6 +379,36 @@ class KubeEmulator:
         if q.get("limitBytes"):
             data = data[: int(q["limitBytes"])]
         return web.Response(body=data, content_type="text/plain")
+
+    async def _follow_pod_log(self, request: web.Request, t: _Target) -> web.StreamResponse:
+        """`kubectl logs -f`: what is there (tailLines honoured), then what the process appends,
+        until the pod has finished (or is gone) and the file has been drained."""
+        first = self._pod_log(request, t)
+        path = Path((self.store.get(t.info, t.namespace or "", t.name or "")["metadata"].get("annotations") or {})
+                    [LOG_FILE_ANNOTATION])
+        response = web.StreamResponse(headers={"Content-Type": "text/plain"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        await response.write(first.body)  # type: ignore[arg-type]
+        offset = path.stat().st_size
+        try:
+            while not self.closing.is_set():
+                pod = self.store.find(t.info, t.namespace or "", t.name or "")
+                done = pod is None or (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+                size = path.stat().st_size if path.exists() else offset
+                if size > offset:
+                    with path.open("rb") as handle:
+                        handle.seek(offset)
+                        chunk = handle.read(size - offset)
+                    offset = size
+                    await response.write(chunk)
+                elif done:
+                    break
+                else:
+                    await asyncio.sleep(0.2)
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        return response
 
     async def _watch(self, request: web.Request, t: _Target) -> web.StreamResponse:
         q = request.query

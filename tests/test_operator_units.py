@@ -371,3 +371,17 @@ def test_config_from_env():
         load_config({"ENGINEBUILD_MAX_CONCURRENT_BUILDS": "many"})
     with pytest.raises(ConfigError, match="ENGINEBUILD_ALLOW_LOCAL_PATHS"):
         load_config({"ENGINEBUILD_ALLOW_LOCAL_PATHS": "perhaps"})
+
+
+def test_merge_reports_takes_export_half_and_every_target():
+    from enginebuild_operator.artifacts import merge_reports
+
+    export = _report()
+    a = Report(spec={}, build_key=KEY, engines=[_engine("a", "image", "fp16", 5.0, 10), _engine("a", "image", "fp8", 4.0, 6)],
+               warnings=["w1"], timings_s={"engine:a": 3.0})
+    b = Report(spec={}, build_key=KEY, engines=[_engine("b", "image", "fp8", 7.0, 6)], warnings=["w1", "w2"])
+    merged = merge_reports([a, export, b])
+    assert merged.encoders.keys() == {"image"}
+    assert [(e.target, e.precision) for e in merged.engines] == [("a", "fp16"), ("a", "fp8"), ("b", "fp8")]
+    assert merged.warnings == ["w1", "w2"] and merged.timings_s["engine:a"] == 3.0 and merged.status == "succeeded"
+    assert merge_reports([]) is None

@@ -233,3 +233,19 @@ def test_synthetic_held_out_differs_from_calibration(tiny_config: Path) -> None:
     assert not torch.equal(data.calibration.texts, data.held_out.texts)
     eot = loaded.tokenizer.eot_token_id
     assert all(int((row == eot).sum()) == 1 for row in data.calibration.texts)
+
+
+def test_memory_exhaustion_is_the_retriable_out_of_memory_error(tiny_config: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """An OOM anywhere in the export half must reach the operator as OutOfMemory (exit 33, retriable),
+    not as a permanent quantization failure. The allocation failure is injected at calibration."""
+    from enginebuild_builder.errors import OutOfMemory
+    from enginebuild_builder.stages import export_half
+
+    def exhausted(*args: object, **kwargs: object) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(export_half, "load_calibration", exhausted)
+    err = _export_error(tiny_config, tmp_path)
+    assert isinstance(err, OutOfMemory) and err.exit_code == 33 and err.retriable
+    assert "GPU memory exhausted" in str(err)

@@ -245,6 +245,7 @@ def test_dynamic_batch_axes_run_at_several_batch_sizes(dynamic: ExportRun, tmp_p
     from enginebuild_builder.stages import onnx_checks, validate
 
     assert set(dynamic.report.encoders) == {"image"}
+    assert dynamic.report.encoders["image"].input_shape == [-1, 3, 32, 32]
     assert dynamic.report.encoders["image"].accuracy.top1_agreement is None  # needs both towers
     for precision in ("fp16", "fp8"):
         model = _load(dynamic, "image", precision)

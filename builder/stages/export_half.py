@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import torch
 
-from ..errors import AccuracyGateFailed, QuantizationError
+from ..errors import AccuracyGateFailed, OutOfMemory, QuantizationError
 from ..report import Accuracy, Artifact, EncoderReport, OnnxPair, Report
 from ..spec import EngineBuildSpec
 from ..toolinfo import peak_gpu_bytes, peak_host_bytes, tool_versions
@@ -106,6 +106,13 @@ def run_export(
         torch.cuda.reset_peak_memory_stats()
     try:
         _run(spec, workdir, onnx_dir, device, report, checkpoint, calibration_dir, config_path)
+    except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
+        where = "GPU" if isinstance(exc, torch.cuda.OutOfMemoryError) else "host"
+        raise OutOfMemory(
+            f"{where} memory exhausted during the export half ({str(exc).splitlines()[0] if str(exc) else 'MemoryError'}); "
+            "use a node with more memory, a smaller batchSize, or fewer calibration.samples",
+            field="batchSize",
+        ) from exc
     finally:
         report.peak_memory_bytes["host"] = peak_host_bytes()
         report.peak_memory_bytes["gpu"] = peak_gpu_bytes()

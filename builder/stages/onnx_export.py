@@ -90,6 +90,8 @@ def export_fp16(half_wrapper: nn.Module, encoder: str, example: torch.Tensor, pa
                 dynamic_axes=_dynamic_axes(encoder, OUTPUT_NAME, dynamic),
                 dynamo=False,
             )
+        except torch.cuda.OutOfMemoryError:
+            raise
         except Exception as exc:  # the exporter raises many unrelated types
             raise QuantizationError(f"FP16 ONNX export of the {encoder} encoder failed: {exc}") from exc
         model = onnx.load(str(tmp_path), load_external_data=True)
@@ -114,6 +116,8 @@ def export_fp8(quant_wrapper: nn.Module, encoder: str, example: torch.Tensor, pa
                 quant_wrapper, (example,), model_name=path.stem, dynamic_axes=axes,
                 onnx_opset=opset, weights_dtype="fp16",
             )
+        except torch.cuda.OutOfMemoryError:
+            raise
         except Exception as exc:
             raise QuantizationError(
                 f"FP8 ONNX export of the {encoder} encoder failed: {exc}", log_tail=log_sink.getvalue()[-2000:]

@@ -112,5 +112,7 @@ def quantize_fp8(model: nn.Module, forward_loop: Callable[[nn.Module], None], in
 
     try:
         return mtq.quantize(model, fp8_config(include_vision), forward_loop)
+    except torch.cuda.OutOfMemoryError:
+        raise  # retriable: mapped to OutOfMemory by run_export, not a permanent quantization failure
     except (RuntimeError, ValueError, AssertionError, TypeError) as exc:
         raise QuantizationError(f"ModelOpt FP8 quantization failed: {exc}", field="quantization") from exc

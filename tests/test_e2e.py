@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-import yaml
 
 from enginebuild_builder.stages.publish import build_exists
 from enginebuild_operator.dashboards import alert_exprs, alert_rules, dashboard_exprs, metric_names
+from enginebuild_operator.devstack.demo import demo_manifest, stack_for
 from enginebuild_operator.devstack.prometheus import find_prometheus
 from enginebuild_operator.devstack.stack import LocalStack, condition
 from plugins.kube import KUBECTL, Kubectl, wait_for
@@ -39,7 +39,6 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 DOUBLE = REPO / "tests" / "doubles" / "trtexec"
-EXAMPLE = REPO / "examples" / "demo-tiny-clip.yaml"
 MODEL_CONFIG = REPO / "examples" / "models" / "tiny-clip.json"
 ENGINEBUILD = Path(sys.executable).parent / "enginebuild"
 NAME = "demo-tiny-clip"
@@ -70,12 +69,12 @@ def _wait_finished(stack: LocalStack, name: str, timeout: float = BUILD_TIMEOUT_
 def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalStack, dict[str, Any]]]:
     if find_prometheus() is None:
         pytest.fail("prometheus is not installed (apt-get install prometheus; .ci/setup.sh does it)")
-    stack = LocalStack(tmp_path_factory.mktemp("e2e-stack"), with_prometheus=True,
-                       job_env={"TRTEXEC": str(DOUBLE), "TRTEXEC_DOUBLE_LATENCY": json.dumps(LATENCY_MS)})
+    doc = demo_manifest(with_targets=True)
+    assert doc["spec"]["targets"], "the demo example must keep its GPU target for this test"
+    stack = stack_for(doc, tmp_path_factory.mktemp("e2e-stack"), with_prometheus=True,
+                      job_env={"TRTEXEC": str(DOUBLE), "TRTEXEC_DOUBLE_LATENCY": json.dumps(LATENCY_MS)})
     stack.start()
     try:
-        doc = yaml.safe_load(EXAMPLE.read_text())
-        assert doc["spec"]["targets"], "the demo example must keep its GPU target for this test"
         stack.upload_model(MODEL_CONFIG, doc["spec"]["model"]["config"], doc["spec"]["model"]["checkpoint"])
         stack.apply(doc)
         _wait_finished(stack, NAME)

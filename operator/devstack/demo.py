@@ -33,6 +33,8 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
+from enginebuild_builder.storage import parse_s3_uri
+
 from .prometheus import find_prometheus
 from .stack import LocalStack, StackError, condition
 
@@ -94,6 +96,14 @@ def demo_manifest(with_targets: bool) -> dict[str, Any]:
         doc = copy.deepcopy(doc)
         doc["spec"]["targets"] = []
     return doc
+
+
+def stack_for(doc: dict[str, Any], workdir: Path, **kwargs: Any) -> LocalStack:
+    """A LocalStack with the bucket and the S3 Secret that the EngineBuild `doc` refers to."""
+    output = doc["spec"]["output"]
+    secret = (output.get("secretRef") or {}).get("name") or "enginebuild-demo-s3"
+    return LocalStack(workdir, bucket=parse_s3_uri(output["uri"]).bucket, secret_name=secret,
+                      namespace=doc["metadata"].get("namespace", "default"), **kwargs)
 
 
 # ---------------------------------------------------------------- following the build
@@ -281,8 +291,9 @@ def report(stack: LocalStack, doc: dict[str, Any], progress: Progress, console: 
 def main(args: argparse.Namespace) -> int:
     console = Console()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger().setLevel(logging.WARNING)  # open_clip logs every model build at INFO on the root logger
-    logging.getLogger("enginebuild.devstack.jobrunner").setLevel(logging.WARNING)
+    # open_clip logs every model build on the root logger (and warns about the random init we ask for).
+    logging.getLogger().setLevel(logging.ERROR)
+    logging.getLogger("enginebuild").setLevel(logging.WARNING)
     logging.getLogger("enginebuild_builder.stages.model_loading").setLevel(logging.ERROR)  # the demo's random init
     keep = bool(getattr(args, "keep", False))
     want_prometheus = bool(getattr(args, "prometheus", False))
@@ -304,8 +315,8 @@ def main(args: argparse.Namespace) -> int:
 
     previous = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
     started = time.monotonic()
-    stack = LocalStack(workdir, job_env={"TRTEXEC": trtexec} if trtexec else {}, with_prometheus=want_prometheus,
-                       on_step=lambda what: console.print(f"starting {what} ...", highlight=False))
+    stack = stack_for(doc, workdir, job_env={"TRTEXEC": trtexec} if trtexec else {}, with_prometheus=want_prometheus,
+                      on_step=lambda what: console.print(f"starting {what} ...", highlight=False))
     ready = False
     try:
         stack.start()

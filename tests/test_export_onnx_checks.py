@@ -142,3 +142,18 @@ def test_rename_output_and_opset() -> None:
     assert [o.name for o in m.graph.output] == ["embedding"] and m.graph.node[-1].output[0] == "embedding"
     assert onnx_checks.opset_of(m) == 20
     assert onnx_checks.has_fp8_initializers(m)
+
+
+def test_type_mismatches_and_a_repair_that_would_break_another_consumer_is_undone() -> None:
+    """Cast(FLOAT) feeds an FP16 MatMul *and* an FP32 Add: retyping it would break the Add."""
+    nodes = [
+        helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT, name="cast"),
+        helper.make_node("MatMul", ["xf", "w"], ["y16"], name="mm"),
+        helper.make_node("Add", ["xf", "bias32"], ["z"], name="add"),
+        helper.make_node("Cast", ["y16"], ["y"], to=TensorProto.FLOAT16),
+    ]
+    m = _model(nodes, [numpy_helper.from_array(W.astype(np.float16), "w"),
+                       numpy_helper.from_array(np.zeros(4, dtype=np.float32), "bias32")])
+    assert onnx_checks.type_mismatches(m) == ["mm: T bound to FLOAT/FLOAT16"]
+    assert onnx_checks.repair_float_casts(m) == 0
+    assert m.graph.node[0].attribute[0].i == TensorProto.FLOAT  # undone

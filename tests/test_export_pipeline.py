@@ -159,6 +159,15 @@ def test_inputs_and_outputs(built: ExportRun) -> None:
             assert [i.name for i in model.graph.input] == [enc]
 
 
+def test_both_files_are_type_consistent(built: ExportRun) -> None:
+    """No node mixes FP32 and FP16 on one type variable (ModelOpt's raw FP8 output does; we repair it)."""
+    from enginebuild_builder.stages import onnx_checks
+
+    for enc in ENCODERS:
+        for precision in ("fp16", "fp8"):
+            assert onnx_checks.type_mismatches(_load(built, enc, precision)) == [], (enc, precision)
+
+
 def test_fp8_files_use_trt_q_nodes_and_fp16_baselines_have_no_qdq(built: ExportRun) -> None:
     for enc in ENCODERS:
         fp8 = _load(built, enc, "fp8")

@@ -174,13 +174,43 @@ def _upstream_cast(name: str, producers: dict[str, onnx.NodeProto]) -> onnx.Node
     return None
 
 
+def type_mismatches(model: onnx.ModelProto, types: dict[str, int] | None = None) -> list[str]:
+    """Standard-domain nodes whose inputs bound to one type variable (e.g. MatMul's `T`) have
+    different element types: graphs ONNX Runtime refuses and strongly typed TensorRT rejects."""
+    types = _elem_types(model) if types is None else types
+    version = opset_of(model)
+    found = []
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        try:
+            schema = onnx.defs.get_schema(node.op_type, version, node.domain)
+        except onnx.defs.SchemaError:
+            continue
+        bound: dict[str, set[int]] = {}
+        for i, name in enumerate(node.input):
+            if not name or not schema.inputs:
+                continue
+            formal = schema.inputs[min(i, len(schema.inputs) - 1)]
+            if name in types and types[name]:
+                bound.setdefault(formal.type_str, set()).add(types[name])
+        for type_var, seen in bound.items():
+            if len(seen) > 1:
+                names = "/".join(TensorProto.DataType.Name(t) for t in sorted(seen))
+                found.append(f"{node.name or node.op_type}: {type_var} bound to {names}")
+    return found
+
+
 def repair_float_casts(model: onnx.ModelProto) -> int:
     """Turn `Cast(to=FLOAT)` feeding an FP16 MatMul/Gemm peer or an FP16-scaled Q into FP16 casts.
 
     Returns how many casts changed. The cast's source is FP16 already, so the rewritten cast is a
     no-op and the graph becomes type-consistent; numerics do not change beyond FP16 rounding the
-    consumer applies anyway.
+    consumer applies anyway. If the rewrite would add a type conflict elsewhere (another consumer
+    of the cast needing FP32), every change is undone and 0 is returned.
     """
+    before = set(type_mismatches(model))
+    originals = {id(n): [(a, a.i) for a in n.attribute if a.name == "to"] for n in model.graph.node if n.op_type == "Cast"}
     changed = 0
     for _ in range(8):
         types = _elem_types(model)
@@ -204,6 +234,11 @@ def repair_float_casts(model: onnx.ModelProto) -> int:
         if not step:
             break
     del model.graph.value_info[:]  # stale after retyping
+    if changed and set(type_mismatches(model)) - before:
+        for attrs in originals.values():
+            for attr, value in attrs:
+                attr.i = value
+        return 0
     return changed
 
 

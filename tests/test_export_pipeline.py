@@ -205,6 +205,7 @@ def test_report_records_model_calibration_tools_timings_memory(built: ExportRun)
     assert r.peak_memory_bytes["gpu"] is None
     assert any("randomly initialised" in w for w in r.warnings)
     assert any("synthetic" in w for w in r.warnings)
+    assert not any("mixes FP32/FP16" in w for w in r.warnings)
 
 
 def test_report_round_trips_and_summarizes_under_4k(built: ExportRun, tmp_path: Path) -> None:

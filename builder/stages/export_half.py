@@ -29,7 +29,7 @@ from . import onnx_checks, onnx_export, validate
 from .attention import split_attention
 from .calibration import load_calibration
 from .model_loading import LoadedModel, load_model, sha256_file
-from .quantize import FINAL_PROJECTION_PARAMS, count_layers, make_forward_loop, quantize_fp8
+from .quantize import FINAL_PROJECTION_PARAMS, LayerCount, count_layers, make_forward_loop, quantize_fp8
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ def _validate(
     encoders: list[str],
     held: dict[str, torch.Tensor | None],
     references: dict[str, np.ndarray],
-    counts: dict,
+    counts: dict[str, LayerCount],
     reference_kind: str,
     report: Report,
 ) -> None:
@@ -244,6 +244,11 @@ def _validate(
             if opset < spec.export.opset:
                 problems.append(f"{enc}: FP8 ONNX has opset {opset}, spec.export.opset asks >= {spec.export.opset}")
             folding = onnx_checks.verify_weight_folding(fp8_model, allowed)
+            conflicts = onnx_checks.type_mismatches(fp8_model)
+            if conflicts:  # TensorRT strong typing would reject these nodes; say so before the engine stage
+                report.warnings.append(
+                    f"{enc} FP8 ONNX mixes FP32/FP16 inputs on {len(conflicts)} node(s): {'; '.join(conflicts[:3])}"
+                )
             problems.extend(f"{enc}: {v}" for v in folding.violations[: onnx_checks.MAX_LISTED])
             ort_model, _ = onnx_checks.to_ort_runnable(fp8_model)
             del fp8_model

@@ -34,7 +34,10 @@ S3_URI = re.compile(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$")
 
 class _Model(BaseModel):
     model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True,
+        # Strict types, as the API server checks the CRD: "128" or `true` is not a batch size (lax
+        # pydantic would make `batchSize: yes` a batch of 1 that the CRD refuses).
+        strict=True,
     )
 
 
@@ -43,7 +46,7 @@ def check_uri_or_path(value: str, field: str) -> str:
     if "://" in value:
         if not value.startswith("s3://"):
             raise ValueError(f"only s3:// URIs or local paths are supported, got {value!r}")
-        if not S3_URI.match(value):
+        if not S3_URI.fullmatch(value):  # fullmatch: `$` alone lets "...\n" through, RE2's does not
             raise ValueError(f"{value!r} is not s3://<bucket>/<key> with a valid bucket name")
     if ".." in Path(value.removeprefix("s3://")).parts:
         raise ValueError(f"'..' path segments are not allowed in {field}: {value!r}")
@@ -165,7 +168,7 @@ class TargetSpec(_Model):
     @field_validator("name")
     @classmethod
     def _dns(cls, v: str) -> str:
-        if not DNS_LABEL.match(v) or len(v) > 40:
+        if not DNS_LABEL.fullmatch(v) or len(v) > 40:
             raise ValueError(f"target name {v!r} must be a DNS label of at most 40 characters ([a-z0-9-])")
         return v
 

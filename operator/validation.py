@@ -137,7 +137,8 @@ def check_spec(spec: EngineBuildSpec, name: str, config: OperatorConfig) -> list
 def validate(raw_spec: Any, name: str, config: OperatorConfig) -> EngineBuildSpec:
     """Parse and check a resource's spec; raise InvalidSpec with every problem found."""
     try:
-        spec = parse_spec(dict(raw_spec) if raw_spec is not None else None)
+        # Any non-mapping (None, a string, a list) goes to parse_spec as is: a SpecError, never a crash.
+        spec = parse_spec(dict(raw_spec) if isinstance(raw_spec, dict) else raw_spec)
     except SpecError as exc:
         raise InvalidSpec(f"{exc}\nFix the spec and apply it again (kubectl explain enginebuild.spec).") from None
     problems = check_spec(spec, name, config)

@@ -249,3 +249,12 @@ def test_memory_exhaustion_is_the_retriable_out_of_memory_error(tiny_config: Pat
     err = _export_error(tiny_config, tmp_path)
     assert isinstance(err, OutOfMemory) and err.exit_code == 33 and err.retriable
     assert "GPU memory exhausted" in str(err)
+
+
+def test_random_init_is_seeded_and_reproducible(tiny_config: Path) -> None:
+    a = load_model(ModelSpec(config=str(tiny_config)), None).model.state_dict()
+    torch.manual_seed(12345)  # the caller's RNG state must not matter ...
+    b = load_model(ModelSpec(config=str(tiny_config)), None).model.state_dict()
+    c = load_model(ModelSpec(config=str(tiny_config)), None, seed=1).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["visual.conv1.weight"], c["visual.conv1.weight"])

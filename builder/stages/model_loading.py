@@ -159,8 +159,16 @@ def _apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: Pa
     model.load_state_dict(state, strict=True)
 
 
-def load_model(model_spec: ModelSpec, checkpoint: Path | None, config_path: Path | None = None) -> LoadedModel:
-    """Build the open_clip model in eval mode, FP32, on the CPU (the caller moves it)."""
+RANDOM_INIT_SEED = 0
+
+
+def load_model(model_spec: ModelSpec, checkpoint: Path | None, config_path: Path | None = None,
+               seed: int = RANDOM_INIT_SEED) -> LoadedModel:
+    """Build the open_clip model in eval mode, FP32, on the CPU (the caller moves it).
+
+    Random initialisation is seeded (`seed`), so two processes of one build — the export Job and a
+    PyTorch-baseline Job — get the same random weights, and a rebuild gives the same files.
+    """
     import open_clip
 
     if config_path is None and model_spec.config:
@@ -194,9 +202,11 @@ def load_model(model_spec: ModelSpec, checkpoint: Path | None, config_path: Path
         state = _read_state_dict(checkpoint)
 
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            arch, pretrained=None, pretrained_image=False, pretrained_text=False, device="cpu"
-        )
+        with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG state
+            torch.manual_seed(seed)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                arch, pretrained=None, pretrained_image=False, pretrained_text=False, device="cpu"
+            )
     except (RuntimeError, ValueError, KeyError, TypeError, AssertionError) as exc:
         field = "model.config" if config_path is not None else "model.architecture"
         raise UnknownArchitecture(f"open_clip cannot build {arch!r}: {exc}", field=field) from None

@@ -121,3 +121,9 @@ def test_fp8_config_keeps_vision_towers_that_modelopt_default_excludes() -> None
     assert ours["algorithm"] == "max"
     wq = [r for r in ours["quant_cfg"] if r.get("quantizer_name") == "*weight_quantizer"][0]
     assert tuple(wq["cfg"]["num_bits"]) == (4, 3) and wq["cfg"]["axis"] is None  # E4M3, per tensor
+
+
+def test_unbatched_input_matches() -> None:
+    mha, split = _pair()
+    x = torch.randn(5, 32)
+    assert _both(mha, split, x, x, x) < TOL

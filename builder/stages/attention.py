@@ -108,10 +108,9 @@ class SplitMultiheadAttention(nn.Module):
         if need_weights:
             raise NotImplementedError("SplitMultiheadAttention does not return attention weights")
         unbatched = query.dim() == 2
-        if unbatched:
-            query, key, value = query.unsqueeze(0 if self.batch_first else 1), key.unsqueeze(
-                0 if self.batch_first else 1
-            ), value.unsqueeze(0 if self.batch_first else 1)
+        if unbatched:  # [L, E]: add the batch axis where nn.MultiheadAttention expects it
+            axis = 0 if self.batch_first else 1
+            query, key, value = query.unsqueeze(axis), key.unsqueeze(axis), value.unsqueeze(axis)
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         if not self.batch_first:
@@ -158,16 +157,3 @@ def split_attention(model: nn.Module) -> SplitResult:
         setattr(parent, child, new)
         result.replaced.append(name)
     return result
-
-
-@torch.no_grad()
-def max_abs_difference(
-    original: nn.MultiheadAttention,
-    split: SplitMultiheadAttention,
-    query: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-) -> float:
-    """Largest output difference between the two modules on `query` (self-attention); test/diagnostic aid."""
-    a = original(query, query, query, need_weights=False, attn_mask=attn_mask)[0]
-    b = split(query, query, query, need_weights=False, attn_mask=attn_mask)[0]
-    return float((a - b).abs().max())

@@ -288,3 +288,17 @@ def test_cli_maps_the_gate_failure_to_exit_code_20(tiny_config: Path, tmp_path: 
                "--device", "cpu", "--stages", "export"])
     assert rc == 20
     assert (tmp_path / "wd" / "onnx" / "text.fp8.onnx").is_file()
+
+
+def test_without_the_attention_split_in_proj_stays_fp16_and_is_reported(tiny_config: Path, tmp_path: Path) -> None:
+    spec = tiny_spec(tiny_config, encoders=["text"], quantization={"splitAttentionProjections": False})
+    run = run_tiny_export(spec, tmp_path)
+    assert run.error is None, run.error
+    enc = run.report.encoders["text"]
+    # stock open_clip text tower: per block out_proj, c_fc, c_proj + the bare in_proj; + text_projection
+    assert enc.linear_layers == 2 * 4 + 1 and enc.quantized_linear_layers == 2 * 3
+    assert sum("in_proj_weight" in n for n in enc.unquantized_layers) == 2
+    assert "attention_modules_split" not in run.report.model
+    assert any("splitAttentionProjections is off" in w for w in run.report.warnings)
+    kinds = [k for _, k, _ in _weight_sources(_load(run, "text", "fp8"))]
+    assert kinds.count("bare") > 1  # in_proj + final projection are plain FP16 MatMul weights

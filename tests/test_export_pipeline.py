@@ -302,3 +302,41 @@ def test_without_the_attention_split_in_proj_stays_fp16_and_is_reported(tiny_con
     assert any("splitAttentionProjections is off" in w for w in run.report.warnings)
     kinds = [k for _, k, _ in _weight_sources(_load(run, "text", "fp8"))]
     assert kinds.count("bare") > 1  # in_proj + final projection are plain FP16 MatMul weights
+
+
+def test_checkpoint_and_image_folder_calibration_end_to_end(tiny_config: Path, tmp_path: Path) -> None:
+    """Not random, not synthetic: a safetensors checkpoint and a folder of images + captions.txt."""
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from enginebuild_builder.spec import ModelSpec
+    from enginebuild_builder.stages.model_loading import load_model
+
+    state = load_model(ModelSpec(config=str(tiny_config)), None, seed=42).model.state_dict()
+    ckpt = tmp_path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(ckpt))
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(folder / f"{i:02d}.jpg")
+    (folder / "captions.txt").write_text("".join(f"a photo of a {w}\n" for w in
+                                                 ["cat", "dog", "car", "tree", "house"] * 4))
+    spec = tiny_spec(tiny_config, model={"config": str(tiny_config), "checkpoint": str(ckpt)},
+                     calibration={"source": str(folder), "samples": 12}, accuracy={"samples": 8})
+    run = run_tiny_export(spec, tmp_path / "wd")
+    assert run.error is None, run.error
+    r = run.report
+    assert r.model["random_init"] is False
+    assert r.model["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert r.calibration["synthetic"] is False and r.calibration["samples"] == 12
+    assert r.calibration["held_out_samples"] == 8 and r.calibration["held_out_source"] == str(folder)
+    assert r.calibration["files"] == 21 and len(r.calibration["sha256"]) == 64
+    assert not any("randomly initialised" in w or "synthetic" in w for w in r.warnings)
+    for enc in ENCODERS:
+        assert r.encoders[enc].accuracy.passed
+    # the checkpoint's weights, not seed-0 random ones, are what got exported
+    fp16 = _load(run, "image", "fp16")
+    conv = [i for i in fp16.graph.initializer if tuple(i.dims) == (64, 3, 8, 8)][0]
+    np.testing.assert_allclose(onnx.numpy_helper.to_array(conv).astype(np.float32),
+                               state["visual.conv1.weight"].numpy(), atol=1e-3)

@@ -74,6 +74,7 @@ def test_success_with_termination_message_secret_env_and_logs(job_runner: LocalJ
     logs = kubernetes.client.CoreV1Api(kube_client).read_namespaced_pod_log(pod["metadata"]["name"], "default")
     assert logs == "exporting ViT-B-32\n"
     events = http.get("/api/v1/namespaces/default/events", fieldSelector="involvedObject.name=export-ok")["items"]
+    events.sort(key=lambda e: int(e["metadata"]["resourceVersion"]))
     assert [e["reason"] for e in events] == ["SuccessfulCreate", "Completed"]
     assert "not-in-logs" not in (Path(job_runner.workdir) / "default" / pod["metadata"]["name"] / "container.log").read_text()
 

@@ -295,6 +295,10 @@ def test_owner_reference_garbage_collection(kube_http: KubeHttp, crd: dict[str, 
     kube_http.patch(f"{cms}/fg-dep", {"metadata": {"finalizers": None}})
     assert _gone(kube_http, f"{cms}/fg-dep") and _gone(kube_http, f"{WIDGETS}/fg")
 
+    # A dependent created after its owner is gone is collected by the periodic sweep.
+    kube_http.post(cms, owned("late-dep", owner))
+    wait_for(lambda: _gone(kube_http, f"{cms}/late-dep"), what="the garbage collector's sweep")
+
 
 def test_secret_string_data_and_events_and_leases(kube_http: KubeHttp) -> None:
     secret = kube_http.post("/api/v1/namespaces/default/secrets",

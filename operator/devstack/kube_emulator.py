@@ -55,6 +55,7 @@ SERVER_VERSION = {
 LOG_FILE_ANNOTATION = "devstack.enginebuild.dev/log-file"
 BOOKMARK_INTERVAL_S = 5.0
 SAVE_DELAY_S = 1.0
+GC_INTERVAL_S = 1.0
 
 
 @dataclass
@@ -135,6 +136,15 @@ class KubeEmulator:
                 self.journal.seek(0)
                 self.journal.truncate()
             self._last_save_s = time.monotonic() - started
+
+    async def garbage_collector(self, interval_s: float = GC_INTERVAL_S) -> None:
+        """Deletes dependents whose owners are gone (an owner's own deletion collects at once)."""
+        while not self.closing.is_set():
+            await asyncio.sleep(interval_s)
+            try:
+                self.store.collect_dangling()
+            except Exception:
+                log.error("garbage collection failed:\n%s", traceback.format_exc())
 
     # ------------------------------------------------------------ routing
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -480,6 +490,7 @@ async def serve(host: str, port: int, state_file: Path | None, history: int | No
     server = site._server
     bound_port = server.sockets[0].getsockname()[1] if server is not None and server.sockets else port
     print(json.dumps({"url": f"http://{host}:{bound_port}", "port": bound_port, "pid": os.getpid()}), flush=True)
+    gc_task = asyncio.create_task(emulator.garbage_collector())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -488,6 +499,7 @@ async def serve(host: str, port: int, state_file: Path | None, history: int | No
     emulator.closing.set()
     for watcher in list(emulator.store.watchers):
         watcher.queue.put_nowait(None)  # type: ignore[arg-type]
+    gc_task.cancel()
     emulator.save_now()
     await runner.cleanup()
 

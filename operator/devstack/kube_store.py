@@ -564,6 +564,18 @@ class Store:
                     and not obj["metadata"].get("deletionTimestamp"):
                 self.delete(info, ns, obj["metadata"]["name"], {"propagationPolicy": "Background"})
 
+    def collect_dangling(self) -> int:
+        """The garbage collector's periodic sweep: objects whose owners all no longer exist (created
+        after their owner was deleted, or orphaned by a restart) are deleted. Returns how many."""
+        uids = {o["metadata"].get("uid") for _, _, o in self._all_objects()}
+        doomed = [(info, ns, obj) for info, ns, obj in self._all_objects()
+                  if obj["metadata"].get("ownerReferences") and not obj["metadata"].get("deletionTimestamp")
+                  and not any(r.get("uid") in uids for r in obj["metadata"]["ownerReferences"])]
+        for info, ns, obj in doomed:
+            if self.find(info, ns, obj["metadata"]["name"]) is not None:
+                self.delete(info, ns, obj["metadata"]["name"], {"propagationPolicy": "Background"})
+        return len(doomed)
+
     def _settle_foreground(self, owner_uid: str) -> None:
         found = self._find_by_uid(owner_uid)
         if found is None:

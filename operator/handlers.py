@@ -131,8 +131,11 @@ def job_event(namespace: str, labels: Mapping[str, str], **_: Any) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def engine_build_event(namespace: str, name: str, **_: Any) -> None:
-    if RUNTIME is not None:
+def engine_build_event(namespace: str, name: str, meta: kopf.Meta, status: kopf.Status, **_: Any) -> None:
+    """Wake the build's loop for a new generation; our own status writes come back here too and need
+    no pass (the loop already knows what it wrote)."""
+    if RUNTIME is not None and (meta.get("generation") != (status or {}).get("observedGeneration")
+                                or meta.get("deletionTimestamp")):
         RUNTIME.wake((namespace, name))
 
 

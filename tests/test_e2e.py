@@ -49,6 +49,8 @@ BUILD_TIMEOUT_S = 420  # generous ceiling on 2 shared cores, not a speed asserti
 KEY_METRICS = {
     "enginebuild_engine_size_bytes", "enginebuild_engine_latency_seconds", "enginebuild_fp8_speedup_ratio",
     "enginebuild_onnx_size_bytes", "enginebuild_accuracy_cosine_min", "enginebuild_builds_total",
+    "enginebuild_engine_throughput_items_per_second", "enginebuild_accuracy_min_cosine_required",
+    "enginebuild_gpu_seconds_total",
 }
 
 
@@ -195,14 +197,20 @@ def test_every_dashboard_query_and_alert_rule_evaluates(built: tuple[LocalStack,
     stack, _ = built
     prom = stack.prometheus
     assert prom is not None
-    wait_for(lambda: prom.query("enginebuild_engine_size_bytes"), timeout=60, what="a scrape with engine sizes")
+    # increase()/rate() panels need two samples of a series in their window; the GPU-seconds series is
+    # the last one born (when the engine Job finished).
+    wait_for(lambda: prom.query("min(count_over_time(enginebuild_gpu_seconds_total[1h])) >= 3"), timeout=60,
+             what="three scrapes of the newest operator series")
     exprs = dashboard_exprs()
     assert exprs, "the dashboard has no queries"
-    empty_key_panels = []
+    empty_key_panels, key_panels = [], 0
     for expr in exprs:
         result = prom.query(expr)  # raises PrometheusError on a parse or evaluation error
-        if metric_names(expr) & KEY_METRICS and not result:
-            empty_key_panels.append(expr)
+        if metric_names(expr) & KEY_METRICS:
+            key_panels += 1
+            if not result:
+                empty_key_panels.append(expr)
+    assert key_panels >= 10, f"only {key_panels} dashboard queries read the key metrics"
     assert not empty_key_panels, f"key panels with no data after a finished build: {empty_key_panels}"
     for expr in alert_exprs():
         prom.query(expr)
@@ -213,6 +221,22 @@ def test_every_dashboard_query_and_alert_rule_evaluates(built: tuple[LocalStack,
     assert {name for name, _, _ in health} >= names
     firing = prom.query('ALERTS{alertstate="firing"}')
     assert firing == [], f"alerts firing after a healthy build: {firing}"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "operator bug: enginebuild_gpu_seconds_total{target,gpu_product} is born with the Job's whole GPU time "
+    "(handlers.py inc() on a new label set), so increase()/rate() in the dashboard never count a target's first "
+    "build; the series must be created at 0 when the engine Job is created. Remove this mark with the fix."))
+def test_gpu_seconds_panel_counts_the_first_build_of_a_target(built: tuple[LocalStack, dict[str, Any]]) -> None:
+    stack, _ = built
+    prom = stack.prometheus
+    assert prom is not None
+    gpu_seconds = float(_status(stack)["gpuSeconds"])
+    assert gpu_seconds > 0
+    wait_for(lambda: prom.query("count_over_time(enginebuild_gpu_seconds_total[1h]) >= 3"), timeout=60,
+             what="three scrapes of the GPU-seconds series")
+    (sample,) = prom.query("sum(increase(enginebuild_gpu_seconds_total[1h]))")
+    assert float(sample["value"][1]) > 0.5 * gpu_seconds
 
 
 def test_second_apply_of_the_same_spec_is_a_cache_hit(built: tuple[LocalStack, dict[str, Any]]) -> None:

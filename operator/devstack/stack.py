@@ -133,22 +133,6 @@ class OperatorProcess:
             proc.wait()
 
 
-class HostPathsJobRunner(LocalJobRunner):
-    """The Job runner, with the host paths it adds itself kept out of container-path mapping.
-
-    LocalJobRunner maps container mount paths (the Jobs mount an emptyDir at /work) in every env
-    value, including the PATH entry it adds for this interpreter's bin/ and `extra_env`: with the
-    checkout under /work (as on the project's machines) `enginebuild` and $TRTEXEC then point into
-    the pod's scratch volume and the pod fails with StartError. Those values are host paths by
-    construction, so they are restored after the mapping."""
-
-    def _container_env(self, run: Any, pod: Any, container: dict[str, Any]) -> dict[str, str]:
-        env = super()._container_env(run, pod, container)
-        env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin")
-        env.update(self.extra_env)
-        return env
-
-
 @dataclass(eq=False)
 class LocalStack:
     """Start with `.start()`, stop with `.stop()` (idempotent; safe after a partial start)."""
@@ -166,7 +150,7 @@ class LocalStack:
     emulator: EmulatorProcess | None = None
     s3: SeaweedFS | None = None
     operator: OperatorProcess | None = None
-    runner: HostPathsJobRunner | None = None
+    runner: LocalJobRunner | None = None
     prometheus: Prometheus | None = None
     on_step: Callable[[str], None] = field(default=lambda _msg: None, repr=False)
 
@@ -187,7 +171,7 @@ class LocalStack:
             self.on_step("operator")
             self.operator = self.start_operator()
             self.on_step("local Job runner")
-            self.runner = HostPathsJobRunner(self.emulator.url, self.workdir / "pods", extra_env=self.job_env,
+            self.runner = LocalJobRunner(self.emulator.url, self.workdir / "pods", extra_env=self.job_env,
                                          backoff_base_s=0.5).start()
             if self.with_prometheus:
                 self.on_step("Prometheus")

@@ -13,6 +13,7 @@ import json
 import logging
 import pickle
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -30,6 +31,13 @@ TORCH_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt"}
 # Keys a training script wraps a state dict in; the first one present (holding a dict) is used.
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
 MAX_KEYS_IN_MESSAGE = 8
+# A .pt/.bin is a zip archive whose records torch.save stores uncompressed. torch.load inflates a
+# record to the size the archive declares *before* checking it against the tensor, so a few MB of
+# deflated zeros can claim gigabytes (measured: a 1 MB file took 1 GiB of RSS). Declared sizes are
+# therefore bounded by the file's own size before torch sees it.
+MAX_ZIP_EXPANSION = 4
+ZIP_SLACK_BYTES = 64 << 20
+MAX_ZIP_MEMBERS = 1_000_000
 
 
 @dataclass
@@ -80,6 +88,28 @@ def _register_config(config_path: Path, name: str | None) -> str:
     return name
 
 
+def check_zip_bounds(path: Path) -> None:
+    """Refuse a zip checkpoint whose declared contents exceed what its size can honestly hold."""
+    field = "model.checkpoint"
+    if not zipfile.is_zipfile(path):
+        return  # legacy torch format or safetensors: their readers bound sizes by the file
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointUnreadable(f"{path} is a damaged zip archive: {exc}", field=field) from None
+    declared = sum(m.file_size for m in members)
+    if len(members) > MAX_ZIP_MEMBERS or declared > size * MAX_ZIP_EXPANSION + ZIP_SLACK_BYTES:
+        raise CheckpointUnreadable(
+            f"{path} was refused: its {len(members)} archive members declare {declared} bytes "
+            f"uncompressed, more than a {size}-byte checkpoint can hold (torch.save stores tensors "
+            "uncompressed; a highly compressed member is a decompression bomb). Re-save it with torch.save "
+            "or as .safetensors",
+            field=field,
+        )
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     field = "model.checkpoint"
     suffix = path.suffix.lower()
@@ -92,6 +122,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise CheckpointUnreadable(f"{path} is not a valid safetensors file: {exc}", field=field) from None
     elif suffix in TORCH_SUFFIXES:
+        check_zip_bounds(path)
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:

@@ -104,6 +104,12 @@ def test_build_is_ready_with_engines_sizes_latencies_and_accuracy(built: tuple[L
     assert suffixes == ["export", "h100"]
     assert all((j.get("status") or {}).get("succeeded") == 1 for j in jobs)
     assert {(r["stage"], r["state"]) for r in status["jobs"]} == {("export", "Succeeded"), ("engine", "Succeeded")}
+    # S3 credentials reach the Jobs only through the EngineBuild's Secret (the runner resolves envFrom
+    # like kubelet; neither the operator nor the runner passes its own AWS_* variables).
+    for j in jobs:
+        (container,) = j["spec"]["template"]["spec"]["containers"]
+        assert container["envFrom"] == [{"secretRef": {"name": doc["spec"]["output"]["secretRef"]["name"]}}]
+        assert not [e["name"] for e in container["env"] if e["name"].startswith("AWS_")]
 
     engines = status["engines"]
     assert sorted((e["target"], e["encoder"], e["precision"]) for e in engines) == [
@@ -187,6 +193,14 @@ def test_readme_kubectl_commands(built: tuple[LocalStack, dict[str, Any]], tmp_p
     header, row = table.splitlines()[:2]
     assert header.split() == ["NAME", "READY", "REASON", "IMAGE-FP8", "TEXT-FP8", "SPEEDUP", "AGE"]
     assert row.split()[:6] == [NAME, "True", "Succeeded", "0.500", "0.500", "1.600"]
+    watch = subprocess.Popen(kubectl.argv("get", "eb", "-w"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert watch.stdout is not None
+        first = [watch.stdout.readline(), watch.stdout.readline()]
+    finally:
+        watch.terminate()
+        watch.wait(10)
+    assert first[0].split()[0] == "NAME" and first[1].split()[:3] == [NAME, "True", "Succeeded"], first
     waited = kubectl("wait", "--for=condition=Ready", f"eb/{NAME}", "--timeout=60s")
     assert f"{NAME} condition met" in waited.stdout
     engines = kubectl("get", "eb", NAME, "-o", "jsonpath={.status.engines}").stdout
@@ -239,12 +253,17 @@ def test_gpu_seconds_panel_counts_the_first_build_of_a_target(built: tuple[Local
     assert float(sample["value"][1]) > 0.5 * gpu_seconds
 
 
-def test_second_apply_of_the_same_spec_is_a_cache_hit(built: tuple[LocalStack, dict[str, Any]]) -> None:
+def test_second_apply_of_the_same_spec_is_a_cache_hit(built: tuple[LocalStack, dict[str, Any]], tmp_path: Path) -> None:
+    """`kubectl apply -f` (the README's way) of the same spec under another name: no new Job."""
     stack, doc = built
     jobs_before = {j["metadata"]["name"] for j in stack.jobs()}
     again = copy.deepcopy(doc)
     again["metadata"]["name"] = f"{NAME}-again"
-    stack.apply(again)
+    manifest = tmp_path / "again.json"
+    manifest.write_text(json.dumps(again))
+    kubectl = Kubectl(stack.kubeconfig, tmp_path / "kubectl-cache")
+    kubectl("apply", "-f", str(REPO / "crds" / "enginebuild.yaml"))  # the README's first step, idempotent
+    assert f"enginebuild.io/{NAME}-again created" in kubectl("apply", "-f", str(manifest)).stdout
     eb = _wait_finished(stack, f"{NAME}-again", timeout=120)
     status = eb["status"]
     assert condition(eb, "Ready").get("status") == "True"

@@ -429,7 +429,7 @@ OPERATOR = textwrap.dedent('''
 def test_real_kopf_run_handles_create_and_finalizer_deletion(kubeconfig: Path, kube_http: KubeHttp,
                                                              crd: dict[str, Any], tmp_path: Path) -> None:
     (tmp_path / "tiny_operator.py").write_text(OPERATOR)
-    install_kopf_peering_crds(kube_http.base_url)
+    install_kopf_peering_crds(kube_http)
     env = {"PATH": os.environ.get("PATH", ""), "KUBECONFIG": str(kubeconfig), "HOME": str(tmp_path)}
     log = (tmp_path / "kopf.log").open("w")
     kopf = subprocess.Popen([sys.executable, "-m", "kopf", "run", "--standalone", "--namespace", "default",
@@ -474,7 +474,7 @@ def test_project_crd_and_examples_apply_and_print_columns(kubectl: Kubectl, repo
 def test_two_kopf_replicas_with_peering_only_one_acts(kubeconfig: Path, kube_http: KubeHttp,
                                                       crd: dict[str, Any], tmp_path: Path) -> None:
     (tmp_path / "tiny_operator.py").write_text(OPERATOR)
-    install_kopf_peering_crds(kube_http.base_url)
+    install_kopf_peering_crds(kube_http)
     env = {"PATH": os.environ.get("PATH", ""), "KUBECONFIG": str(kubeconfig), "HOME": str(tmp_path)}
     logs = [tmp_path / f"kopf-{i}.log" for i in range(2)]
     replicas = [subprocess.Popen([sys.executable, "-m", "kopf", "run", "--namespace", "default", "--peering", "default",

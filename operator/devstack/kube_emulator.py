@@ -31,7 +31,6 @@ import subprocess
 import sys
 import time
 import traceback
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -640,11 +639,14 @@ def kopf_peering_crds() -> list[Obj]:
     return crds
 
 
-def install_kopf_peering_crds(api_url: str, peering: str = "default", namespaces: tuple[str, ...] = ("default",)) -> None:
+def install_kopf_peering_crds(api: Any, peering: str = "default", namespaces: tuple[str, ...] = ("default",)) -> None:
     """POST kopf's peering CRDs and the peering objects kopf waits for: the ClusterKopfPeering
     `peering` (for `kopf run -A`) and a KopfPeering `peering` in each of `namespaces` (for
-    `kopf run --namespace`). Existing ones are fine (409 is ignored)."""
-    base = api_url.rstrip("/")
+    `kopf run --namespace`). `api` is a URL, a kubeconfig path, a KubeHttp or a kubernetes
+    ApiClient (so it works on a real cluster too). Existing ones are fine (409 is ignored)."""
+    from .kube_http import KubeApiError, KubeHttp
+
+    http = KubeHttp.of(api)
     posts: list[tuple[str, Obj]] = [("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", crd)
                                     for crd in kopf_peering_crds()]
     posts.append(("/apis/kopf.dev/v1/clusterkopfpeerings",
@@ -653,13 +655,18 @@ def install_kopf_peering_crds(api_url: str, peering: str = "default", namespaces
                   {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": peering}})
                  for ns in namespaces)
     for path, body in posts:
-        request = urllib.request.Request(base + path, data=json.dumps(body).encode(), method="POST",
-                                         headers={"Content-Type": "application/json"})
-        try:
-            urllib.request.urlopen(request, timeout=10).close()
-        except urllib.error.HTTPError as exc:
-            if exc.code != 409:
-                raise
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                http.post(path, body)
+                break
+            except KubeApiError as exc:
+                if exc.code == 409:
+                    break
+                # a real cluster serves a new CRD's resource a moment after creating it
+                if exc.code != 404 or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
 
 if __name__ == "__main__":

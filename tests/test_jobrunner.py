@@ -274,3 +274,21 @@ def test_pod_log_follow_streams_until_the_pod_finishes(job_runner: LocalJobRunne
     out, err = follower.communicate(timeout=60)
     assert follower.returncode == 0, err
     assert out == "second\n"
+
+
+def test_evicted_pod_is_replaced_and_ignored_by_a_disruption_rule(job_runner: LocalJobRunner, http: KubeHttp,
+                                                                   tmp_path: Path) -> None:
+    marker = tmp_path / "runs"
+    code = (f"import pathlib, time; p = pathlib.Path({str(marker)!r}); n = len(p.read_text()) if p.exists() else 0;"
+            "p.write_text('x' * (n + 1)); time.sleep(600 if n == 0 else 0)")
+    policy = {"podFailurePolicy": {"rules": [
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]}}
+    http.post(JOBS, make_job("evicted", code, backoff=0, extra_spec=policy))
+    wait_for(lambda: marker.exists(), what="the first pod to run")
+    first = pods(http, "evicted")[0]["metadata"]["name"]
+    http.post(f"{PODS}/{first}/eviction", {"apiVersion": "policy/v1", "kind": "Eviction",
+                                            "metadata": {"name": first, "namespace": "default"}})
+    job = wait_for(lambda: finished(http, "evicted"), what="the replacement pod to finish the Job")
+    assert condition(job, "Complete") and job["status"]["failed"] == 0  # Ignore: not counted against backoffLimit
+    assert marker.read_text() == "xx"
+    assert [p["metadata"]["name"] for p in pods(http, "evicted")] != [first]

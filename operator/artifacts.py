@@ -95,7 +95,7 @@ def compute_key(spec: EngineBuildSpec, store: S3Store, image: str) -> str:
 
 def artifacts_uri(spec: EngineBuildSpec, build_key: str) -> str:
     assert spec.output is not None
-    return str(parse_s3_uri(spec.output.uri, field="spec.output.uri").child(build_key)) + "/"
+    return str(_publish().build_uri(spec.output.uri, build_key))
 
 
 def _publish() -> Any:

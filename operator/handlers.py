@@ -254,6 +254,7 @@ class BuildState:
     # index" means "not seen yet", not "deleted by hand", so no GET is spent to check.
     created: dict[str, float] = field(default_factory=dict)
     retry_delay: float = 1.0
+    was_queued: bool = False
 
 
 def _store(namespace: str, spec: EngineBuildSpec) -> Any:
@@ -432,7 +433,12 @@ async def reconcile_once(
                 rt.queue.hold(build)
             elif not rt.queue.try_acquire(build, _order(meta)):
                 reconcile.mark_queued(cs, rt.queue.message())
+                state.was_queued = True
                 break
+            elif state.was_queued:
+                # Another EngineBuild may have built this key while we waited: check S3 once more.
+                state.was_queued = False
+                state.cache_checked_for = None
             reconcile.mark_started(cs)
             status["startTime"] = status.get("startTime") or cs.now
             metrics.BUILD_STARTED.labels(namespace, name).set(_epoch(status["startTime"]))

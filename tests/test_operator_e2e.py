@@ -335,15 +335,21 @@ def test_concurrency_limit_queues_builds_in_creation_order(eb_cluster: Cluster, 
     op = c.start_operator(ENGINEBUILD_MAX_CONCURRENT_BUILDS="1")
     c.create("first", c.spec())
     c.wait_job("first", "export")
-    c.create("second", c.spec(batchSize=64))
-    queued = c.wait_condition("second", "Queued", "True", "WaitingForSlot")
-    assert queued["message"] == "waiting for a slot: 1 builds running, limit 1"
-    assert c.condition("second", "Ready")["reason"] == "Queued" and c.jobs("second") == []
-    assert metric_value(op.metrics(), "enginebuild_build_queue_length") == 1.0
+    # Same second, so the name breaks the tie: b-twin is first in line.
+    c.create("b-twin", c.spec())  # same spec as "first": same key, but not built yet when it is checked
+    c.create("c-other", c.spec(batchSize=64))
+    for name in ("b-twin", "c-other"):
+        queued = c.wait_condition(name, "Queued", "True", "WaitingForSlot")
+        assert queued["message"] == "waiting for a slot: 1 builds running, limit 1"
+        assert c.condition(name, "Ready")["reason"] == "Queued" and c.jobs(name) == []
+    assert metric_value(op.metrics(), "enginebuild_build_queue_length") == 2.0
     run_build(c, s3_store, "first", tmp_path)
     c.wait_condition("first", "Ready", "True")
-    c.wait_job("second", "export")
-    c.wait_condition("second", "Queued", "False", "SlotAcquired")
+    # The twin, next in line, checks S3 again once it has the slot: "first" built its key meanwhile.
+    c.wait_condition("b-twin", "Ready", "True", "CacheHit")
+    assert c.jobs("b-twin") == []
+    c.wait_job("c-other", "export")
+    c.wait_condition("c-other", "Queued", "False", "SlotAcquired")
     assert metric_value(op.metrics(), "enginebuild_build_queue_length") == 0.0
 
 

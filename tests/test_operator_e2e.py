@@ -421,3 +421,16 @@ def test_s3_down_during_the_cache_check_is_reported_and_recovers(kube_emulator: 
         c.wait_condition("offline", "Ready", "False", "Exporting")
     finally:
         c.close()
+
+
+def test_api_server_restart_mid_build_converges(eb_cluster: Cluster, s3_store: S3Store, tmp_path: Path) -> None:
+    c = eb_cluster
+    c.start_operator()
+    c.create("bounce", c.spec())
+    export = c.wait_job("bounce", "export")
+    c.emulator.restart(hard=True)  # SIGKILL: every watch breaks; the state (and resourceVersions) persist
+    wait_until(lambda: c.get("bounce") is not None, 30, "the API server back")
+    run_build(c, s3_store, "bounce", tmp_path)
+    c.wait_condition("bounce", "Ready", "True", "Succeeded", timeout=120)
+    assert sorted(j["metadata"]["name"] for j in c.jobs("bounce")) == sorted(
+        [export["metadata"]["name"], export["metadata"]["name"].replace("-export", "-h100")])

@@ -89,7 +89,7 @@ def test_key_metrics_skips_zero_counters_and_keeps_labels() -> None:
     ]) + "\n"
     out = _text(demo.key_metrics(text))
     assert "result=succeeded" in out and "result=failed" not in out
-    assert "target=h100 encoder=image precision=fp8" in out and "213,554" in out
+    assert "enginebuild_engine_size_bytes{target=h100,encoder=image,precision=fp8}" in out and "213,554" in out
     assert "0.990557" in out
 
 

@@ -242,18 +242,18 @@ def key_metrics(text: str) -> Table:
             if sample.name not in wanted:
                 continue
             label_names = [x for x in wanted[sample.name][0].split(",") if x]
-            if sample.name.endswith("_total") and sample.value == 0:
-                continue  # counters pre-created at 0 for every reason
-            tag = " ".join(f"{k}={sample.labels.get(k, '')}" for k in label_names)
+            if sample.name.endswith(("_total", "_sum")) and sample.value == 0:
+                continue  # counters pre-created at 0 for every reason, stages that did not run
+            tag = ",".join(f"{k}={sample.labels.get(k, '')}" for k in label_names)
             rows[sample.name].append((tag, sample.value))
     table = Table(title="Key metrics (scraped from the operator's /metrics)", title_justify="left")
     table.add_column("metric", overflow="fold")
-    table.add_column("labels")
-    table.add_column("value", justify="right")
+    table.add_column("value", justify="right", no_wrap=True)
+    table.add_column("meaning")
     for name, (_, what) in wanted.items():
         for tag, value in sorted(rows[name]):
             shown = f"{int(value):,}" if float(value).is_integer() else f"{value:.6g}"
-            table.add_row(f"{name}\n[dim]{what}[/dim]", tag, shown)
+            table.add_row(f"{name}{{{tag}}}" if tag else name, shown, what)
     return table
 
 

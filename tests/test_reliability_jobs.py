@@ -1,0 +1,176 @@
+"""Each way a build's Job can end, run for real by the local Job runner: the runner honours the
+Jobs' backoffLimit and podFailurePolicy as the Job controller does, so "retried or not" is what
+the rendered Job makes of each exit code, not what a test assumes.
+
+The Jobs' command (`enginebuild`) is a stub placed first on the Pods' PATH. It follows a per-build
+plan (one exit code per attempt, chosen by the spec's calibration seed), prints a recognisable log
+line, writes the builder's termination message (the summary JSON with the error and its log tail),
+and on success publishes the build half to S3 the way the upload stage does. Everything else is
+real: the operator process, its Jobs, the runner's retries, SeaweedFS.
+
+Documented behaviour checked (docs/errors.md; operator podFailurePolicy):
+- permanent exit codes (20 accuracy gate, 31 trtexec) fail the Job at once: 1 attempt;
+- retriable ones (40 S3, 33 OOM) and a kernel OOM kill (137) are retried up to spec.backoffLimit;
+- a deleted (evicted) Pod carries DisruptionTarget: ignored, not counted, the Job goes on;
+- every failure ends in its documented reason, with the log tail in the Ready condition's message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from enginebuild_builder.errors import KINDS
+from enginebuild_operator.devstack.jobrunner import LocalJobRunner
+from enginebuild_operator.devstack.kube_http import resource_path
+from plugins.operator_proc import Cluster, eb_cluster, wait_until  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.slow
+TESTS = Path(__file__).resolve().parent
+
+STUB = '''#!{python}
+"""Stub `enginebuild build` for tests/test_reliability_jobs.py (TESTS ONLY)."""
+import json, os, sys, time
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+args = sys.argv[1:]
+key = args[args.index("--build-key") + 1]
+target = args[args.index("--target") + 1] if "--target" in args else None
+component = "engine" if target else "export"
+spec = json.loads(os.environ["ENGINEBUILD_SPEC"])
+seed = str(spec["calibration"]["seed"])
+state = Path(os.environ["STUB_STATE"])
+counter = state / f"{{seed}}-{{component}}.attempts"
+attempt = int(counter.read_text()) if counter.exists() else 0
+counter.write_text(str(attempt + 1))
+plan = json.loads(Path(os.environ["STUB_PLAN"]).read_text())[seed][component]
+action = plan[min(attempt, len(plan) - 1)]
+tail = f"LOGTAIL seed={{seed}} {{component}} attempt={{attempt}}"
+print("builder starting", flush=True)
+print(tail, flush=True)
+term = Path(os.environ["ENGINEBUILD_TERMINATION_LOG"])
+if action == "sleep":
+    time.sleep(120)
+if action == 0:
+    from enginebuild_builder.storage import S3Config, S3Store
+    from plugins.reliability import publish_engine, publish_export
+    store = S3Store(S3Config.from_env())
+    work = Path(os.environ["HOME"]) / "out"
+    uri = spec["output"]["uri"]
+    msg = publish_export(store, uri, key, work) if component == "export" else publish_engine(store, uri, key, work, target)
+    term.write_text(msg)
+    sys.exit(0)
+if action == 137:
+    os.kill(os.getpid(), 9)  # the kernel's OOM killer: no termination message, only the log
+from enginebuild_builder.errors import KINDS, kind_for_exit_code
+from enginebuild_builder.report import ErrorInfo, Report, summarize
+kind = kind_for_exit_code(action)
+name = next(n for n, k in KINDS.items() if k is kind)
+err = ErrorInfo(kind=name, reason=kind.reason, exit_code=action, retriable=kind.retriable,
+                message=f"stub failure {{kind.reason}}", log_tail=tail)
+term.write_text(json.dumps(summarize(Report(spec={{}}, status="failed", build_key=key, error=err)), separators=(",", ":")))
+sys.exit(action)
+'''
+
+# name: (seed, plan per component, expected Ready reason or "Succeeded", export attempts, engine attempts)
+CASES: dict[str, tuple[int, dict[str, list[Any]], str, int, int]] = {
+    "retried-ok": (1, {"export": [40, 0], "engine": [0]}, "Succeeded", 2, 1),
+    "gate": (2, {"export": [20], "engine": [0]}, "AccuracyGateFailed", 1, 0),
+    "trtexec": (3, {"export": [0], "engine": [31]}, "EngineBuildFailed", 1, 1),
+    "oom-kill": (4, {"export": [137], "engine": [0]}, "OutOfMemory", 2, 0),
+    "oom-exit": (5, {"export": [0], "engine": [33]}, "OutOfMemory", 1, 2),
+    "s3-down": (6, {"export": [40], "engine": [0]}, "StorageUnavailable", 2, 0),
+    "evicted": (7, {"export": ["sleep", 0], "engine": [0]}, "Succeeded", 2, 1),
+}
+
+
+@pytest.fixture
+def runner(eb_cluster: Cluster, tmp_path: Path) -> Iterator[LocalJobRunner]:
+    bin_dir = tmp_path / "stub-bin"
+    bin_dir.mkdir()
+    stub = bin_dir / "enginebuild"
+    stub.write_text(STUB.format(python=sys.executable, tests=str(TESTS)))
+    stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+    state = tmp_path / "stub-state"
+    state.mkdir()
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({str(seed): p for seed, p, *_ in CASES.values()}))
+    env = dict(eb_cluster.s3_env, STUB_STATE=str(state), STUB_PLAN=str(plan),
+               PATH=os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    # Retries at least 1.1 s apart: Pod times have one-second resolution, and the operator reads the
+    # newest Pod's result (a real Job controller waits >= 10 s before a retry).
+    r = LocalJobRunner(eb_cluster.emulator.url, tmp_path / "pods", extra_env=env, backoff_base_s=1.1,
+                       backoff_max_s=1.1)
+    r.start()
+    try:
+        yield r
+    finally:
+        r.stop()
+
+
+def _job(c: Cluster, name: str, suffix: str) -> dict[str, Any] | None:
+    return next((j for j in c.jobs(name) if j["metadata"]["name"].endswith("-" + suffix)), None)
+
+
+def test_each_job_ending_gets_its_documented_reason_retries_and_log_tail(
+    eb_cluster: Cluster, runner: LocalJobRunner, tmp_path: Path
+) -> None:
+    c = eb_cluster
+    c.start_operator()
+    for name, (seed, *_rest) in CASES.items():
+        c.create(name, c.spec(backoffLimit=1, calibration={"source": "synthetic", "seed": seed}))
+
+    # Evict the sleeping export Pod of "evicted" (a deleted Pod gets DisruptionTarget).
+    job = c.wait_job("evicted", "export")
+    def running_pod() -> dict[str, Any] | None:
+        pods = c.http.get(resource_path("v1", "pods", c.namespace)).get("items") or []
+        return next((p for p in pods if (p["metadata"].get("labels") or {}).get("job-name") == job["metadata"]["name"]
+                     and (p.get("status") or {}).get("phase") == "Running"), None)
+    pod = wait_until(running_pod, 60, "the evicted build's export Pod running")
+    wait_until(lambda: (tmp_path / "stub-state" / "7-export.attempts").exists(), 30, "the stub started")
+    c.http.delete(resource_path("v1", "pods", c.namespace, pod["metadata"]["name"]))
+
+    for name, (seed, _plan, reason, export_attempts, engine_attempts) in CASES.items():
+        if reason == "Succeeded":
+            c.wait_condition(name, "Ready", "True", "Succeeded", timeout=120)
+        else:
+            cond = c.wait_condition(name, "Ready", "False", reason, timeout=120)
+            component = "engine" if engine_attempts else "export"
+            attempts = engine_attempts or export_attempts
+            # The log tail of the last attempt is in the condition (from the termination message,
+            # or from the Pod's log when the process was killed before writing one).
+            assert f"LOGTAIL seed={seed} {component} attempt={attempts - 1}" in cond["message"], (name, cond)
+            assert c.condition(name, "Succeeded")["reason"] == reason
+        state = tmp_path / "stub-state"
+        for component, expected in (("export", export_attempts), ("engine", engine_attempts)):
+            counter = state / f"{seed}-{component}.attempts"
+            seen = int(counter.read_text()) if counter.exists() else 0
+            assert seen == expected, f"{name}: {component} ran {seen} times, documented {expected}"
+
+    # Retried or not, as docs/errors.md says: permanent codes end the Job through its podFailurePolicy.
+    for name, code, suffix in (("gate", 20, "export"), ("trtexec", 31, "h100")):
+        assert not KINDS[next(k for k, v in KINDS.items() if v.exit_code == code)].retriable
+        failed = _job(c, name, suffix)
+        assert failed is not None
+        conds = {x["type"]: x for x in failed["status"]["conditions"]}
+        assert conds["Failed"]["reason"] == "PodFailurePolicy" and failed["status"]["failed"] == 1
+    for name, suffix in (("s3-down", "export"), ("oom-exit", "h100"), ("oom-kill", "export")):
+        failed = _job(c, name, suffix)
+        assert failed is not None
+        conds = {x["type"]: x for x in failed["status"]["conditions"]}
+        assert conds["Failed"]["reason"] == "BackoffLimitExceeded" and failed["status"]["failed"] == 2
+    # The eviction was not counted as a failure; the retry in the same Job succeeded.
+    evicted = _job(c, "evicted", "export")
+    assert evicted is not None and evicted["status"]["succeeded"] == 1 and evicted["status"].get("failed", 0) == 0
+    retried = _job(c, "retried-ok", "export")
+    assert retried is not None and retried["status"]["succeeded"] == 1 and retried["status"]["failed"] == 1
+    # A failed build leaves no Job running and no GPU held.
+    for name, (_s, _p, reason, *_r) in CASES.items():
+        if reason != "Succeeded":
+            assert all(j["state"] in ("Failed", "Succeeded", "Deleted") for j in c.status(name)["jobs"]), name

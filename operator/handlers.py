@@ -106,19 +106,20 @@ MANAGED = {LABEL_MANAGED_BY: jobs.MANAGED_BY}
 
 
 @kopf.index("batch", "v1", "jobs", labels=MANAGED)
-def build_jobs(namespace: str, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict[BuildId, reconcile.ObservedJob]:
-    """Every managed Job's state, by owning EngineBuild: the daemons read this instead of listing Jobs."""
+async def build_jobs(namespace: str, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict[BuildId, reconcile.ObservedJob]:
+    """Every managed Job's state, by owning EngineBuild: the daemons read this instead of listing Jobs.
+    (The small handlers here are async: nothing in them blocks, and kopf runs sync ones in threads.)"""
     return {(namespace, labels.get(LABEL_INSTANCE, "")): reconcile.observe_job(body)}
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=MANAGED)
-def job_event(namespace: str, labels: Mapping[str, str], **_: Any) -> None:
+async def job_event(namespace: str, labels: Mapping[str, str], **_: Any) -> None:
     if RUNTIME is not None:
         RUNTIME.wake((namespace, labels.get(LABEL_INSTANCE, "")))
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def engine_build_event(namespace: str, name: str, meta: kopf.Meta, status: kopf.Status, **_: Any) -> None:
+async def engine_build_event(namespace: str, name: str, meta: kopf.Meta, status: kopf.Status, **_: Any) -> None:
     """Wake the build's loop for a new generation; our own status writes come back here too and need
     no pass (the loop already knows what it wrote)."""
     if RUNTIME is not None and (meta.get("generation") != (status or {}).get("observedGeneration")
@@ -127,7 +128,7 @@ def engine_build_event(namespace: str, name: str, meta: kopf.Meta, status: kopf.
 
 
 @kopf.on.probe(id="builds")
-def probe_builds(**_: Any) -> dict[str, int]:
+async def probe_builds(**_: Any) -> dict[str, int]:
     rt = runtime()
     return {"running": rt.queue.running, "queued": rt.queue.waiting}
 

@@ -344,6 +344,8 @@ async def reconcile_once(
                 state.was_queued = False
                 state.cache_checked_for = None
             reconcile.mark_started(cs)
+            for t in spec.targets:  # series at 0 before the first increase, so rate() sees it
+                metrics.GPU_SECONDS.labels(target=t.name, gpu_product=t.gpu_product)
             status["startTime"] = status.get("startTime") or cs.now
             metrics.BUILD_STARTED.labels(namespace, name).set(_epoch(status["startTime"]))
             metrics.BUILD_DEADLINE.labels(namespace, name).set(deadline)

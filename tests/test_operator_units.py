@@ -385,3 +385,11 @@ def test_merge_reports_takes_export_half_and_every_target():
     assert [(e.target, e.precision) for e in merged.engines] == [("a", "fp16"), ("a", "fp8"), ("b", "fp8")]
     assert merged.warnings == ["w1", "w2"] and merged.timings_s["engine:a"] == 3.0 and merged.status == "succeeded"
     assert merge_reports([]) is None
+
+
+def test_evicted_pods_until_the_backoff_limit():
+    pod = {"status": {"phase": "Failed", "reason": "Evicted", "message": "The node was low on resource: memory."}}
+    result = reconcile.pod_result([pod])
+    assert result == PodResult(None, None, None, "Evicted")
+    job = _job("x", state="Failed", reason="BackoffLimitExceeded")
+    assert reconcile.classify_failure(job, result, None)[0] == "PodEvicted"

@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from enginebuild_builder.report import (
     Accuracy, Artifact, EncoderReport, EngineReport, OnnxPair, Percentiles, Report, summarize,
@@ -56,3 +61,138 @@ def publish_engine(store: S3Store, uri: str, key: str, workdir: Path, target: st
     report.write(workdir / name)
     publish.publish_files(store, uri, key, workdir, [e.engine.path for e in engines] + [name], f"engine-{target}")
     return json.dumps(summarize(report), separators=(",", ":"))
+
+
+# ---- load: many EngineBuilds against a concurrency limit -------------------------------------------------
+
+@dataclass
+class LoadResult:
+    """What a load run observed (numbers for docs/reliability.md and docs/benchmarks.md)."""
+
+    builds: int
+    limit: int
+    max_active_jobs: int = 0  # exact: every Job event replayed in the API server's order
+    events: int = 0
+    max_active_polled: int = 0
+    samples: int = 0
+    jobs_created: int = 0
+    job_names_unique: bool = True
+    seconds_to_all_ready: float = 0.0
+    timeline: list[tuple[float, int]] = field(default_factory=list)  # (seconds, active Jobs), when it changed
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "timeline"}
+
+
+class JobController:
+    """A tiny stand-in for the Job controller + kubelet + builder: every Job it sees is started, and
+    finished `run_s` later with the build half published to S3 and the summary as termination
+    message. Each pass also samples how many Jobs are active (created, not finished, not deleted)."""
+
+    def __init__(self, http: Any, namespace: str, store: S3Store, uri: str, workdir: Path, run_s: float = 0.3,
+                 workers: int = 4) -> None:
+        self.http, self.namespace, self.store, self.uri, self.workdir = http, namespace, store, uri, workdir
+        self.run_s = run_s
+        self.started: dict[str, float] = {}
+        self.finishing: set[str] = set()
+        self.max_active = 0  # by polling the Job list
+        self.samples = 0
+        self.max_active_events = 0  # exact, from the watch stream
+        self.events = 0
+        self.seen: list[str] = []
+        self.timeline: list[tuple[float, int]] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=workers)
+        self._thread = threading.Thread(target=self._loop, name="load-job-controller", daemon=True)
+        self._t0 = time.monotonic()
+
+    def start(self) -> "JobController":
+        from enginebuild_operator.devstack.kube_http import resource_path
+
+        rv = self.http.get(resource_path("batch/v1", "jobs", self.namespace))["metadata"]["resourceVersion"]
+        self._watcher = threading.Thread(target=self._watch, args=(rv,), name="load-job-watch", daemon=True)
+        self._watcher.start()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        self._pool.shutdown(wait=True)
+
+    def _watch(self, rv: str) -> None:
+        """Exact concurrency: replay every Job event in the API server's order; a Job is active from
+        its ADDED event until the event that shows it finished or being deleted. Polling could miss a
+        peak between two samples; the event stream cannot."""
+        from enginebuild_operator.devstack.jobplay import job_finished
+        from enginebuild_operator.devstack.kube_http import resource_path
+
+        active: set[str] = set()
+        while not self._stop.is_set():
+            try:
+                for event in self.http.watch(resource_path("batch/v1", "jobs", self.namespace), rv, timeout_s=5):
+                    obj = event.get("object") or {}
+                    meta = obj.get("metadata") or {}
+                    rv = meta.get("resourceVersion", rv)
+                    if event.get("type") == "BOOKMARK":
+                        continue
+                    name = meta.get("name", "")
+                    gone = event.get("type") == "DELETED" or meta.get("deletionTimestamp") or job_finished(obj)
+                    if gone:
+                        active.discard(name)
+                    else:
+                        active.add(name)
+                    self.events += 1
+                    self.max_active_events = max(self.max_active_events, len(active))
+                    if self._stop.is_set():
+                        return
+            except Exception as exc:  # noqa: BLE001 - resume from the last resourceVersion
+                self.errors.append(f"watch: {exc!r}")
+                time.sleep(0.1)
+
+    def _loop(self) -> None:
+        from enginebuild_operator.devstack.jobplay import create_pod_for_job, job_finished
+        from enginebuild_operator.devstack.kube_http import resource_path
+
+        while not self._stop.is_set():
+            try:
+                items = self.http.get(resource_path("batch/v1", "jobs", self.namespace)).get("items") or []
+            except Exception as exc:  # noqa: BLE001 - an API hiccup is retried on the next pass
+                self.errors.append(repr(exc))
+                time.sleep(0.1)
+                continue
+            active = [j for j in items if not j["metadata"].get("deletionTimestamp") and not job_finished(j)]
+            self.samples += 1
+            if not self.timeline or self.timeline[-1][1] != len(active):
+                self.timeline.append((round(time.monotonic() - self._t0, 3), len(active)))
+            self.max_active = max(self.max_active, len(active))
+            now = time.monotonic()
+            for job in active:
+                name = job["metadata"]["name"]
+                if name not in self.started:
+                    self.seen.append(name)
+                    self.started[name] = now
+                    try:
+                        create_pod_for_job(self.http, self.namespace, name)
+                    except Exception as exc:  # noqa: BLE001
+                        self.errors.append(f"start {name}: {exc!r}")
+                elif now - self.started[name] >= self.run_s and name not in self.finishing:
+                    self.finishing.add(name)
+                    self._pool.submit(self._finish, job)
+            time.sleep(0.05)
+
+    def _finish(self, job: dict[str, Any]) -> None:
+        from enginebuild_operator.devstack.jobplay import complete_job
+
+        meta = job["metadata"]
+        name, key = meta["name"], meta["annotations"]["enginebuild.io/build-key"]
+        target = (meta.get("labels") or {}).get("enginebuild.io/target")
+        try:
+            work = self.workdir / name
+            msg = (publish_engine(self.store, self.uri, key, work, target) if target
+                   else publish_export(self.store, self.uri, key, work))
+            complete_job(self.http, self.namespace, name, 0, msg)
+        except Exception as exc:  # noqa: BLE001
+            self.errors.append(f"finish {name}: {exc!r}")
+            self.finishing.discard(name)

@@ -147,13 +147,16 @@ class Report(_Model):
         return cls.model_validate_json(path.read_text())
 
 
-def summarize(report: Report) -> dict[str, Any]:
-    """The compact form for the termination message: what the operator's status needs, under 4 KiB.
+def summary_document(report: Report, *, exact: bool = False) -> dict[str, Any]:
+    """The summary shape the operator turns into status. `exact` keeps every digit, warning and log
+    line (the operator builds it from a full report); otherwise numbers are rounded and lists cut for
+    the termination message."""
 
-    Floats are rounded; if it still does not fit, the per-engine detail is dropped first (the
-    operator then reads the full report from S3), and the error log tail is shortened last.
-    """
-    summary: dict[str, Any] = {
+    def rnd(value: float | None, ndigits: int) -> float | None:
+        return value if exact or value is None else round(value, ndigits)
+
+    tail = report.error.log_tail if report.error and report.error.log_tail else None
+    return {
         "v": report.schema_version,
         "status": report.status,
         "stages": report.stages_run,
@@ -163,12 +166,13 @@ def summarize(report: Report) -> dict[str, Any]:
             name: {
                 "onnxFp16Bytes": enc.onnx.fp16.bytes,
                 "onnxFp8Bytes": enc.onnx.fp8.bytes,
-                "sizeReduction": round(enc.size_reduction, 4),
+                "sizeReduction": rnd(enc.size_reduction, 4),
                 "quantized": enc.quantized_linear_layers,
                 "linear": enc.linear_layers,
-                "cosineMin": round(enc.accuracy.cosine_min, 6) if enc.accuracy else None,
-                "cosineMean": round(enc.accuracy.cosine_mean, 6) if enc.accuracy else None,
+                "cosineMin": rnd(enc.accuracy.cosine_min, 6) if enc.accuracy else None,
+                "cosineMean": rnd(enc.accuracy.cosine_mean, 6) if enc.accuracy else None,
                 "top1": enc.accuracy.top1_agreement if enc.accuracy else None,
+                "passed": enc.accuracy.passed if enc.accuracy else None,
             }
             for name, enc in report.encoders.items()
         },
@@ -182,18 +186,27 @@ def summarize(report: Report) -> dict[str, Any]:
                 "p50": e.latency_ms.median,
                 "p90": e.latency_ms.p90,
                 "p99": e.latency_ms.p99,
-                "ips": round(e.throughput_items_per_s, 2) if e.throughput_items_per_s else None,
+                "ips": rnd(e.throughput_items_per_s, 2) if exact or e.throughput_items_per_s else None,
                 "trt": e.trt_version,
                 "gpu": e.gpu_name,
-                "build_s": round(e.build_s, 2),
+                "build_s": rnd(e.build_s, 2),
             }
             for e in report.engines
         ],
-        "timings": {k: round(v, 2) for k, v in report.timings_s.items()},
-        "warnings": report.warnings[:5],
+        "timings": {k: rnd(v, 2) for k, v in report.timings_s.items()},
+        "warnings": list(report.warnings) if exact else report.warnings[:5],
         "error": report.error.model_dump(exclude={"log_tail"}) if report.error else None,
-        "logTail": report.error.log_tail[-800:] if report.error and report.error.log_tail else None,
+        "logTail": tail if exact or tail is None else tail[-800:],
     }
+
+
+def summarize(report: Report) -> dict[str, Any]:
+    """The compact form for the termination message: what the operator's status needs, under 4 KiB.
+
+    If it does not fit, the per-engine detail is dropped first (the operator then reads the full
+    report from S3), and the error log tail is shortened last.
+    """
+    summary = summary_document(report)
     text = json.dumps(summary, separators=(",", ":"))
     if len(text.encode()) > TERMINATION_MESSAGE_MAX_BYTES:
         summary["engines"] = []

@@ -13,7 +13,7 @@ import json
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
-from enginebuild_builder.report import Report
+from enginebuild_builder.report import Report, summary_document
 
 from . import metrics
 
@@ -49,48 +49,7 @@ def parse_termination_message(text: str | None) -> dict[str, Any] | None:
 
 def summary_from_report(report: Report) -> dict[str, Any]:
     """The summary shape, built from a full report without the 4 KiB cut (so no `truncated`)."""
-    return {
-        "v": report.schema_version,
-        "status": report.status,
-        "stages": report.stages_run,
-        "buildKey": report.build_key,
-        "artifactsUri": report.artifacts_uri,
-        "encoders": {
-            name: {
-                "onnxFp16Bytes": enc.onnx.fp16.bytes,
-                "onnxFp8Bytes": enc.onnx.fp8.bytes,
-                "sizeReduction": enc.size_reduction,
-                "quantized": enc.quantized_linear_layers,
-                "linear": enc.linear_layers,
-                "cosineMin": enc.accuracy.cosine_min if enc.accuracy else None,
-                "cosineMean": enc.accuracy.cosine_mean if enc.accuracy else None,
-                "top1": enc.accuracy.top1_agreement if enc.accuracy else None,
-                "passed": enc.accuracy.passed if enc.accuracy else None,
-            }
-            for name, enc in report.encoders.items()
-        },
-        "engines": [
-            {
-                "t": e.target,
-                "e": e.encoder,
-                "p": e.precision,
-                "bytes": e.engine.bytes,
-                "uri": e.engine.uri,
-                "p50": e.latency_ms.median,
-                "p90": e.latency_ms.p90,
-                "p99": e.latency_ms.p99,
-                "ips": e.throughput_items_per_s,
-                "trt": e.trt_version,
-                "gpu": e.gpu_name,
-                "build_s": e.build_s,
-            }
-            for e in report.engines
-        ],
-        "timings": dict(report.timings_s),
-        "warnings": list(report.warnings),
-        "error": report.error.model_dump(exclude={"log_tail"}) if report.error else None,
-        "logTail": report.error.log_tail if report.error else None,
-    }
+    return summary_document(report, exact=True)
 
 
 def onnx_parts(summary: dict[str, Any]) -> list[dict[str, Any]]:

@@ -237,10 +237,6 @@ def test_every_dashboard_query_and_alert_rule_evaluates(built: tuple[LocalStack,
     assert firing == [], f"alerts firing after a healthy build: {firing}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "operator bug: enginebuild_gpu_seconds_total{target,gpu_product} is born with the Job's whole GPU time "
-    "(handlers.py inc() on a new label set), so increase()/rate() in the dashboard never count a target's first "
-    "build; the series must be created at 0 when the engine Job is created. Remove this mark with the fix."))
 def test_gpu_seconds_panel_counts_the_first_build_of_a_target(built: tuple[LocalStack, dict[str, Any]]) -> None:
     stack, _ = built
     prom = stack.prometheus

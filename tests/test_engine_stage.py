@@ -33,8 +33,8 @@ from enginebuild_builder.stages.engine import (
     RUN_FLAGS,
     find_trtexec,
     run_engines,
-    timing_cache_name,
 )
+from enginebuild_builder.stages.publish import timing_cache_name
 
 DOUBLE_DIR = Path(__file__).resolve().parent / "doubles"
 DOUBLE = DOUBLE_DIR / "trtexec"

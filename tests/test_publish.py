@@ -72,8 +72,8 @@ def test_layout_helpers() -> None:
     assert log_key("export.log") == "logs/export.log"
     assert build_uri("s3://bucket-a/some/prefix", KEY) == S3Uri("bucket-a", f"some/prefix/{KEY}/")
     assert build_uri("s3://bucket-a", KEY) == S3Uri("bucket-a", f"{KEY}/")
-    assert timing_cache_name("NVIDIA-H100-80GB-HBM3", "10.16.1") == "NVIDIA-H100-80GB-HBM3__trt-10.16.1.cache"
-    assert timing_cache_name("NVIDIA H100 (PCIe)", "10.16") == "NVIDIA_H100_PCIe___trt-10.16.cache"
+    assert timing_cache_name("NVIDIA-H100-80GB-HBM3", "10.16.1") == "timing-cache_nvidia-h100-80gb-hbm3_trt10.16.1.cache"
+    assert timing_cache_name("NVIDIA H100 (PCIe)", "10.16") == "timing-cache_nvidia-h100-pcie_trt10.16.cache"
     for bad in ("../x", "a/b", ""):
         with pytest.raises(InvalidS3Uri):
             engine_key(bad, "image", "fp8")

@@ -129,17 +129,6 @@ def find_trtexec(env: dict[str, str] | None = None) -> TrtexecInfo:
     )
 
 
-def timing_cache_name(gpu_name: str, trt_version: str) -> str:
-    """A file/S3-key-safe name per (GPU product, TensorRT version): a timing cache is only valid for
-    the GPU and TensorRT version that wrote it. `NVIDIA-H100-80GB-HBM3` (node label) and
-    `NVIDIA H100 80GB HBM3` (trtexec's device name) give the same name."""
-
-    def slug(text: str) -> str:
-        return re.sub(r"[^a-z0-9.]+", "-", text.strip().lower()).strip("-.") or "unknown"
-
-    return f"timing-cache_{slug(gpu_name)}_trt{slug(trt_version)}.cache"
-
-
 # ---------------------------------------------------------------- argv
 
 

@@ -126,9 +126,14 @@ def log_key(name: str) -> str:
 
 
 def timing_cache_name(gpu_product: str, trt_version: str) -> str:
-    """One timing cache per (GPU product, TensorRT version): tactics do not transfer across either."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{gpu_product}__trt-{trt_version}")
-    return _name(safe + ".cache", "timing cache name")
+    """One timing cache per (GPU product, TensorRT version): tactics do not transfer across either.
+    `NVIDIA-H100-80GB-HBM3` (node label) and `NVIDIA H100 80GB HBM3` (trtexec's device name) give
+    the same name, safe as a file name and an S3 key."""
+
+    def slug(text: str) -> str:
+        return re.sub(r"[^a-z0-9.]+", "-", text.strip().lower()).strip("-.") or "unknown"
+
+    return _name(f"timing-cache_{slug(gpu_product)}_trt{slug(trt_version)}.cache", "timing cache name")
 
 
 def _now() -> str:

@@ -169,7 +169,8 @@ def _load_export_half(spec: EngineBuildSpec, workdir: Path, key: str, report: Re
 
 
 def _run_engines(spec: EngineBuildSpec, workdir: Path, report: Report, plan: BuildPlan) -> None:
-    from .stages.engine import find_trtexec, run_engines, timing_cache_name
+    from .stages.engine import find_trtexec, run_engines
+    from .stages.publish import timing_cache_name
 
     trtexec = find_trtexec()
     report.tool_versions["tensorrt"] = trtexec.version
@@ -282,6 +283,29 @@ def run(args: argparse.Namespace) -> int:
         report.write(report_path)
         _write_termination(report, args.termination_log)
         log.info("report written to %s (%s)", report_path, report.status)
+        if report.status == "failed":
+            _publish_failure(spec, report, plan)
+
+
+def _publish_failure(spec: EngineBuildSpec, report: Report, plan: BuildPlan) -> None:
+    """A failed Job's report (error, log tail) to `<prefix>/<key>/failures/<stage>.json`, best effort.
+
+    The Pod and its logs go with the Job; this keeps the evidence where the artefacts live. It is no
+    stage manifest, so a failed build never "exists"; a later success under the same key leaves it
+    beside the manifest as history. S3 being the failure (exit 40) simply means it is not written.
+    """
+    if not spec.output or not report.build_key or "upload" not in plan.stages:
+        return
+    from .stages.publish import build_uri
+    from .stages.upload import EXPORT_STAGE, engine_stage_name
+
+    stage = EXPORT_STAGE if "export" in plan.stages else "-".join(engine_stage_name(t.name) for t in plan.targets)
+    try:
+        target = build_uri(spec.output.uri, report.build_key).child("failures", f"{stage or 'build'}.json")
+        _store().put_bytes(target, report.model_dump_json(indent=2).encode())
+        log.info("failure report published to %s", target)
+    except Exception as exc:  # noqa: BLE001 - never mask the build's own error
+        log.warning("could not publish the failure report: %s", exc)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -128,6 +128,38 @@ def test_build_jobs_exit_40_when_s3_is_down_and_succeed_when_it_returns(seaweedf
     server.restart()
     assert {m.stage for m in read_stage_manifests(store, uri, key)} == {"export"}
     assert build_exists(store, uri, key) is None  # never a manifest for a partial build
+
+    # trtexec fails (exit 31, permanent): the Pod goes with the Job, the evidence stays in S3.
+    done = _run(engine_args, dict(env, TRTEXEC_DOUBLE_FAIL="build"), tmp_path)
+    assert done.returncode == KINDS["engine_build"].exit_code, done.stderr[-3000:]
+    failure = json.loads(store.get_bytes(parse_s3_uri(f"{uri}/{key}/failures/engine-h100.json")))
+    assert failure["error"]["reason"] == "EngineBuildFailed" and failure["error"]["log_tail"], failure["error"]
+    assert "&&&& FAILED" in failure["error"]["log_tail"] or "Error" in failure["error"]["log_tail"], failure["error"]
+    assert {m.stage for m in read_stage_manifests(store, uri, key)} == {"export"} and build_exists(store, uri, key) is None
+
     done = _run(engine_args, env, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert {m.stage for m in read_stage_manifests(store, uri, key)} == {"export", "engine-h100"}
+
+
+def test_a_failed_export_job_leaves_its_report_in_s3(seaweedfs_private: SeaweedFS, tmp_path: Path) -> None:
+    server = seaweedfs_private
+    store = S3Store(S3Config.from_env(server.env()))
+    store.create_bucket("fail-bucket")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(os.urandom(4096))
+    uri = "s3://fail-bucket/engines"
+    spec = {"model": {"architecture": "tiny-clip", "config": str(TINY), "checkpoint": str(garbage)},
+            "encoders": ["image"], "batchSize": 8, "output": {"uri": uri}}
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}
+    env.update(server.env())
+    key = "d" * 32
+    done = _run(["build", "--spec", str(spec_path), "--workdir", str(tmp_path / "x"), "--device", "cpu",
+                 "--stages", "export,upload", "--build-key", key], env, tmp_path)
+    assert done.returncode == KINDS["checkpoint_corrupt"].exit_code, done.stderr[-3000:]
+    failure = json.loads(store.get_bytes(parse_s3_uri(f"{uri}/{key}/failures/export.json")))
+    assert failure["status"] == "failed" and failure["error"]["reason"] == "CheckpointUnreadable"
+    assert "model.checkpoint" in failure["error"]["message"]
+    assert read_stage_manifests(store, uri, key) == [] and build_exists(store, uri, key) is None

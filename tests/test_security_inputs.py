@@ -247,6 +247,30 @@ def test_a_zip_bomb_checkpoint_is_refused_before_it_takes_memory(tmp_path: Path)
     assert result["grew_kib"] < 64 * 1024, result
 
 
+def _legacy_claiming(path: Path, numel: int) -> None:
+    """A legacy (non-zip) torch file whose one storage claims `numel` bytes but holds 4."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save({"w": torch.zeros(4, dtype=torch.uint8)}, buf, _use_new_zipfile_serialization=False)
+    data = buf.getvalue()
+    anchor = b"X\x03\x00\x00\x00cpuq\x06"
+    at = data.index(anchor + b"K\x04") + len(anchor)  # the pickled numel (BININT1 4) of the storage
+    enc = numel.to_bytes((numel.bit_length() + 8) // 8, "little")
+    path.write_bytes(data[:at] + b"\x8a" + bytes([len(enc)]) + enc + data[at + 2:])  # LONG1 numel
+
+
+def test_a_legacy_checkpoint_claiming_a_huge_storage_is_refused_without_taking_memory(tmp_path: Path) -> None:
+    """The legacy format's reader checks the claimed size against the bytes in the file first."""
+    path = tmp_path / "legacy.pt"
+    _legacy_claiming(path, 2**34)  # 16 GiB claimed by a ~1 KB file
+    assert path.stat().st_size < 4096
+    done = subprocess.run([sys.executable, "-c", PROBE, str(path)], capture_output=True, text=True, timeout=300)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["outcome"].startswith("CheckpointUnreadable"), result
+    assert result["grew_kib"] < 64 * 1024, result
+
+
 def test_a_legitimate_torch_checkpoint_passes_the_zip_bound(tmp_path: Path) -> None:
     path = tmp_path / "ok.pt"
     torch.save({"w": torch.randn(256, 256), "b": torch.zeros(256)}, path)

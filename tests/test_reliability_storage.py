@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,23 @@ ENGINEBUILD = Path(sys.executable).parent / "enginebuild"
 DOUBLE = REPO / "tests" / "doubles" / "trtexec"
 TINY = REPO / "examples" / "models" / "tiny-clip.json"
 STORAGE_EXIT = KINDS["storage"].exit_code
+
+
+def serving_again(store: S3Store, bucket: str, timeout_s: float = 60.0) -> None:
+    """After a restart SeaweedFS answers S3 before its volumes are back (InternalError for a while):
+    "when S3 returns" means when a write and a read of an object succeed again."""
+    probe = parse_s3_uri(f"s3://{bucket}/probe/ready")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            store.put_bytes(probe, b"ok")
+            if store.get_bytes(probe) == b"ok":
+                store.delete(probe)
+                return
+        except BuildError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.5)
 
 
 def test_server_killed_during_download_leaves_no_partial_file_and_retry_succeeds(
@@ -78,6 +96,7 @@ def test_server_killed_during_download_leaves_no_partial_file_and_retry_succeeds
     assert not dest.exists() and list(dest_dir.iterdir()) == []  # no partial file, no .part left behind
 
     server.restart()
+    serving_again(store, "dl-bucket")
     store.download_file(uri, dest, expected_sha256=digest)
     assert hashlib.sha256(dest.read_bytes()).hexdigest() == digest
 
@@ -114,6 +133,7 @@ def test_build_jobs_exit_40_when_s3_is_down_and_succeed_when_it_returns(seaweedf
     summary = json.loads(term.read_text())
     assert summary["error"]["reason"] == "StorageUnavailable" and summary["error"]["retriable"] is True
     server.restart()
+    serving_again(store, "jobs-bucket")
     assert read_stage_manifests(store, uri, key) == [] and build_exists(store, uri, key) is None
     # The retry (what backoffLimit does) succeeds.
     done = _run(export_args, env, tmp_path)
@@ -126,6 +146,7 @@ def test_build_jobs_exit_40_when_s3_is_down_and_succeed_when_it_returns(seaweedf
     assert done.returncode == STORAGE_EXIT, done.stderr[-3000:]
     assert json.loads(term.read_text())["error"]["reason"] == "StorageUnavailable"
     server.restart()
+    serving_again(store, "jobs-bucket")
     assert {m.stage for m in read_stage_manifests(store, uri, key)} == {"export"}
     assert build_exists(store, uri, key) is None  # never a manifest for a partial build
 

@@ -48,6 +48,8 @@ class OperatorConfig:
     workdir_size_limit: str = "20Gi"
     # Where the builder finds its S3 endpoint when the Secret has none (dev stack, in-cluster MinIO).
     s3_endpoint_for_jobs: str | None = None
+    # The platform's GPU types: EngineBuilds whose spec.targets is empty get these (chart: defaultTargets).
+    default_targets: tuple[Mapping[str, Any], ...] = ()
 
     @property
     def metrics_url(self) -> str:
@@ -83,6 +85,32 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name}={raw!r} is not a boolean; use true or false")
 
 
+def _default_targets(raw: str) -> tuple[Mapping[str, Any], ...]:
+    """ENGINEBUILD_DEFAULT_TARGETS: a JSON list of spec.targets entries, each checked like a spec's own."""
+    if not raw.strip():
+        return ()
+    from pydantic import ValidationError
+
+    from enginebuild_builder.spec import TargetSpec
+
+    try:
+        targets = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"ENGINEBUILD_DEFAULT_TARGETS is not JSON ({exc}); "
+                          'e.g. [{"name": "h100", "gpuProduct": "NVIDIA-H100-80GB-HBM3"}]') from None
+    if not isinstance(targets, list):
+        raise ConfigError("ENGINEBUILD_DEFAULT_TARGETS must be a JSON list of targets (name, gpuProduct, ...)")
+    for i, target in enumerate(targets):
+        try:
+            TargetSpec.model_validate(target)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise ConfigError(f"ENGINEBUILD_DEFAULT_TARGETS[{i}]{'.' + where if where else ''}: "
+                              f"{first['msg']}; each entry needs at least name and gpuProduct") from None
+    return tuple(targets)
+
+
 def load_config(env: Mapping[str, str] | None = None) -> OperatorConfig:
     """Read the ENGINEBUILD_* variables (see docs/operator.md); unset ones take the defaults above."""
     env = os.environ if env is None else env
@@ -105,6 +133,7 @@ def load_config(env: Mapping[str, str] | None = None) -> OperatorConfig:
         raise ConfigError("ENGINEBUILD_RECONCILE_INTERVAL_SECONDS must be within 0.1..3600")
     image = env.get("ENGINEBUILD_BUILDER_IMAGE", "").strip() or DEFAULT_BUILDER_IMAGE
     return OperatorConfig(
+        default_targets=_default_targets(env.get("ENGINEBUILD_DEFAULT_TARGETS", "")),
         builder_image=image,
         max_concurrent_builds=_int(env, "ENGINEBUILD_MAX_CONCURRENT_BUILDS", 10, 1, 100_000) or 10,
         default_deadline_seconds=_int(env, "ENGINEBUILD_DEFAULT_DEADLINE_SECONDS", None, 60, 7 * 24 * 3600),

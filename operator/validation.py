@@ -136,6 +136,9 @@ def check_spec(spec: EngineBuildSpec, name: str, config: OperatorConfig) -> list
 
 def validate(raw_spec: Any, name: str, config: OperatorConfig) -> EngineBuildSpec:
     """Parse and check a resource's spec; raise InvalidSpec with every problem found."""
+    if isinstance(raw_spec, dict) and not raw_spec.get("targets") and config.default_targets:
+        # The platform's default GPU types stand in for an empty target list (and enter the build key).
+        raw_spec = {**raw_spec, "targets": [dict(t) for t in config.default_targets]}
     try:
         # Any non-mapping (None, a string, a list) goes to parse_spec as is: a SpecError, never a crash.
         spec = parse_spec(dict(raw_spec) if isinstance(raw_spec, dict) else raw_spec)

@@ -64,7 +64,9 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                    "s3": {"endpoint": "http://minio.storage:9000", "region": "eu-west-1", "existingSecret": "s3-creds"},
                    "defaultDeadlineSeconds": 3600, "builder": {"image": {"repository": "registry.local/eb-builder",
                                                                          "tag": "1.2.3"}, "serviceAccountName": "gpu-jobs"}},
-    "ha": {"replicaCount": 2, "peering": {"enabled": True, "mandatory": True}},
+    "ha": {"replicaCount": 2, "peering": {"enabled": True, "mandatory": True},
+           "defaultTargets": [{"name": "h100", "gpuProduct": "NVIDIA-H100-80GB-HBM3"},
+                              {"name": "l40s", "gpuProduct": "NVIDIA-L40S", "nodeSelector": {"pool": "gpu"}}]},
 }
 
 
@@ -84,7 +86,8 @@ def test_values_schema_rejects_typos_and_bad_values() -> None:
     chart.validate_schema({})
     for bad in ({"maxConcurentBuilds": 3}, {"maxConcurrentBuilds": 0}, {"watchNamespaces": ["Team_A"]},
                 {"s3": {"endpoint": "minio:9000"}}, {"defaultDeadlineSeconds": 30}, {"ports": {"metrics": 80}},
-                {"serviceMonitor": {"interval": "soon"}}):
+                {"serviceMonitor": {"interval": "soon"}}, {"defaultTargets": [{"name": "h100"}]},
+                {"defaultTargets": [{"name": "Bad_Name", "gpuProduct": "x"}]}):
         with pytest.raises(helm.HelmError):
             chart.validate_schema(bad)
 
@@ -170,6 +173,7 @@ def test_rendered_env_is_what_the_operator_reads(name: str) -> None:
     assert config.peering_mandatory is values["peering"]["mandatory"]
     assert config.job_service_account == (values["builder"]["serviceAccountName"] or None)
     assert dict(config.export_cpu_resources) == values["builder"]["exportCpuResources"]
+    assert [dict(t) for t in config.default_targets] == values["defaultTargets"]
     unknown = {k for k in env if k.startswith("ENGINEBUILD_")} - _variables_the_operator_reads()
     assert unknown == set(), f"variables set by the chart that operator/config.py never reads: {unknown}"
 

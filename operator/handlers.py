@@ -28,7 +28,7 @@ from enginebuild_builder.spec import EngineBuildSpec
 from enginebuild_builder.status_model import EngineBuildStatus
 
 from . import artifacts, jobs, metrics, reconcile, results
-from .conditions import ConditionSet, now_rfc3339
+from .conditions import ConditionSet
 from .config import OperatorConfig, load_config
 from .queue import BuildId, BuildQueue
 from .reconcile import Plan, Step

@@ -119,6 +119,12 @@ class OperatorProcess:
         except OSError:
             return "(no log)"
 
+    def kill(self) -> None:
+        """SIGKILL: no clean-up runs, as when a node dies (the restart tests' fault)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
     def stop(self, grace_s: float = 15.0) -> None:
         proc = self.proc
         if proc is None or proc.poll() is not None:

@@ -10,13 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -26,14 +20,9 @@ import yaml
 from enginebuild_builder.constants import GROUP, PLURAL, VERSION
 from enginebuild_operator.devstack.jobplay import create_pod_for_job
 from enginebuild_operator.devstack.kube_http import KubeApiError, KubeHttp, resource_path
+from enginebuild_operator.devstack.stack import OperatorProcess
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition", interval: float = 0.1) -> Any:
@@ -46,60 +35,6 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 60.0, what: str = 
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
-
-
-@dataclass
-class OperatorProcess:
-    env: dict[str, str]
-    log_path: Path
-    args: tuple[str, ...] = ("--standalone",)
-    proc: subprocess.Popen[bytes] | None = None
-    metrics_port: int = field(default_factory=free_port)
-    health_port: int = field(default_factory=free_port)
-
-    def start(self) -> "OperatorProcess":
-        env = dict(self.env, ENGINEBUILD_METRICS_PORT=str(self.metrics_port),
-                   ENGINEBUILD_HEALTH_PORT=str(self.health_port), ENGINEBUILD_BIND_ADDRESS="127.0.0.1")
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "enginebuild_builder.cli", "operator", *self.args],
-                                     env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        log.close()
-        wait_until(self.healthy, 60, "the operator's liveness endpoint")
-        return self
-
-    def healthy(self) -> bool:
-        if self.proc is None or self.proc.poll() is not None:
-            raise AssertionError(f"the operator exited; log:\n{self.log_tail()}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
-            return r.read().decode()
-
-    def kill(self) -> None:
-        """SIGKILL: no clean-up runs, as when a node dies."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-    def log_tail(self, n: int = 6000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except FileNotFoundError:
-            return ""
 
 
 def metric_value(text: str, metric_name: str, /, **labels: str) -> float | None:

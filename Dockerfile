@@ -26,6 +26,8 @@ COPY operator/ operator/
 FROM ${PYTHON_IMAGE} AS operator-wheels
 COPY --from=source /src /src
 WORKDIR /src
+# /src/operator/ would shadow the stdlib `operator` module for `python -m ...` run from /src.
+ENV PYTHONSAFEPATH=1
 RUN python -m pip install --no-cache-dir setuptools==84.2.1 wheel==0.48.0 \
  && python -m pip wheel --no-cache-dir --no-build-isolation -c requirements.lock --wheel-dir /wheels .
 
@@ -64,7 +66,8 @@ ENV TORCH_CUDA_ARCH_LIST="8.0;8.6;8.9;9.0;10.0;12.0" \
     PATH=/opt/venv/bin:/usr/src/tensorrt/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONSAFEPATH=1
 COPY --from=source /src /src
 WORKDIR /src
 # A venv: the container's system Python is externally managed (PEP 668). ninja builds the extensions.

@@ -3,6 +3,8 @@
 # Debian's prometheus (tests scrape the operator with a real Prometheus), a venv, pinned packages.
 # Idempotent: a second run only checks.
 set -euo pipefail
+# The folder operator/ would shadow the stdlib module `operator` for any `python -m` run from here.
+export PYTHONSAFEPATH=1
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then

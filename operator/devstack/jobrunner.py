@@ -366,7 +366,9 @@ class LocalJobRunner:
             self._finish_pod(run, pod, 128, "the container has no command and the devstack runner has no "
                              "default entrypoint for its image")
             return
-        argv = [expand_vars(self._map_paths(a, mounts), env) for a in argv]
+        # The executable is the host's (the runner stands in for the image), so it is never mapped: a
+        # venv under /tmp must still run when the container mounts an emptyDir at /tmp.
+        argv = [expand_vars(argv[0], env)] + [expand_vars(self._map_paths(a, mounts), env) for a in argv[1:]]
         workdir = self._map_paths(container.get("workingDir") or "", mounts) or str(pod.pod_dir)
         Path(workdir).mkdir(parents=True, exist_ok=True)
         pod.log_handle = open(pod.log_path, "ab")

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from .processes import terminate
 from .jobplay import (
     JOB_FAILED_MESSAGES,
     first_container,
@@ -479,14 +480,7 @@ class LocalJobRunner:
     def _kill(self, pod: RunningPod, grace_s: float = 2.0) -> int | None:
         if pod.proc is None or pod.proc.poll() is not None:
             return pod.proc.returncode if pod.proc is not None else None
-        try:
-            os.killpg(pod.proc.pid, signal.SIGTERM)
-            pod.proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(pod.proc.pid, signal.SIGKILL)
-            pod.proc.wait()
-        except ProcessLookupError:
-            pod.proc.wait()
+        terminate(pod.proc, grace_s, group=True)
         if pod.log_handle is not None:
             pod.log_handle.close()
         return pod.proc.returncode

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .processes import terminate
 
 HOST = "127.0.0.1"
 DEBIAN_BINARY = Path("/usr/bin/prometheus")
@@ -149,14 +150,4 @@ class Prometheus:
         return out
 
     def stop(self, grace_s: float = 10.0) -> None:
-        proc = self.process
-        if proc is None or proc.poll() is not None:
-            return
-        try:
-            os.kill(proc.pid, signal.SIGTERM)
-            proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-        except ProcessLookupError:
-            proc.wait()
+        terminate(self.process, grace_s)

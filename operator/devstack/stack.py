@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import yaml
 
+from .processes import terminate
 from enginebuild_builder.constants import GROUP, PLURAL, VERSION
 from enginebuild_builder.storage import S3Config, S3Store, parse_s3_uri
 
@@ -126,17 +127,7 @@ class OperatorProcess:
             self.proc.wait(10)
 
     def stop(self, grace_s: float = 15.0) -> None:
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        try:
-            os.kill(proc.pid, signal.SIGTERM)
-            proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-        except ProcessLookupError:
-            proc.wait()
+        terminate(self.proc, grace_s)
 
 
 @dataclass(eq=False)

@@ -100,6 +100,12 @@ def _empty_percentiles() -> dict[str, float | None]:
     return {k: None for k in PERCENTILE_KEYS}
 
 
+def _number_before(unit: str, msg: str) -> float | None:
+    """The number in front of `unit` in a log line ("Throughput: 1234.5 qps" -> 1234.5), or None."""
+    mm = re.search(_NUM + " " + unit, msg)
+    return _to_float(mm.group(1)) if mm else None
+
+
 def _to_float(text: str) -> float | None:
     try:
         value = float(text)
@@ -160,11 +166,9 @@ def parse_log(text: str) -> TrtexecLog:
         elif msg.startswith("Compute Capability:") and log.compute_capability is None:
             log.compute_capability = msg.split(":", 1)[1].strip() or None
         elif msg.startswith("Created engine with size:"):
-            mm = re.search(_NUM + r" MiB", msg)
-            log.engine_size_mib_logged = _to_float(mm.group(1)) if mm else None
+            log.engine_size_mib_logged = _number_before("MiB", msg)
         elif msg.startswith("Engine built in"):
-            mm = re.search(_NUM + r" sec", msg)
-            log.engine_build_s_logged = _to_float(mm.group(1)) if mm else None
+            log.engine_build_s_logged = _number_before("sec", msg)
         elif _trt(msg).startswith("Could not read cache from"):
             log.timing_cache_loaded = False
         elif re.match(r"Loaded \d+ bytes of timing cache", _trt(msg)):
@@ -177,14 +181,11 @@ def parse_log(text: str) -> TrtexecLog:
             log.has_summary = True
         elif in_summary:
             if msg.startswith("Throughput:"):
-                mm = re.search(_NUM + r" qps", msg)
-                log.throughput_qps = _to_float(mm.group(1)) if mm else None
+                log.throughput_qps = _number_before("qps", msg)
             elif msg.startswith("Total Host Walltime:"):
-                mm = re.search(_NUM + r" s", msg)
-                log.total_host_walltime_s = _to_float(mm.group(1)) if mm else None
+                log.total_host_walltime_s = _number_before("s", msg)
             elif msg.startswith("Total GPU Compute Time:"):
-                mm = re.search(_NUM + r" s", msg)
-                log.total_gpu_compute_s = _to_float(mm.group(1)) if mm else None
+                log.total_gpu_compute_s = _number_before("s", msg)
             else:
                 mm = _METRIC.match(msg)
                 if mm:

@@ -123,3 +123,21 @@ def test_missing_object_in_s3_fails_the_engine_job_as_storage_error(
     assert done.returncode == 41, done.stderr[-2000:]  # object not found: permanent, names the URI
     assert f"s3://{s3_bucket}/engines/{'0' * 32}/report.export.json" in done.stderr
     assert parse_s3_uri(f"s3://{s3_bucket}/x").bucket == s3_bucket
+
+
+def test_pytorch_baseline_is_wired_and_says_why_it_is_skipped_without_cuda(
+    tmp_path: Path, job_env: dict[str, str]
+) -> None:
+    doc = _spec("unused", ["h100", "l40s"])
+    del doc["output"]
+    doc["benchmark"]["pytorchBaseline"] = True
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(doc))
+    done = _run(["build", "--spec", str(spec_path), "--workdir", str(tmp_path / "w"), "--device", "cpu"],
+                job_env, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = Report.read(tmp_path / "w" / "report.json")
+    # the reference model was loaded and the baseline attempted for each target; on CPU it is skipped, loudly
+    assert {"pytorch_baseline:h100", "pytorch_baseline:l40s"} <= set(report.timings_s)
+    assert sum("PyTorch baseline skipped" in w for w in report.warnings) == 2
+    assert report.pytorch_baselines == []

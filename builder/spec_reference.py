@@ -61,7 +61,9 @@ def _default(field: Any) -> str:
         return "**required**"
     if isinstance(value, BaseModel):
         return "(object defaults)"
-    return f"`{value!r}`".replace("|", "\\|") if value not in (None, [], {}) else ("—" if value is None else f"`{value!r}`")
+    if value is None:
+        return "—"
+    return f"`{value!r}`".replace("|", "\\|")
 
 
 def rows(model: type[BaseModel], prefix: str = "") -> list[str]:

@@ -242,7 +242,7 @@ async def reconcile_once(
         await _write(namespace, name, state)
         return None
     reconcile.mark_valid(cs)
-    deadline = deadline_seconds(raw_spec, spec, cfg)
+    deadline = deadline_seconds(spec, cfg)
     owner = jobs.Owner(namespace, name, uid)
     image = spec.image or cfg.builder_image
 

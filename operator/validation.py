@@ -150,9 +150,16 @@ def validate(raw_spec: Any, name: str, config: OperatorConfig) -> EngineBuildSpe
     return spec
 
 
-def deadline_seconds(raw_spec: Any, spec: EngineBuildSpec, config: OperatorConfig) -> int:
-    """The spec's activeDeadlineSeconds when written, else the operator's default, else the spec default."""
-    written = isinstance(raw_spec, dict) and "activeDeadlineSeconds" in raw_spec
-    if not written and config.default_deadline_seconds is not None:
+DEFAULT_DEADLINE_SECONDS = 7200
+
+
+def deadline_seconds(spec: EngineBuildSpec, config: OperatorConfig) -> int:
+    """The spec's activeDeadlineSeconds when set, else the operator's default, else 7200 s.
+
+    "Set" is the parsed value, never the presence of the key: the CRD has no default for it, so
+    what the API server returns is what the user wrote."""
+    if spec.active_deadline_seconds is not None:
+        return spec.active_deadline_seconds
+    if config.default_deadline_seconds is not None:
         return config.default_deadline_seconds
-    return spec.active_deadline_seconds
+    return DEFAULT_DEADLINE_SECONDS

@@ -22,24 +22,11 @@ import pytest
 import yaml
 
 from enginebuild_operator.config import load_config
+from enginebuild_devstack.chart import CHART, NAMESPACE, REPO, render
 
-REPO = Path(__file__).resolve().parent.parent
-CHART = REPO / "charts" / "enginebuild"
 KUBE_VERSION = "1.32"
-NAMESPACE = "enginebuild-system"
 # Custom resources kubernetes-validate has no schema for (not part of Kubernetes itself).
 NOT_IN_KUBERNETES_SCHEMAS = {"ServiceMonitor", "PrometheusRule", "ClusterKopfPeering", "KopfPeering"}
-
-
-def render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    chart = helm.Chart.load(str(CHART))
-    out = chart.render(values or {}, name="eb", namespace=NAMESPACE, is_install=True)
-    docs: list[dict[str, Any]] = []
-    for path, text in sorted(out.items()):
-        if path.endswith("NOTES.txt"):
-            continue
-        docs += [d for d in yaml.safe_load_all(text) if d]
-    return docs
 
 
 def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:

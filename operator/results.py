@@ -172,9 +172,10 @@ def record_metrics(namespace: str, name: str, status: dict[str, Any], min_cosine
     for row in status.get("engines") or []:
         labels = (namespace, name, row["target"], row["encoder"], row["precision"])
         metrics.ENGINE_SIZE.labels(*labels).set(row["bytes"])
-        for quantile, field in (("0.5", "latencyP50Micros"), ("0.9", "latencyP90Micros"), ("0.99", "latencyP99Micros")):
+        for percentile in metrics.PERCENTILES:
+            field = f"latencyP{percentile}Micros"
             if row.get(field) is not None:
-                metrics.ENGINE_LATENCY.labels(*labels, quantile).set(row[field] / 1e6)
+                metrics.ENGINE_LATENCY.labels(*labels, percentile).set(row[field] / 1e6)
         if row.get("throughputItemsPerSecond") is not None:
             metrics.ENGINE_THROUGHPUT.labels(*labels).set(float(row["throughputItemsPerSecond"]))
         if row["precision"] == "fp8" and row.get("speedupOverFp16") is not None:

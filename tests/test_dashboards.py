@@ -269,3 +269,52 @@ def test_promtool_unit_tests_catch_a_wrong_expectation(promtool: str, tmp_path: 
     path.write_text(yaml.safe_dump(tests, sort_keys=False, width=1000))
     proc = _promtool(promtool, "test", "rules", str(path))
     assert proc.returncode != 0 and "EngineBuildFP8SlowerThanFP16" in proc.stdout + proc.stderr
+
+
+# --- the exposition itself -------------------------------------------------------------------------
+
+
+def _status_after_a_build() -> dict[str, Any]:
+    """The status parts a finished two-encoder build has, made by the operator's own functions."""
+    from enginebuild_operator import results
+
+    summary = {
+        "encoders": {
+            "image": {"onnxFp16Bytes": 607_800_000, "onnxFp8Bytes": 305_500_000, "sizeReduction": 0.4974,
+                      "quantized": 145, "linear": 146, "cosineMin": 0.9983, "cosineMean": 0.9995, "top1": 0.99},
+            "text": {"onnxFp16Bytes": 247_400_000, "onnxFp8Bytes": 162_600_000, "sizeReduction": 0.3428,
+                     "quantized": 72, "linear": 73, "cosineMin": 0.9934, "cosineMean": 0.9981, "top1": 0.98},
+        },
+        "engines": [
+            {"t": "h100", "e": enc, "p": prec, "bytes": size, "p50": p50, "p90": p50 * 1.05, "p99": p50 * 1.1,
+             "ips": 128 / p50 * 1000, "trt": "10.16.1", "gpu": "NVIDIA H100"}
+            for enc, prec, size, p50 in (("image", "fp16", 588_000_000, 41.2), ("image", "fp8", 306_000_000, 24.1),
+                                         ("text", "fp16", 238_000_000, 6.9), ("text", "fp8", 156_000_000, 4.1))
+        ],
+    }
+    return {"onnx": results.onnx_parts(summary), "accuracy": results.accuracy_parts(summary, 0.99),
+            "engines": results.engine_parts(summary)}
+
+
+def test_operator_exposition_passes_promtool_check_metrics(promtool: str) -> None:
+    """Every series the operator exports after a build, as Prometheus scrapes it, passes promtool's lint
+    (a gauge with a `quantile` label, for one, is refused: that name is reserved for summaries)."""
+    from prometheus_client import REGISTRY, generate_latest
+
+    from enginebuild_operator import metrics, results
+
+    ns, name = "ml-serving", "exposition-check"
+    try:
+        # What handlers.py does when a build succeeds, and while one runs.
+        results.record_metrics(ns, name, _status_after_a_build(), 0.99)
+        metrics.BUILD_STARTED.labels(ns, name).set(1_790_000_000)
+        metrics.BUILD_DEADLINE.labels(ns, name).set(7200)
+        metrics.BUILDS.labels(result="succeeded", reason="").inc()
+        metrics.STAGE_DURATION.labels(stage="export").observe(200.5)
+        metrics.GPU_SECONDS.labels(target="h100", gpu_product="NVIDIA-H100-80GB-HBM3").inc(412)
+        text = generate_latest(REGISTRY).decode()
+        proc = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert 'percentile="50"' in text and "enginebuild_engine_latency_seconds{" in text
+    finally:
+        metrics.forget_resource(ns, name)

@@ -533,6 +533,10 @@ async def build_daemon(
         # Stopped: deleted, operator shutting down, or paused by a peer. A resumed daemon re-takes its
         # slot (hold() for running Jobs), so releasing here never lets a build run twice.
         await _release(build)
+        # Only the replica that runs a build's loop exports its series: a paused replica would
+        # otherwise keep exporting stale copies beside the new leader's (the replica that resumes
+        # re-exports them from the status).
+        metrics.forget_resource(namespace, name)
 
 
 async def _loop(body: kopf.Body, namespace: str, name: str, uid: str, stopped: kopf.DaemonStopped,

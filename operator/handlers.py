@@ -523,8 +523,8 @@ async def build_daemon(
     initial.pop("kopf", None)
     state = BuildState(status=initial, written=_safe_sanitize(initial))
     try:
-        # Re-export the numbers of a finished build after an operator restart.
-        results.record_metrics(namespace, name, initial, None)
+        # Re-export the numbers of a finished build after an operator restart or a takeover.
+        results.record_resumed_metrics(namespace, name, body.get("spec"), initial)
     except Exception:
         log.debug("could not re-export metrics for %s/%s", namespace, name, exc_info=True)
     try:

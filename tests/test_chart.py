@@ -383,3 +383,29 @@ def test_rbac_cluster_wide_with_secrets_narrowed_to_namespaces() -> None:
     assert rules_of(main) == OPERATOR_RULES  # no cluster-wide Secret access
     (role,) = by_kind(docs, "Role")
     assert (role["metadata"]["namespace"], rules_of(role)) == ("ml-serving", SECRET_RULES)
+
+
+# --- as an umbrella chart's dependency -------------------------------------------------------------
+
+
+def test_values_schema_allows_helm_globals() -> None:
+    """Helm gives every subchart the umbrella's `global` values: the schema must accept the key."""
+    chart = helm.Chart.load(str(CHART))
+    chart.validate_schema({"global": {"imageRegistry": "registry.example.com", "imagePullSecrets": []}})
+    with pytest.raises(helm.HelmError):
+        chart.validate_schema({"global": "not-an-object"})
+
+
+def test_chart_renders_as_an_umbrella_charts_dependency(tmp_path: Path) -> None:
+    umbrella = tmp_path / "platform"
+    shutil.copytree(CHART, umbrella / "charts" / "enginebuild")
+    (umbrella / "Chart.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "v2", "name": "platform", "version": "1.0.0", "type": "application",
+        "dependencies": [{"name": "enginebuild", "version": "0.1.0", "repository": "file://charts/enginebuild"}]}))
+    (umbrella / "values.yaml").write_text(yaml.safe_dump({
+        "global": {"imageRegistry": "registry.example.com"}, "enginebuild": {"maxConcurrentBuilds": 3}}))
+    out = helm.Chart.load(str(umbrella)).render({}, name="platform", namespace=NAMESPACE, is_install=True)
+    docs = [d for path, text in out.items() if not path.endswith("NOTES.txt") for d in yaml.safe_load_all(text) if d]
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    env = _env(deployment["spec"]["template"]["spec"]["containers"][0])
+    assert env["ENGINEBUILD_MAX_CONCURRENT_BUILDS"] == "3"

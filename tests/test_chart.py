@@ -112,10 +112,15 @@ def test_rendered_manifests_validate_strict(name: str) -> None:
         assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "enginebuild"
 
 
-def test_chart_crd_is_valid_and_is_the_generated_one() -> None:
+def chart_crds() -> dict[str, list[dict[str, Any]]]:
+    """The chart's crds/ files as Helm loads them: file name -> documents."""
     chart = helm.Chart.load(str(CHART))
-    (crd_file,) = chart.crds
-    doc = yaml.safe_load(crd_file["data"] if "data" in crd_file else (CHART / crd_file["name"]).read_text())
+    return {f["name"]: [d for d in yaml.safe_load_all(f["data"] if "data" in f else (CHART / f["name"]).read_text()) if d]
+            for f in chart.crds}
+
+
+def test_chart_crd_is_valid_and_is_the_generated_one() -> None:
+    (doc,) = chart_crds()["crds/enginebuild.yaml"]
     kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
     assert doc == yaml.safe_load((REPO / "crds" / "enginebuild.yaml").read_text())
 
@@ -292,15 +297,38 @@ def test_dashboard_configmap_for_the_grafana_sidecar() -> None:
     assert not [d for d in by_kind(render({"dashboard": {"enabled": False}}), "ConfigMap")]
 
 
-def test_kopf_peering_crds_are_valid_and_kept() -> None:
-    docs = render()
-    crds = {d["metadata"]["name"]: d for d in by_kind(docs, "CustomResourceDefinition")}
+def test_kopf_peering_crds_are_in_crds_and_the_peering_object_is_per_release() -> None:
+    """kopf's CRDs are in crds/ (installed when absent, never owned by a release: a second release or
+    another kopf operator shares them); the peering object is an ordinary template named per release."""
+    crds = {d["metadata"]["name"]: d for d in chart_crds()["crds/kopf-peering.yaml"]}
     assert set(crds) == {"clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}
     for crd in crds.values():
-        assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+        kubernetes_validate.validate(crd, KUBE_VERSION, strict=True)
+    docs = render()
+    assert by_kind(docs, "CustomResourceDefinition") == [], "no CRD may be a template (Helm would own it)"
     peering = one(docs, "ClusterKopfPeering")
-    assert peering["metadata"]["name"] == "enginebuild"
-    assert "post-install" in peering["metadata"]["annotations"]["helm.sh/hook"]
+    assert peering["metadata"]["name"] == "eb-enginebuild"
+    assert "helm.sh/hook" not in (peering["metadata"].get("annotations") or {}), "owned by the release, not a hook"
+    assert _env(_container(docs))["ENGINEBUILD_PEERING_NAME"] == "eb-enginebuild"
+    named = render({"peering": {"name": "shared"}})
+    assert one(named, "ClusterKopfPeering")["metadata"]["name"] == _env(_container(named))["ENGINEBUILD_PEERING_NAME"] == "shared"
+
+
+def _cluster_scoped(docs: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    return {(d["kind"], d["metadata"]["name"]) for d in docs if "namespace" not in d["metadata"]}
+
+
+def test_two_releases_share_no_cluster_scoped_object() -> None:
+    """A second release (another name, another namespace) renders no cluster-scoped object of the
+    first: Helm would refuse it as "exists and cannot be imported into the current release"."""
+    chart = helm.Chart.load(str(CHART))
+
+    def docs_of(release: str, namespace: str) -> list[dict[str, Any]]:
+        out = chart.render({}, name=release, namespace=namespace, is_install=True)
+        return [d for p, t in out.items() if not p.endswith("NOTES.txt") for d in yaml.safe_load_all(t) if d]
+
+    first, second = docs_of("eb", "team-a-system"), docs_of("eb-b", "team-b-system")
+    assert _cluster_scoped(first) and _cluster_scoped(first).isdisjoint(_cluster_scoped(second))
 
 
 # --- RBAC derived from the operator's code ----------------------------------------------------------

@@ -167,6 +167,13 @@ def _store(namespace: str, spec: EngineBuildSpec) -> Any:
     return rt.stores.get(namespace, secret, rt.kube.read_secret if rt.config.read_secrets else None)
 
 
+def _secret(namespace: str, spec: EngineBuildSpec) -> Any:
+    """spec.output.secretRef as read for the build's store (data and annotations), or None."""
+    rt = runtime()
+    secret = spec.output.secret_ref.name if spec.output and spec.output.secret_ref else None
+    return rt.stores.secret(namespace, secret, rt.kube.read_secret if rt.config.read_secrets else None)
+
+
 def _emit_events(body: kopf.Body, cs: ConditionSet) -> None:
     for cond in cs.flips:
         bad = cond["status"] == "False" and cond["type"] not in ("Queued",) or cond.get("reason") == "FP8Slower"
@@ -350,10 +357,14 @@ async def reconcile_once(
             metrics.BUILD_STARTED.labels(namespace, name).set(_epoch(status["startTime"]))
             metrics.BUILD_DEADLINE.labels(namespace, name).set(deadline)
         elif p.step == Step.CREATE_JOBS:
+            try:
+                secret = await asyncio.to_thread(_secret, namespace, spec)
+            except BuildError as exc:
+                return await _storage_problem(body, namespace, name, state, cs, generation, exc)
             for job_name, target in zip(p.jobs, p.targets):
-                manifest = (jobs.export_job(owner, spec, key, cfg, deadline) if target is None else
+                manifest = (jobs.export_job(owner, spec, key, cfg, deadline, secret) if target is None else
                             jobs.engine_job(owner, spec, key, next(t for t in spec.targets if t.name == target),
-                                            cfg, deadline))
+                                            cfg, deadline, secret))
                 outcome = await asyncio.to_thread(runtime().kube.create_job, manifest, state.deleted_uids)
                 if outcome == "terminating":
                     delay = 1.0

@@ -437,3 +437,75 @@ def test_chart_renders_as_an_umbrella_charts_dependency(tmp_path: Path) -> None:
     (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
     env = _env(deployment["spec"]["template"]["spec"]["containers"][0])
     assert env["ENGINEBUILD_MAX_CONCURRENT_BUILDS"] == "3"
+
+
+# --- the Jobs reach the S3 the operator reaches ------------------------------------------------------
+
+JOB_SPEC = {"model": {"architecture": "ViT-B-32", "checkpoint": "s3://models/clip.safetensors"},
+            "targets": [{"name": "h100", "gpuProduct": "NVIDIA-H100-80GB-HBM3"}],
+            "output": {"uri": "s3://engines/clip", "secretRef": {"name": "s3-creds"}}}
+
+
+def _kubelet_env(container: dict[str, Any], secret_data: dict[str, str]) -> dict[str, str]:
+    """A container's environment as kubelet builds it: envFrom (the Secret's data), then env on top."""
+    env = dict(secret_data) if container.get("envFrom") else {}
+    env.update({e["name"]: e["value"] for e in container.get("env") or [] if "value" in e})
+    return env
+
+
+CREDS = {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLE", "AWS_SECRET_ACCESS_KEY": "not-a-real-secret"}
+
+
+@pytest.mark.parametrize("values, secret_data, expected", [
+    # The chart's endpoint and region, a Secret with credentials only: before, the Jobs went to AWS.
+    ({"s3": {"endpoint": "http://minio.storage:9000", "region": "eu-west-1"}}, CREDS,
+     ("http://minio.storage:9000", "eu-west-1")),
+    # The Secret's own endpoint (KServe data keys: host:port + S3_USE_HTTPS) wins for both.
+    ({"s3": {"endpoint": "http://minio.storage:9000"}}, {**CREDS, "S3_ENDPOINT": "ceph.team-a:8080", "S3_USE_HTTPS": "0"},
+     ("http://ceph.team-a:8080", None)),
+    # The Secret sets AWS_ENDPOINT_URL, the chart sets nothing.
+    ({}, {**CREDS, "AWS_ENDPOINT_URL": "https://s3.internal.example", "AWS_DEFAULT_REGION": "us-west-2"},
+     ("https://s3.internal.example", "us-west-2")),
+    # Neither: AWS for both.
+    ({}, CREDS, (None, None)),
+])
+def test_jobs_use_the_s3_endpoint_the_operator_uses(
+    values: dict[str, Any], secret_data: dict[str, str], expected: tuple[str | None, str | None]
+) -> None:
+    """The rendered Deployment's env goes to load_config (the operator's settings) and to the
+    operator's own store; the Job rendered by operator/jobs.py, resolved as kubelet would (Secret via
+    envFrom, then env), must reach the same endpoint with the same region."""
+    from enginebuild_builder.spec import parse_spec
+    from enginebuild_builder.storage import S3Config
+    from enginebuild_operator import artifacts, jobs
+    from enginebuild_operator.s3settings import SecretView
+
+    operator_env = _env(_container(render(values)))
+    config = load_config(operator_env)
+    secret = SecretView(data=secret_data)
+    operator_store = artifacts.StoreCache(operator_env).get("ml", "s3-creds", lambda ns, name: secret)
+    spec = parse_spec(JOB_SPEC)
+    owner = jobs.Owner("ml", "clip", "uid-1")
+    for job in (jobs.export_job(owner, spec, "k" * 32, config, 600, secret),
+                jobs.engine_job(owner, spec, "k" * 32, spec.targets[0], config, 600, secret)):
+        (container,) = job["spec"]["template"]["spec"]["containers"]
+        assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & {e["name"] for e in container["env"]}
+        job_config = S3Config.from_env(_kubelet_env(container, secret_data))
+        assert job_config.endpoint_url == operator_store.config.endpoint_url == expected[0]
+        assert job_config.region == operator_store.config.region
+        if expected[1]:
+            assert job_config.region == expected[1]
+
+
+def test_chart_tls_verification_reaches_the_operator_and_the_jobs() -> None:
+    from enginebuild_builder.spec import parse_spec
+    from enginebuild_builder.storage import S3Config
+    from enginebuild_operator import jobs
+
+    env = _env(_container(render({"s3": {"endpoint": "https://minio.storage:9000", "verifySSL": False}})))
+    assert env["S3_VERIFY_SSL"] == "0"
+    assert "S3_VERIFY_SSL" not in _env(_container(render({"s3": {"endpoint": "https://minio.storage:9000"}})))
+    spec = parse_spec(JOB_SPEC)
+    job = jobs.export_job(jobs.Owner("ml", "clip", "uid-1"), spec, "k" * 32, load_config(env), 600, None)
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert S3Config.from_env(_kubelet_env(container, {"S3_VERIFY_SSL": "1"})).verify is False

@@ -238,11 +238,16 @@ def test_rbac_namespaced() -> None:
         ("team-b", "eb-enginebuild"): OPERATOR_RULES | peering,
         ("team-a", "eb-enginebuild-secrets"): SECRET_RULES,  # secrets.namespaces narrows it to team-a
     }
-    (cluster_role,) = by_kind(docs, "ClusterRole")
+    (cluster_role,) = [d for d in by_kind(docs, "ClusterRole") if not _aggregated(d)]
     assert rules_of(cluster_role) == DISCOVERY_RULES  # nothing namespaced leaks cluster-wide
     bound = {(b["metadata"]["namespace"], b["roleRef"]["name"]) for b in by_kind(docs, "RoleBinding")}
     assert bound == set(roles)
     assert {d["metadata"]["namespace"] for d in by_kind(docs, "KopfPeering")} == {"team-a", "team-b"}
+
+
+def _aggregated(role: dict[str, Any]) -> bool:
+    """A ClusterRole for users (aggregated into view/edit/admin), not one bound to the operator."""
+    return any(k.startswith("rbac.authorization.k8s.io/aggregate-to-") for k in role["metadata"]["labels"])
 
 
 def test_rbac_without_secret_access() -> None:
@@ -509,3 +514,27 @@ def test_chart_tls_verification_reaches_the_operator_and_the_jobs() -> None:
     job = jobs.export_job(jobs.Owner("ml", "clip", "uid-1"), spec, "k" * 32, load_config(env), 600, None)
     (container,) = job["spec"]["template"]["spec"]["containers"]
     assert S3Config.from_env(_kubelet_env(container, {"S3_VERIFY_SSL": "1"})).verify is False
+
+
+# --- who may create EngineBuilds, and what they may run ----------------------------------------------
+
+
+def test_aggregated_cluster_roles_for_users() -> None:
+    """view reads EngineBuilds; edit (and admin) also change them, as cert-manager's chart does."""
+    docs = render()
+    roles = {d["metadata"]["name"]: d for d in by_kind(docs, "ClusterRole") if _aggregated(d)}
+    assert set(roles) == {"eb-enginebuild-view", "eb-enginebuild-edit"}
+    view, edit = roles["eb-enginebuild-view"], roles["eb-enginebuild-edit"]
+    for label in ("view", "edit", "admin"):
+        assert view["metadata"]["labels"][f"rbac.authorization.k8s.io/aggregate-to-{label}"] == "true"
+    assert "rbac.authorization.k8s.io/aggregate-to-view" not in edit["metadata"]["labels"]
+    for label in ("edit", "admin"):
+        assert edit["metadata"]["labels"][f"rbac.authorization.k8s.io/aggregate-to-{label}"] == "true"
+    assert rules_of(view) == {("enginebuild.io", r, v) for r in ("enginebuilds", "enginebuilds/status")
+                              for v in ("get", "list", "watch")}
+    assert rules_of(edit) == {("enginebuild.io", "enginebuilds", v)
+                              for v in ("create", "update", "patch", "delete", "deletecollection")}
+    # Never bound to the operator, and gone when turned off.
+    bound = {b["roleRef"]["name"] for b in by_kind(docs, "ClusterRoleBinding")}
+    assert bound.isdisjoint(roles)
+    assert not [d for d in by_kind(render({"rbac": {"aggregateClusterRoles": False}}), "ClusterRole") if _aggregated(d)]

@@ -53,6 +53,12 @@ class OperatorConfig:
     s3_endpoint_for_jobs: str | None = None
     # The platform's GPU types: EngineBuilds whose spec.targets is empty get these (chart: defaultTargets).
     default_targets: tuple[Mapping[str, Any], ...] = ()
+    # Who may choose what a build runs (chart: builder.allow*). Whoever may create an EngineBuild
+    # otherwise runs any image under any ServiceAccount of its namespace, with the operator's help.
+    allow_custom_image: bool = True
+    allowed_image_prefixes: tuple[str, ...] = ()  # empty: any image (when custom images are allowed)
+    allow_custom_service_account: bool = True
+    allowed_service_accounts: tuple[str, ...] = ()  # empty: any ServiceAccount (when custom ones are allowed)
 
     @property
     def metrics_url(self) -> str:
@@ -86,6 +92,11 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     if low in ("0", "false", "no", "off"):
         return False
     raise ConfigError(f"{name}={raw!r} is not a boolean; use true or false")
+
+
+def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """A comma-separated list (image prefixes and ServiceAccount names contain no commas)."""
+    return tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
 
 
 def _default_targets(raw: str) -> tuple[Mapping[str, Any], ...]:
@@ -174,6 +185,10 @@ def load_config(env: Mapping[str, str] | None = None) -> OperatorConfig:
         job_service_account=env.get("ENGINEBUILD_JOB_SERVICE_ACCOUNT", "").strip() or None,
         export_cpu_resources=resources,
         workdir_size_limit=env.get("ENGINEBUILD_WORKDIR_SIZE_LIMIT", "").strip() or "20Gi",
+        allow_custom_image=_bool(env, "ENGINEBUILD_ALLOW_CUSTOM_IMAGE", True),
+        allowed_image_prefixes=_list(env, "ENGINEBUILD_ALLOWED_IMAGES"),
+        allow_custom_service_account=_bool(env, "ENGINEBUILD_ALLOW_CUSTOM_SERVICE_ACCOUNT", True),
+        allowed_service_accounts=_list(env, "ENGINEBUILD_ALLOWED_SERVICE_ACCOUNTS"),
         s3_env=s3_env,
         s3_endpoint_for_jobs=job_endpoint,
     )

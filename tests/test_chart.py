@@ -64,6 +64,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                    "s3": {"endpoint": "http://minio.storage:9000", "region": "eu-west-1", "existingSecret": "s3-creds"},
                    "defaultDeadlineSeconds": 3600, "builder": {"image": {"repository": "registry.local/eb-builder",
                                                                          "tag": "1.2.3"}, "serviceAccountName": "gpu-jobs"}},
+    "restricted": {"builder": {"allowedImages": ["registry.example.com/enginebuild/"], "serviceAccountName": "gpu-jobs",
+                               "allowCustomServiceAccount": False}, "watchNamespaces": ["team-a"]},
     "ha": {"replicaCount": 2, "peering": {"enabled": True, "mandatory": True},
            "defaultTargets": [{"name": "h100", "gpuProduct": "NVIDIA-H100-80GB-HBM3"},
                               {"name": "l40s", "gpuProduct": "NVIDIA-L40S", "nodeSelector": {"pool": "gpu"}}]},
@@ -538,3 +540,80 @@ def test_aggregated_cluster_roles_for_users() -> None:
     bound = {b["roleRef"]["name"] for b in by_kind(docs, "ClusterRoleBinding")}
     assert bound.isdisjoint(roles)
     assert not [d for d in by_kind(render({"rbac": {"aggregateClusterRoles": False}}), "ClusterRole") if _aggregated(d)]
+
+
+POLICY_VALUES: dict[str, dict[str, Any]] = {
+    "prefixes": {"builder": {"allowedImages": ["registry.example.com/enginebuild/", "mirror.local/eb-"],
+                             "allowedServiceAccounts": ["builder", "gpu-jobs"]}},
+    "locked": {"builder": {"allowCustomImage": False, "allowCustomServiceAccount": False,
+                           "serviceAccountName": "gpu-jobs"}},
+}
+POLICY_SPECS: list[dict[str, Any]] = [
+    {},
+    {"image": "registry.example.com/enginebuild/builder:0.2.0"},
+    {"image": "mirror.local/eb-builder:1"},
+    {"image": "docker.io/attacker/miner:latest"},
+    {"image": "ghcr.io/enginebuild/builder:0.1.0"},  # the operator's own default: always allowed
+    {"serviceAccountName": "builder"},
+    {"serviceAccountName": "gpu-jobs"},
+    {"serviceAccountName": "cluster-admin-sa"},
+    {"image": "docker.io/attacker/miner:latest", "serviceAccountName": "cluster-admin-sa"},
+]
+
+
+def _admission_allows(policy: dict[str, Any], obj: dict[str, Any]) -> tuple[bool, list[str]]:
+    """Evaluate a ValidatingAdmissionPolicy's validations on `object` with cel-python (the API server's
+    CEL has the same semantics for has/startsWith/exists/in); messages of the failed ones."""
+    import celpy
+
+    env = celpy.Environment()
+    failed: list[str] = []
+    for validation in policy["spec"]["validations"]:
+        activation = {"object": celpy.json_to_cel(obj)}
+        ok = env.program(env.compile(validation["expression"])).evaluate(activation)
+        if not bool(ok):
+            if "messageExpression" in validation:
+                failed.append(str(env.program(env.compile(validation["messageExpression"])).evaluate(activation)))
+            else:
+                failed.append(validation["message"])
+    return not failed, failed
+
+
+@pytest.mark.parametrize("name", sorted(POLICY_VALUES))
+def test_builder_policy_is_enforced_alike_by_the_operator_and_the_api_server(name: str) -> None:
+    """The chart's builder.allow* values reach the operator (load_config of the rendered env) and the
+    ValidatingAdmissionPolicy; both accept and refuse the same EngineBuilds, and both messages name the
+    field and what is allowed."""
+    from enginebuild_operator.validation import InvalidSpec, validate
+
+    docs = render(POLICY_VALUES[name])
+    config = load_config(_env(_container(docs)))
+    policy = one(docs, "ValidatingAdmissionPolicy")
+    binding = one(docs, "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"] and binding["spec"]["validationActions"] == ["Deny"]
+    for extra in POLICY_SPECS:
+        spec = {**JOB_SPEC, **extra}
+        try:
+            validate(spec, "clip", config)
+            operator_message = ""
+        except InvalidSpec as exc:
+            operator_message = str(exc)
+        allowed, messages = _admission_allows(policy, {"apiVersion": "enginebuild.io/v1alpha1", "kind": "EngineBuild",
+                                                       "metadata": {"name": "clip"}, "spec": spec})
+        assert allowed == (operator_message == ""), (extra, operator_message, messages)
+        for field in ("image", "serviceAccountName"):
+            if field in extra and f"spec.{field}" in operator_message:
+                assert any(f"spec.{field}" in m for m in messages)
+                setting = {"image": ("allowCustomImage", "allowedImages"),
+                           "serviceAccountName": ("allowCustomServiceAccount", "allowedServiceAccounts")}[field]
+                assert any(s in operator_message for s in setting), operator_message
+    if name == "prefixes":
+        with pytest.raises(InvalidSpec, match=r"registry\.example\.com/enginebuild/, mirror\.local/eb-"):
+            validate({**JOB_SPEC, "image": "docker.io/attacker/miner:latest"}, "clip", config)
+
+
+def test_no_admission_policy_without_restrictions_or_when_disabled() -> None:
+    assert not by_kind(render(), "ValidatingAdmissionPolicy")
+    restricted = {**POLICY_VALUES["locked"], "admissionPolicy": {"enabled": False}}
+    assert not by_kind(render(restricted), "ValidatingAdmissionPolicy")
+    assert load_config(_env(_container(render(restricted)))).allow_custom_image is False  # the operator still checks

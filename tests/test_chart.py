@@ -280,6 +280,20 @@ def test_monitoring_objects_only_when_enabled() -> None:
     assert service["spec"]["selector"].items() <= one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"].items()
 
 
+def test_monitoring_labels_select_both_objects_for_kube_prometheus_stack() -> None:
+    """kube-prometheus-stack selects ServiceMonitors and PrometheusRules by `release: <its release>`:
+    monitoring.additionalLabels puts it on both; an object's own labels win on a clash."""
+    docs = render({"monitoring": {"additionalLabels": {"release": "kube-prometheus-stack", "team": "ml"}},
+                   "serviceMonitor": {"enabled": True, "labels": {"team": "ml-platform"}},
+                   "prometheusRule": {"enabled": True}})
+    monitor, rule = one(docs, "ServiceMonitor"), one(docs, "PrometheusRule")
+    for obj in (monitor, rule):
+        assert obj["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+        assert obj["metadata"]["labels"]["app.kubernetes.io/part-of"] == "enginebuild"
+    assert monitor["metadata"]["labels"]["team"] == "ml-platform" and rule["metadata"]["labels"]["team"] == "ml"
+    assert "release" not in one(render({"serviceMonitor": {"enabled": True}}), "ServiceMonitor")["metadata"]["labels"]
+
+
 def test_prometheus_rule_is_the_alerts_file_and_passes_promtool(tmp_path: Path) -> None:
     rule = one(render(VALUE_SETS["monitoring"]), "PrometheusRule")
     alerts = yaml.safe_load((CHART / "files" / "alerts.rules.yaml").read_text())
@@ -300,6 +314,9 @@ def test_dashboard_configmap_for_the_grafana_sidecar() -> None:
     (cm,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")]
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert cm["metadata"]["annotations"]["grafana_folder"] == "ML"
+    custom = render({"dashboard": {"folder": "ML", "folderAnnotation": "k8s-sidecar-target-directory"}})
+    (cm,) = [d for d in by_kind(custom, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")]
+    assert cm["metadata"]["annotations"] == {"k8s-sidecar-target-directory": "ML"}
     assert json.loads(cm["data"]["enginebuild.json"]) == json.loads((CHART / "files" / "dashboard.json").read_text())
     assert not [d for d in by_kind(render({"dashboard": {"enabled": False}}), "ConfigMap")]
 

@@ -634,3 +634,59 @@ def test_no_admission_policy_without_restrictions_or_when_disabled() -> None:
     restricted = {**POLICY_VALUES["locked"], "admissionPolicy": {"enabled": False}}
     assert not by_kind(render(restricted), "ValidatingAdmissionPolicy")
     assert load_config(_env(_container(render(restricted)))).allow_custom_image is False  # the operator still checks
+
+
+# --- NOTES.txt ----------------------------------------------------------------------------------------
+
+
+def render_notes(values: dict[str, Any] | None = None, release: str = "eb", namespace: str = NAMESPACE) -> str:
+    out = helm.Chart.load(str(CHART)).render(values or {}, name=release, namespace=namespace, is_install=True)
+    (notes,) = [text for path, text in out.items() if path.endswith("NOTES.txt")]
+    return notes
+
+
+def _notes_engine_build(notes: str, bucket: str) -> dict[str, Any]:
+    """The EngineBuild NOTES.txt pipes into `kubectl apply`, as the shell would expand it."""
+    body = notes.split("cat <<EOF | kubectl apply -f -\n", 1)[1].split("\n  EOF\n", 1)[0]
+    return yaml.safe_load("\n".join(line[2:] for line in body.splitlines()).replace("${BUCKET}", bucket))
+
+
+@pytest.mark.parametrize("values, build_namespace", [({}, "ml-serving"),
+                                                     ({"watchNamespaces": ["team-a", "team-b"]}, "team-a")])
+def test_notes_can_be_followed_literally(values: dict[str, Any], build_namespace: str) -> None:
+    """NOTES.txt names the release's real namespace and objects, creates the S3 Secret the example
+    uses in a namespace the operator watches, and applies an EngineBuild the operator accepts."""
+    from enginebuild_operator.validation import validate
+
+    notes = render_notes(values, release="engines", namespace="platform-system")
+    docs = [d for p, t in helm.Chart.load(str(CHART)).render(values, name="engines", namespace="platform-system",
+                                                            is_install=True).items()
+            if not p.endswith("NOTES.txt") for d in yaml.safe_load_all(t) if d]
+    (deployment,) = by_kind(docs, "Deployment")
+    (service,) = by_kind(docs, "Service")
+    assert "installed in namespace platform-system" in notes
+    assert f"kubectl -n platform-system rollout status deployment/{deployment['metadata']['name']}" in notes
+    assert f"port-forward svc/{service['metadata']['name']}" in notes
+    assert "raw.githubusercontent" not in notes and "example.com" not in notes
+    assert f"kubectl -n {build_namespace} create secret generic enginebuild-s3" in notes
+    assert '--from-literal=AWS_ACCESS_KEY_ID="$AWS_ACCESS_KEY_ID"' in notes
+    eb = _notes_engine_build(notes, "my-bucket")
+    assert eb["kind"] == "EngineBuild" and eb["metadata"]["namespace"] == build_namespace
+    assert eb["spec"]["output"]["secretRef"]["name"] == "enginebuild-s3"
+    assert eb["spec"]["output"]["uri"] == "s3://my-bucket/enginebuild/smoke"
+    validate(eb["spec"], eb["metadata"]["name"], load_config(_env(deployment["spec"]["template"]["spec"]["containers"][0])))
+    assert f"kubectl -n {build_namespace} wait eb/{eb['metadata']['name']} --for=condition=Ready" in notes
+    assert "aws s3 cp open_clip_model.safetensors s3://${BUCKET}/models/" in notes  # the checkpoint a real build needs
+    assert "kubectl apply --server-side -f <chart>/crds/" in notes
+
+
+def test_notes_follow_the_s3_and_monitoring_settings() -> None:
+    with_endpoint = render_notes({"s3": {"endpoint": "http://minio.storage:9000"}})
+    assert "S3 endpoint http://minio.storage:9000 (s3.endpoint)" in with_endpoint
+    assert "--endpoint-url http://minio.storage:9000" in with_endpoint
+    assert "go to AWS S3 unless the Secret names an endpoint" in render_notes()
+    unselected = render_notes({"serviceMonitor": {"enabled": True}})
+    assert "set monitoring.additionalLabels.release" in unselected
+    selected = render_notes({"serviceMonitor": {"enabled": True},
+                             "monitoring": {"additionalLabels": {"release": "kube-prometheus-stack"}}})
+    assert "additionalLabels.release" not in selected

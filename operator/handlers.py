@@ -28,7 +28,7 @@ from enginebuild_builder.spec import EngineBuildSpec
 from enginebuild_builder.status_model import EngineBuildStatus
 
 from . import artifacts, jobs, metrics, reconcile, results
-from .conditions import ConditionSet
+from .conditions import KSTATUS_TYPES, ConditionSet, with_kstatus
 from .config import OperatorConfig, load_config
 from .queue import BuildId, BuildQueue
 from .reconcile import Plan, Step
@@ -176,6 +176,8 @@ def _secret(namespace: str, spec: EngineBuildSpec) -> Any:
 
 def _emit_events(body: kopf.Body, cs: ConditionSet) -> None:
     for cond in cs.flips:
+        if cond["type"] in KSTATUS_TYPES:
+            continue  # they restate Ready for kstatus readers: Ready's own flip is the Event
         bad = cond["status"] == "False" and cond["type"] not in ("Queued",) or cond.get("reason") == "FP8Slower"
         text = f"{cond['type']}={cond['status']}: {cond.get('message', '')}"
         try:
@@ -190,6 +192,9 @@ def _sanitize(status: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _write(namespace: str, name: str, state: BuildState) -> None:
+    # Every status write carries kstatus's Reconciling/Stalled, derived from Ready/Succeeded.
+    state.status["conditions"] = with_kstatus(state.status.get("conditions") or [],
+                                              state.status.get("observedGeneration"))
     clean = _sanitize(state.status)
     if clean == state.written:
         return
@@ -506,12 +511,7 @@ async def _storage_problem(body: kopf.Body, namespace: str, name: str, state: Bu
                            generation: int | None, exc: BuildError) -> float:
     """S3 trouble before any Job: say so in Ready (retriable), keep everything else, retry with backoff."""
     message = reconcile.redact(str(exc), runtime().stores.secrets())
-    if exc.retriable:
-        cs.set("Ready", False, exc.reason, f"{message}; retrying")
-        cs.set("Succeeded", "Unknown", exc.reason, f"{message}; retrying")
-    else:
-        cs.set("Ready", False, exc.reason, message)
-        cs.set("Succeeded", "Unknown", exc.reason, f"{message}; fix the Secret or bucket, the operator retries")
+    reconcile.mark_storage_problem(cs, exc.reason, message, retriable=exc.retriable)
     state.status["conditions"] = cs.conditions
     state.status["observedGeneration"] = generation
     _emit_events(body, cs)

@@ -31,11 +31,12 @@ PATH="$PWD/.venv/bin:$PATH" "$PY" devstack/binaries.py >"$build_log" 2>&1 &
 build_pid=$!
 tail -f "$build_log" --pid "$build_pid" 2>/dev/null | sed -u 's/^/[control plane] /' &
 
-stamp=.venv/.installed-$(sha256sum requirements.lock pyproject.toml | sha256sum | cut -c1-16)
+stamp=.venv/.installed-$(sha256sum requirements.lock pyproject.toml devstack/pyproject.toml | sha256sum | cut -c1-16)
 if [ ! -e "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
   .venv/bin/python -m pip install -q -r requirements.lock
   .venv/bin/python -m pip install -q --no-deps -e .
+  .venv/bin/python -m pip install -q --no-deps -e devstack   # the dev-only stack: its own distribution
   rm -f .venv/.installed-*; touch "$stamp"
 fi
 # kubectl: the README's commands and the e2e tests use it. Debian's archive has none; where the

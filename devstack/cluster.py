@@ -78,20 +78,12 @@ def ensure_namespace(http: KubeHttp, name: str, labels: dict[str, str] | None = 
         time.sleep(0.1)
 
 
+KOPF_PEERING_CRDS = Path(__file__).resolve().parents[1] / "charts" / "enginebuild" / "crds" / "kopf-peering.yaml"
+
+
 def kopf_peering_crds() -> list[Obj]:
-    """The CRDs kopf's peering needs (as in kopf's docs): cluster-wide and namespaced."""
-    crds = []
-    for kind, plural, scope in (("ClusterKopfPeering", "clusterkopfpeerings", "Cluster"),
-                                ("KopfPeering", "kopfpeerings", "Namespaced")):
-        crds.append({
-            "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-            "metadata": {"name": f"{plural}.kopf.dev"},
-            "spec": {"group": "kopf.dev", "scope": scope,
-                     "names": {"kind": kind, "plural": plural, "singular": kind.lower()},
-                     "versions": [{"name": "v1", "served": True, "storage": True, "schema": {"openAPIV3Schema": {
-                         "type": "object", "x-kubernetes-preserve-unknown-fields": True}}}]},
-        })
-    return crds
+    """kopf's peering CRDs exactly as the chart ships them (its crds/ folder): one source."""
+    return [d for d in yaml.safe_load_all(KOPF_PEERING_CRDS.read_text()) if d]
 
 
 def install_kopf_peering(api: Any, peering: str = "default", namespaces: Iterable[str] = ()) -> None:

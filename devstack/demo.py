@@ -55,7 +55,7 @@ KEY_METRICS = (
     ("enginebuild_onnx_size_bytes", "encoder,precision", "ONNX size, bytes"),
     ("enginebuild_accuracy_cosine_min", "encoder", "FP8 vs FP16 cosine, min"),
     ("enginebuild_engine_size_bytes", "target,encoder,precision", "engine size, bytes"),
-    ("enginebuild_engine_latency_seconds", "target,encoder,precision,quantile", "engine latency, seconds"),
+    ("enginebuild_engine_latency_seconds", "target,encoder,precision,percentile", "engine latency, seconds"),
     ("enginebuild_fp8_speedup_ratio", "target,encoder", "FP8 speedup over FP16"),
     ("enginebuild_gpu_seconds_total", "target", "GPU-seconds"),
 )

@@ -165,7 +165,7 @@ def test_prometheus_scrapes_the_same_numbers(built: tuple[LocalStack, dict[str, 
                      timeout=60, what="engine sizes in Prometheus")
     assert prom.targets_health() == ["up"]
     assert sizes == {(e["target"], e["encoder"], e["precision"]): float(e["bytes"]) for e in status["engines"]}
-    p50 = _prom_values(stack, f'enginebuild_engine_latency_seconds{{name="{NAME}",quantile="0.5"}}',
+    p50 = _prom_values(stack, f'enginebuild_engine_latency_seconds{{name="{NAME}",percentile="50"}}',
                        ("encoder", "precision"))
     assert p50 == {(e["encoder"], e["precision"]): pytest.approx(e["latencyP50Micros"] / 1e6) for e in status["engines"]}
     speedup = _prom_values(stack, f"enginebuild_fp8_speedup_ratio{sel}", ("encoder",))

@@ -180,3 +180,70 @@ def test_each_job_ending_gets_its_documented_reason_retries_and_log_tail(
     for name, (_s, _p, reason, *_r) in CASES.items():
         if reason != "Succeeded":
             assert all(j["state"] in ("Failed", "Succeeded", "Deleted") for j in c.status(name)["jobs"]), name
+
+
+def test_a_node_that_stops_renewing_its_lease_loses_its_pod_and_the_build_moves_on(
+    eb_cluster: Cluster, tmp_path: Path
+) -> None:
+    """A GPU node dies mid-export (its kubelet stops: processes gone, no Lease renewal). The real
+    node lifecycle controller marks it NotReady, the taint eviction controller evicts its Pod (which
+    stays Terminating: nobody is left to confirm), the admin deletes the dead Node as one does, the
+    pod garbage collector fails and removes the orphaned Pod with DisruptionTarget, and the Job
+    controller replaces it without counting a failure (the operator's podFailurePolicy Ignore rule)
+    on a healthy node of the same GPU type. The build ends Ready, its Job with no failure counted."""
+    from enginebuild_devstack.kubelet import NodeSpec
+
+    c = eb_cluster
+    product = "NVIDIA-H100-80GB-HBM3"
+    bin_dir = tmp_path / "stub-bin"
+    bin_dir.mkdir()
+    stub = bin_dir / "enginebuild"
+    stub.write_text(STUB.format(python=sys.executable, tests=str(TESTS)))
+    stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+    (tmp_path / "stub-state").mkdir()
+    (tmp_path / "plan.json").write_text(json.dumps({"9": {"export": ["sleep", 0], "engine": [0]}}))
+    env = dict(c.s3_env, STUB_STATE=str(tmp_path / "stub-state"), STUB_PLAN=str(tmp_path / "plan.json"),
+               PATH=os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+
+    def gpu_node(name: str) -> NodeSpec:
+        base = NodeSpec.gpu(product)
+        return NodeSpec(name, base.labels, base.capacity)
+
+    doomed = start_kubelet(c.kube, tmp_path / "pods-a", extra_env=env, nodes=[gpu_node("gpu-doomed")])
+    healthy = None
+    try:
+        c.start_operator()
+        c.create("node-loss", c.spec(calibration={"source": "synthetic", "seed": 9}))
+        job = c.wait_job("node-loss", "export")["metadata"]["name"]
+
+        def running_on_doomed() -> dict[str, Any] | None:
+            pods = c.http.get(resource_path("v1", "pods", c.namespace), labelSelector=f"job-name={job}").get("items") or []
+            return next((p for p in pods if p["spec"].get("nodeName") == "gpu-doomed"
+                         and (p.get("status") or {}).get("phase") == "Running"), None)
+        pod = wait_until(running_on_doomed, 60, "the export Pod running on gpu-doomed")
+        # A healthy node of the same GPU type joins first: the node lifecycle controller evicts only
+        # while part of the zone is healthy (all nodes down looks like a partition of the control plane).
+        healthy = start_kubelet(c.kube, tmp_path / "pods-b", extra_env=env, nodes=[gpu_node("gpu-healthy")])
+        doomed.silence("gpu-doomed")
+
+        def node_not_ready() -> bool:
+            node = c.http.get(resource_path("v1", "nodes", None, "gpu-doomed"))
+            return any(cond["type"] == "Ready" and cond["status"] != "True" for cond in node["status"]["conditions"])
+        wait_until(node_not_ready, 90, "the node lifecycle controller to mark gpu-doomed NotReady")
+
+        def evicted() -> dict[str, Any] | None:
+            p = c.http.get(resource_path("v1", "pods", c.namespace, pod["metadata"]["name"]))
+            return p if p["metadata"].get("deletionTimestamp") else None
+        evicted_pod = wait_until(evicted, 90, "the taint eviction controller to evict the Pod")
+        assert any(cond["type"] == "DisruptionTarget" and cond["status"] == "True"
+                   for cond in evicted_pod["status"].get("conditions") or [])
+        # The admin removes the dead machine (its Pod then goes to the pod garbage collector).
+        c.http.delete(resource_path("v1", "nodes", None, "gpu-doomed"))
+        c.wait_condition("node-loss", "Ready", "True", "Succeeded", timeout=240)
+        done = _job(c, "node-loss", "export")
+        assert done is not None and done["status"]["succeeded"] == 1 and done["status"].get("failed", 0) == 0
+        assert (tmp_path / "stub-state" / "9-export.attempts").read_text() == "2"
+    finally:
+        doomed.stop(deregister=True)
+        if healthy is not None:
+            healthy.stop(deregister=True)

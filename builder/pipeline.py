@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .constants import REPORT_FILE
 from .errors import BuildError, SpecError
-from .report import ErrorInfo, Report, summarize
+from .report import ErrorInfo, Report, ReportContractError, summarize
 from .spec import EngineBuildSpec, TargetSpec, load_spec
 
 log = logging.getLogger("enginebuild.build")
@@ -157,13 +157,19 @@ def _load_export_half(spec: EngineBuildSpec, workdir: Path, key: str, report: Re
     """Engine stage without export in this process: take the export half's report (and ONNX files)
     from the workdir, or download them from the build's S3 prefix."""
     local_report = workdir / EXPORT_REPORT
-    if local_report.exists():
-        exported = Report.read(local_report)
-    elif spec.output and key:
-        from .stages.upload import download_export_half
+    try:
+        if local_report.exists():
+            exported = Report.read(local_report)
+        elif spec.output and key:
+            from .stages.upload import download_export_half
 
-        exported = download_export_half(_store(), spec.output.uri, key, workdir, EXPORT_REPORT)
-    else:
+            exported = download_export_half(_store(), spec.output.uri, key, workdir, EXPORT_REPORT)
+        else:
+            exported = None
+    except ReportContractError as exc:
+        raise SpecError(f"the export half's report cannot be used: {exc}; run the export stage again with this "
+                        "builder image", field="--workdir") from None
+    if exported is None:
         raise SpecError(
             f"the engine stage needs the export half: {local_report} is missing and there is no "
             "spec.output + build key to fetch it from", field="--workdir")

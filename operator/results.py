@@ -13,7 +13,7 @@ import json
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
-from enginebuild_builder.report import Report, summary_document
+from enginebuild_builder.report import Report, is_summary, read_summary, summary_document
 
 from . import metrics
 
@@ -33,18 +33,21 @@ def micros(ms: float | None) -> int | None:
     return None if ms is None else int(round(float(ms) * 1000))
 
 
-def parse_termination_message(text: str | None) -> dict[str, Any] | None:
-    """The summary JSON, or None when the message is absent or not ours (e.g. a log tail on OOM kill)."""
+def parse_termination_message(text: str | None, *, source: str = "the termination message") -> dict[str, Any] | None:
+    """The summary (every key present, None when unknown), or None when the message is absent or not
+    a summary (e.g. a log tail on OOM kill). A summary of another major schema version or with fields
+    of the wrong type raises ReportContractError (report.read_summary), which ends the build."""
+    return read_summary(text, source=source)
+
+
+def is_summary_text(text: str | None) -> bool:
+    """Whether a termination message is a summary (of any version) rather than a log tail."""
     if not text:
-        return None
-    text = text.strip()
+        return False
     try:
-        doc = json.loads(text)
+        return is_summary(json.loads(text.strip()))
     except json.JSONDecodeError:
-        return None
-    if not isinstance(doc, dict) or "status" not in doc or "v" not in doc:
-        return None
-    return doc
+        return False
 
 
 def summary_from_report(report: Report) -> dict[str, Any]:

@@ -178,9 +178,17 @@ def _emit_events(body: kopf.Body, cs: ConditionSet) -> None:
             log.debug("could not post event", exc_info=True)
 
 
+# Lists of result rows: a merge patch replaces a list whole, so a null inside a row would be stored.
+_ROW_LISTS = ("onnx", "accuracy", "engines")
+
+
 def _sanitize(status: dict[str, Any]) -> dict[str, Any]:
-    """Round-trip through the status contract: a field the CRD does not know is a bug, caught here."""
-    return EngineBuildStatus.model_validate(status).model_dump(mode="json", by_alias=True)
+    """Round-trip through the status contract: a field the CRD does not know is a bug, caught here.
+    An unknown number in a result row is left out rather than written as null (or as 0)."""
+    clean = EngineBuildStatus.model_validate(status).model_dump(mode="json", by_alias=True)
+    for key in _ROW_LISTS:
+        clean[key] = [{k: v for k, v in row.items() if v is not None} for row in clean.get(key) or []]
+    return clean
 
 
 async def _write(namespace: str, name: str, state: BuildState) -> None:

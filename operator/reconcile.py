@@ -381,7 +381,7 @@ def apply_export_result(status: dict[str, Any], cs: ConditionSet, summary: dict[
         status["accuracy"] = results.accuracy_parts(summary, min_cosine)
         status["artifactsUri"] = summary.get("artifactsUri") or status.get("artifactsUri")
         status["warnings"] = _merge_warnings(status.get("warnings"), summary.get("warnings"))
-    sizes = ", ".join(f"{o['encoder']} {o['sizeReduction']}" for o in status.get("onnx") or [])
+    sizes = ", ".join(f"{o['encoder']} {o.get('sizeReduction') or 'unknown'}" for o in status.get("onnx") or [])
     cs.set("Exported", True, "Exported", f"FP16 and FP8 ONNX exported; size reduction {sizes}".strip())
     acc = status.get("accuracy") or []
     if acc:

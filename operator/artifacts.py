@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from kubernetes.client.exceptions import ApiException
+
 from enginebuild_builder import buildkey
 from enginebuild_builder.constants import REPORT_FILE, REPORT_SCHEMA_VERSION
 from enginebuild_builder.errors import StorageAccessDenied
@@ -64,7 +66,17 @@ class StoreCache:
             return hit.store
         env = {k: v for k, v in self.base_env.items() if k in S3_KEYS}
         if secret_name and read_secret is not None:
-            data = read_secret(namespace, secret_name)
+            try:
+                data = read_secret(namespace, secret_name)
+            except ApiException as exc:
+                if exc.status != 403:
+                    raise  # 5xx, a dropped connection: the build loop retries with backoff
+                raise StorageAccessDenied(
+                    f"the operator may not read Secret {namespace}/{secret_name} (403 Forbidden): grant its service "
+                    "account `get` on that Secret (the chart's RBAC does), or set ENGINEBUILD_READ_SECRETS=false "
+                    "to reach S3 with the operator's own credentials",
+                    field="spec.output.secretRef.name",
+                ) from None
             if data is None:
                 raise StorageAccessDenied(
                     f"Secret {namespace}/{secret_name} does not exist: create it with the S3 keys "

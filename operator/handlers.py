@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import kopf
+from pydantic import ValidationError
 
 from enginebuild_builder.constants import GROUP, LABEL_INSTANCE, LABEL_MANAGED_BY, PLURAL, VERSION
 from enginebuild_builder.errors import BuildError
@@ -201,11 +202,9 @@ async def _write(namespace: str, name: str, state: BuildState) -> None:
 
 
 def _observed(index: Any, build: BuildId, state: BuildState) -> list[reconcile.ObservedJob]:
-    try:
-        store = index.get(build, [])
-    except Exception:
-        store = []
-    return [j for j in store if j.uid not in state.deleted_uids]
+    """The build's Jobs from the kopf index (a build without Jobs has no key there). Anything the index
+    raises propagates: taken as "no Jobs", it would make the planner re-create or give up on Jobs."""
+    return [j for j in index.get(build, []) if j.uid not in state.deleted_uids]
 
 
 def _order(meta: Mapping[str, Any]) -> tuple[str, str, str]:
@@ -577,8 +576,8 @@ async def build_daemon(
     try:
         # Re-export the numbers of a finished build after an operator restart.
         results.record_metrics(namespace, name, initial, None)
-    except Exception:
-        log.debug("could not re-export metrics for %s/%s", namespace, name, exc_info=True)
+    except (KeyError, TypeError, ValueError) as exc:  # a status row of another shape: metrics only, the loop goes on
+        log.warning("%s/%s: could not re-export metrics from the stored status: %r", namespace, name, exc)
     try:
         await _loop(body, namespace, name, uid, stopped, build_jobs, state, wake)
     finally:
@@ -614,9 +613,15 @@ async def _loop(body: kopf.Body, namespace: str, name: str, uid: str, stopped: k
 
 
 def _safe_sanitize(status: dict[str, Any]) -> dict[str, Any]:
+    """What the stored status is, as the baseline the next write is compared with. A status outside
+    the contract (written by another operator version) gives the empty baseline, so the next pass
+    writes its whole status; that write validates again and raises into the loop's retry. Only a
+    ValidationError means that: any other error is a bug and propagates."""
     try:
         return _sanitize(status)
-    except Exception:
+    except ValidationError as exc:
+        log.warning("stored status does not match the status schema (%d errors): it is rewritten on the next "
+                    "pass", exc.error_count())
         return {}
 
 
@@ -636,10 +641,7 @@ async def on_delete(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, names
     """Finalizer: remove the Jobs, and the S3 artefacts with `deletionPolicy: Delete`; forget metrics."""
     rt = runtime()
     build = (namespace, name)
-    try:
-        existing = list(build_jobs.get(build, []))
-    except Exception:
-        existing = []
+    existing = list(build_jobs.get(build, []))  # an error must keep the finalizer (kopf retries), not skip Jobs
     for job in existing:
         await asyncio.to_thread(runtime().kube.delete_job, namespace, job.name)
     raw = json.loads(json.dumps(dict(spec or {})))

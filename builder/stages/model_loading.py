@@ -21,7 +21,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..errors import CheckpointMismatch, CheckpointNotFound, CheckpointUnreadable, UnknownArchitecture
+from ..errors import (
+    CheckpointMismatch,
+    CheckpointNotFound,
+    CheckpointUnreadable,
+    UnknownArchitecture,
+)
 from ..spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -157,7 +162,38 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         )
     if all(k.startswith("module.") for k in obj):  # saved from DataParallel/DDP
         obj = {k[len("module.") :]: v for k, v in obj.items()}
+    _check_tensor_contents(obj, path)
     return obj
+
+
+def _few(keys: list[str]) -> str:
+    more = f" ... (+{len(keys) - MAX_KEYS_IN_MESSAGE} more)" if len(keys) > MAX_KEYS_IN_MESSAGE else ""
+    return ", ".join(keys[:MAX_KEYS_IN_MESSAGE]) + more
+
+
+def _check_tensor_contents(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse weights that cannot be used as such, naming the tensors: sparse/quantized layouts and
+    meta tensors (no data) cannot be copied into the model, and a NaN or infinity would surface much
+    later as a ModelOpt "nan in amax" (QuantizationFailed) or a failed accuracy gate."""
+    field = "model.checkpoint"
+    no_data = sorted(k for k, v in state.items() if v.is_meta)
+    if no_data:
+        raise CheckpointUnreadable(
+            f"{path.name} holds tensors without data (meta tensors, saved from a model that was never "
+            f"materialised): {_few(no_data)}. Save the state dict of a loaded model", field=field)
+    not_dense = sorted(f"{k} ({v.layout})" for k, v in state.items() if v.layout != torch.strided or v.is_quantized)
+    if not_dense:
+        raise CheckpointUnreadable(
+            f"{path.name} holds sparse or quantized tensors: {_few(not_dense)}. Save dense floating-point "
+            "weights (tensor.to_dense() / dequantize()) before building", field=field)
+    non_finite = sorted(
+        k for k, v in state.items() if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all())
+    )
+    if non_finite:
+        raise CheckpointUnreadable(
+            f"{path.name} holds NaN or infinite values in {len(non_finite)} tensor(s): {_few(non_finite)}. "
+            "The weights are damaged or were saved after training diverged: use an earlier or another checkpoint",
+            field=field)
 
 
 def _apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str) -> None:
@@ -170,24 +206,28 @@ def _apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: Pa
         if state[k].shape != expected[k].shape
     )
     if missing or unexpected or wrong_shape:
-
-        def few(keys: list[str]) -> str:
-            more = f" ... (+{len(keys) - MAX_KEYS_IN_MESSAGE} more)" if len(keys) > MAX_KEYS_IN_MESSAGE else ""
-            return ", ".join(keys[:MAX_KEYS_IN_MESSAGE]) + more
-
         parts = []
         if missing:
-            parts.append(f"missing keys: {few(missing)}")
+            parts.append(f"missing keys: {_few(missing)}")
         if unexpected:
-            parts.append(f"unexpected keys: {few(unexpected)}")
+            parts.append(f"unexpected keys: {_few(unexpected)}")
         if wrong_shape:
-            parts.append(f"shape mismatches: {few(wrong_shape)}")
+            parts.append(f"shape mismatches: {_few(wrong_shape)}")
         raise CheckpointMismatch(
             f"{path.name} does not fit architecture {arch!r}: " + "; ".join(parts)
             + ". Check model.architecture/model.config against the checkpoint",
             field="model.checkpoint",
         )
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # names and shapes fit, yet a tensor cannot be copied in (its dtype, say)
+        detail = str(exc).strip().splitlines()[-1].strip()
+        raise CheckpointMismatch(
+            f"{path.name} does not load into architecture {arch!r}: {detail}. Save the checkpoint with "
+            "plain floating-point tensors of the model's shapes",
+            field="model.checkpoint",
+        ) from None
+
 
 
 RANDOM_INIT_SEED = 0

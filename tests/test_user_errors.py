@@ -1,0 +1,126 @@
+"""Mistakes in the user's model and inputs, through the real `enginebuild build` on the tiny CLIP.
+
+One case per failure class that used to end as a traceback (InternalError) or under an unrelated
+reason (QuantizationFailed for a damaged checkpoint or a config whose image is smaller than a patch,
+StorageAccessDenied for a checkpoint that does not exist). Each asserts what a user and the operator
+see: the exit code, the reason in the termination message (and in report.json where a spec was
+read), a message naming the field or file at fault and the fix, and no traceback on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from enginebuild_builder.errors import KINDS
+
+REPO = Path(__file__).resolve().parent.parent
+ENGINEBUILD = Path(sys.executable).parent / "enginebuild"
+TINY = REPO / "examples" / "models" / "tiny-clip.json"
+
+pytestmark = pytest.mark.slow  # each case starts the builder (torch, open_clip, ModelOpt): ~10-20 s on 2 cores
+
+
+def _config(folder: Path, **sections: dict[str, Any]) -> Path:
+    cfg = json.loads(TINY.read_text())
+    for name, values in sections.items():
+        cfg[name].update(values)
+    path = folder / "tiny-clip.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def _spec(folder: Path, config: Path | None = None, **fields: Any) -> Path:
+    doc: dict[str, Any] = {
+        "model": {"architecture": "tiny-clip", "config": str(config or TINY)},
+        "encoders": ["image", "text"], "batchSize": 2,
+        "calibration": {"source": "synthetic", "samples": 4}, "accuracy": {"samples": 2, "minCosine": 0.5},
+    }
+    for key, value in fields.items():
+        doc[key] = {**doc[key], **value} if isinstance(doc.get(key), dict) else value
+    path = folder / "spec.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def _build(tmp_path: Path, spec: Path | str, workdir: Path | None = None) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    term = tmp_path / "termination-log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}
+    done = subprocess.run(
+        [str(ENGINEBUILD), "build", "--spec", str(spec), "--workdir", str(workdir or tmp_path / "w"), "--device", "cpu",
+         "--termination-log", str(term)],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert term.exists(), done.stderr[-3000:]
+    return done, json.loads(term.read_text())
+
+
+def _assert_refused(done: subprocess.CompletedProcess[str], summary: dict[str, Any], kind: str, field: str,
+                    *phrases: str) -> str:
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.returncode == KINDS[kind].exit_code, done.stderr[-3000:]
+    error = summary["error"]
+    assert summary["status"] == "failed" and error["reason"] == KINDS[kind].reason, error
+    message = error["message"]
+    assert message.startswith(f"{field}: "), message
+    for phrase in phrases:
+        assert phrase in message, (phrase, message)
+    assert message in done.stderr and KINDS[kind].reason in done.stderr  # the one log line says it too
+    return message
+
+
+def _tiny_state() -> dict[str, torch.Tensor]:
+    from enginebuild_builder.spec import ModelSpec
+    from enginebuild_builder.stages.model_loading import load_model
+
+    return load_model(ModelSpec(architecture="tiny-clip", config=str(TINY)), None).model.state_dict()
+
+
+def _report(tmp_path: Path) -> dict[str, Any]:
+    return json.loads((tmp_path / "w" / "report.json").read_text())
+
+
+# ---- the checkpoint ---------------------------------------------------------------------------------
+
+
+def test_a_checkpoint_with_nan_weights_is_named_not_a_quantization_failure(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in _tiny_state().items()}
+    state["visual.transformer.resblocks.0.mlp.c_fc.weight"][0, 0] = float("nan")
+    state["text_projection"][1, 1] = float("inf")
+    ckpt = tmp_path / "diverged.safetensors"
+    save_file(state, str(ckpt))
+    done, summary = _build(tmp_path, _spec(tmp_path, model={"checkpoint": str(ckpt)}))
+    _assert_refused(done, summary, "checkpoint_corrupt", "model.checkpoint", "diverged.safetensors",
+                    "NaN or infinite values in 2 tensor(s)", "text_projection",
+                    "visual.transformer.resblocks.0.mlp.c_fc.weight", "use an earlier or another checkpoint")
+    assert _report(tmp_path)["error"]["reason"] == "CheckpointUnreadable"
+
+
+def test_a_checkpoint_with_sparse_tensors_is_named_not_a_traceback(tmp_path: Path) -> None:
+    state = _tiny_state()
+    state["text_projection"] = state["text_projection"].to_sparse()
+    ckpt = tmp_path / "sparse.pt"
+    torch.save(state, ckpt)
+    done, summary = _build(tmp_path, _spec(tmp_path, model={"checkpoint": str(ckpt)}))
+    _assert_refused(done, summary, "checkpoint_corrupt", "model.checkpoint", "sparse.pt", "text_projection",
+                    "sparse", "to_dense()")
+
+
+# ---- the model config --------------------------------------------------------------------------------
+
+
+# ---- the calibration set --------------------------------------------------------------------------------
+
+
+# ---- the command line's own inputs ------------------------------------------------------------------------

@@ -29,6 +29,8 @@ KINDS: dict[str, ErrorKind] = {
     "architecture": ErrorKind(12, "UnknownArchitecture", False, "architecture/config not known to open_clip"),
     "checkpoint_mismatch": ErrorKind(13, "CheckpointMismatch", False, "checkpoint does not fit the architecture"),
     "calibration": ErrorKind(14, "CalibrationUnreadable", False, "calibration set missing or unreadable"),
+    "model_config": ErrorKind(16, "ModelConfigInvalid", False,
+                              "the model config builds a model that cannot run its own inputs"),
     "quantization": ErrorKind(15, "QuantizationFailed", False, "ModelOpt quantization or ONNX export failed"),
     "accuracy": ErrorKind(20, "AccuracyGateFailed", False, "FP8 ONNX below spec.accuracy.minCosine"),
     "trtexec_missing": ErrorKind(30, "TrtexecNotFound", False, "trtexec not found in the builder image"),
@@ -94,6 +96,14 @@ class CheckpointMismatch(BuildError):
 
 class CalibrationError(BuildError):
     kind_name = "calibration"
+
+
+class ModelConfigInvalid(BuildError):
+    """open_clip builds the model from spec.model.config, but it fails on inputs of its own shape
+    (image smaller than a patch, a vocabulary smaller than the tokenizer's, a timm tower of another
+    size): a config mistake, not a quantization or export failure."""
+
+    kind_name = "model_config"
 
 
 class QuantizationError(BuildError):

@@ -120,6 +120,21 @@ def test_a_checkpoint_with_sparse_tensors_is_named_not_a_traceback(tmp_path: Pat
 # ---- the model config --------------------------------------------------------------------------------
 
 
+def test_a_vocabulary_smaller_than_the_tokenizer_is_a_config_error(tmp_path: Path) -> None:
+    config = _config(tmp_path, text_cfg={"vocab_size": 1000})
+    done, summary = _build(tmp_path, _spec(tmp_path, config))
+    _assert_refused(done, summary, "model_config", "model.config", str(config), "text_cfg.vocab_size is 1000",
+                    "49408", "Set text_cfg.vocab_size to 49408")
+    assert _report(tmp_path)["error"]["exit_code"] == 16
+
+
+def test_an_image_smaller_than_one_patch_is_a_config_error_not_a_quantization_failure(tmp_path: Path) -> None:
+    config = _config(tmp_path, vision_cfg={"image_size": 8})
+    done, summary = _build(tmp_path, _spec(tmp_path, config))
+    _assert_refused(done, summary, "model_config", "model.config", str(config), "image tower",
+                    "image [1, 3, 8, 8]", "image_size must be at least patch_size")
+
+
 # ---- the calibration set --------------------------------------------------------------------------------
 
 

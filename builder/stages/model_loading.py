@@ -25,6 +25,7 @@ from ..errors import (
     CheckpointMismatch,
     CheckpointNotFound,
     CheckpointUnreadable,
+    ModelConfigInvalid,
     UnknownArchitecture,
 )
 from ..spec import ModelSpec
@@ -228,6 +229,57 @@ def _apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: Pa
             field="model.checkpoint",
         ) from None
 
+
+# A caption of a few tokens: enough to run the text tower once, framed like every real input.
+_PROBE_CAPTION = "a photo of a cat"
+
+
+def check_model_runs(loaded: LoadedModel, encoders: list[str]) -> None:
+    """Run each requested tower once on one input of its own shape, before any long stage.
+
+    A config that open_clip builds can still describe a model that cannot run (an image smaller than
+    one patch, a timm tower of another input size, a vocabulary smaller than the tokenizer's): found
+    here it is named as the config's mistake, not as a QuantizationFailed or a traceback from ONNX
+    export. A built-in architecture that fails here is a bug, and its error propagates as it is.
+    """
+    from_config = loaded.config_source != "open_clip"
+    where = loaded.config_source if from_config else f"open_clip model {loaded.architecture!r}"
+    if "text" in encoders:
+        tokenizer_vocab = getattr(loaded.tokenizer, "vocab_size", None)
+        if from_config and isinstance(tokenizer_vocab, int) and loaded.vocab_size < tokenizer_vocab:
+            raise ModelConfigInvalid(
+                f"text_cfg.vocab_size is {loaded.vocab_size} in {where}, smaller than its tokenizer's "
+                f"{tokenizer_vocab} tokens: token ids up to {tokenizer_vocab - 1} would index past the "
+                f"embedding. Set text_cfg.vocab_size to {tokenizer_vocab} (or name a matching "
+                "text_cfg.hf_tokenizer_name)",
+                field="model.config",
+            )
+    probes: dict[str, Callable[[], Any]] = {
+        "image": lambda: loaded.model.encode_image(torch.zeros(1, 3, *loaded.image_size)),
+        "text": lambda: loaded.model.encode_text(loaded.tokenizer([_PROBE_CAPTION])),
+    }
+    fix = {"image": "vision_cfg: image_size must be at least patch_size, and a "
+                    "timm tower's input size must equal image_size",
+           "text": "text_cfg: width must be a multiple of heads and context_length must fit the tokenizer"}
+    for encoder in encoders:
+        try:
+            with torch.no_grad():
+                probes[encoder]()
+        except (RuntimeError, IndexError, AssertionError, ValueError, TypeError) as exc:
+            if not from_config:
+                raise
+            detail = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
+            raise ModelConfigInvalid(
+                f"the {encoder} tower built from {where} fails on one input of its own shape "
+                f"({_input_shape(loaded, encoder)}): {detail}. Fix {fix[encoder]}",
+                field="model.config",
+            ) from None
+
+
+def _input_shape(loaded: LoadedModel, encoder: str) -> str:
+    if encoder == "image":
+        return f"image [1, 3, {loaded.image_size[0]}, {loaded.image_size[1]}]"
+    return f"text [1, {loaded.context_length}] tokens"
 
 
 RANDOM_INIT_SEED = 0

@@ -138,4 +138,27 @@ def test_an_image_smaller_than_one_patch_is_a_config_error_not_a_quantization_fa
 # ---- the calibration set --------------------------------------------------------------------------------
 
 
+def _png_claiming(width: int, height: int) -> bytes:
+    """A valid PNG header (and one tiny IDAT) that declares `width` x `height` pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00\x00")) + chunk(b"IEND", b"")
+
+
+def test_a_decompression_bomb_in_the_calibration_folder_is_named(tmp_path: Path) -> None:
+    from PIL import Image
+
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(folder / "a.png")
+    (folder / "b.png").write_bytes(_png_claiming(30_000, 30_000))
+    Image.new("RGB", (40, 40), (10, 200, 10)).save(folder / "c.png")
+    (folder / "captions.txt").write_text("a red square\na bomb\na green square\n")
+    done, summary = _build(tmp_path, _spec(tmp_path, calibration={"source": str(folder), "samples": 3}))
+    _assert_refused(done, summary, "calibration", "calibration.source", str(folder / "b.png"), "900000000 pixels",
+                    "Resize it", "remove it from the folder")
+
+
 # ---- the command line's own inputs ------------------------------------------------------------------------

@@ -128,22 +128,25 @@ _FETCHED: dict[str, Path] = {}
 def _fetch_inputs(spec: EngineBuildSpec, workdir: Path, *, calibration: bool = True
                   ) -> tuple[Path | None, Path | None, Path | None]:
     """Bring s3:// inputs to local disk (verified); local paths are used where they are."""
+    from .buildkey import naming_input
     from .storage import fetch
 
     inputs_dir = workdir / "inputs"
     store = _store() if _uses_s3(spec) else None
 
-    def local(location: str | None, sub: str) -> Path | None:
+    def local(location: str | None, sub: str, field: str) -> Path | None:
         if location is None or location == "synthetic":
             return None
         if location.startswith("s3://"):
             if location not in _FETCHED:  # an input is downloaded (and verified) once per process
-                _FETCHED[location] = fetch(location, inputs_dir / sub, store=store)
+                with naming_input(field):
+                    _FETCHED[location] = fetch(location, inputs_dir / sub, store=store)
             return _FETCHED[location]
         return Path(location)
 
-    return (local(spec.model.checkpoint, "checkpoint"), local(spec.model.config, "config"),
-            local(spec.calibration.source, "calibration") if calibration else None)
+    return (local(spec.model.checkpoint, "checkpoint", "model.checkpoint"),
+            local(spec.model.config, "config", "model.config"),
+            local(spec.calibration.source, "calibration", "calibration.source") if calibration else None)
 
 
 def _run_export(spec: EngineBuildSpec, workdir: Path, device: str, report: Report) -> None:

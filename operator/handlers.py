@@ -24,7 +24,7 @@ import kopf
 from pydantic import ValidationError
 
 from enginebuild_builder.constants import GROUP, LABEL_INSTANCE, LABEL_MANAGED_BY, PLURAL, VERSION
-from enginebuild_builder.errors import BuildError
+from enginebuild_builder.errors import BuildError, StorageAccessDenied
 from enginebuild_builder.report import ReportContractError, ReportUnreadable
 from enginebuild_builder.spec import EngineBuildSpec
 from enginebuild_builder.status_model import EngineBuildStatus
@@ -544,14 +544,17 @@ async def _finish_failed(body: kopf.Body, namespace: str, name: str, state: Buil
 
 async def _storage_problem(body: kopf.Body, namespace: str, name: str, state: BuildState, cs: ConditionSet,
                            generation: int | None, exc: BuildError) -> float:
-    """S3 trouble before any Job: say so in Ready (retriable), keep everything else, retry with backoff."""
+    """S3 trouble before any Job, or an input the build key hashes is missing (CheckpointNotFound,
+    CalibrationUnreadable, ... naming its spec field): say so in Ready, keep everything else, retry
+    with backoff (the input may be uploaded, the Secret fixed)."""
     message = reconcile.redact(str(exc), runtime().stores.secrets())
     if exc.retriable:
         cs.set("Ready", False, exc.reason, f"{message}; retrying")
         cs.set("Succeeded", "Unknown", exc.reason, f"{message}; retrying")
     else:
+        fix = "fix the Secret or bucket" if isinstance(exc, StorageAccessDenied) else f"fix {exc.field or 'the spec'}"
         cs.set("Ready", False, exc.reason, message)
-        cs.set("Succeeded", "Unknown", exc.reason, f"{message}; fix the Secret or bucket, the operator retries")
+        cs.set("Succeeded", "Unknown", exc.reason, f"{message}; {fix}, the operator retries")
     state.status["conditions"] = cs.conditions
     state.status["observedGeneration"] = generation
     _emit_events(body, cs)

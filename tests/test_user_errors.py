@@ -117,6 +117,14 @@ def test_a_checkpoint_with_sparse_tensors_is_named_not_a_traceback(tmp_path: Pat
                     "sparse", "to_dense()")
 
 
+def test_a_checkpoint_that_does_not_exist_is_not_a_storage_error(tmp_path: Path) -> None:
+    """With spec.output set the build key is computed first: it fingerprints every input."""
+    missing = tmp_path / "nope.safetensors"
+    spec = _spec(tmp_path, model={"checkpoint": str(missing)}, output={"uri": "s3://engines-bucket/clip"})
+    done, summary = _build(tmp_path, spec)
+    _assert_refused(done, summary, "checkpoint_missing", "model.checkpoint", str(missing), "check the path")
+
+
 # ---- the model config --------------------------------------------------------------------------------
 
 

@@ -262,11 +262,34 @@ def _write_termination(report: Report, path: str | None) -> None:
         log.warning("could not write termination message to %s: %s", target, exc)
 
 
+def _workdir(value: str) -> Path:
+    """The workdir, created if needed; a path that cannot be one is the caller's mistake (exit 2)."""
+    workdir = Path(value)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".enginebuild-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise SpecError(f"{workdir} cannot be used as the build's working folder: {exc.strerror or exc}; give a "
+                        "writable directory (it is created if missing)", field="--workdir") from None
+    return workdir
+
+
+def _error_info(exc: BuildError) -> ErrorInfo:
+    return ErrorInfo(kind=exc.kind_name, reason=exc.reason, exit_code=exc.exit_code, retriable=exc.retriable,
+                     message=str(exc), log_tail=exc.log_tail)
+
+
 def run(args: argparse.Namespace) -> int:
-    spec = load_spec(args.spec)
-    workdir = Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    plan = plan_build(spec, args.stages, args.target)
+    try:
+        spec = load_spec(args.spec)
+        workdir = _workdir(args.workdir)
+        plan = plan_build(spec, args.stages, args.target)
+    except BuildError as exc:
+        # No spec (or no usable workdir) yet, so no report.json; the operator still reads the reason.
+        _write_termination(Report(spec={}, status="failed", error=_error_info(exc)), args.termination_log)
+        raise
     report = Report(spec=spec.to_dict(), stages_run=list(plan.stages))
     report_path = workdir / (REPORT_FILE if "export" in plan.stages or "engine" not in plan.stages
                              else f"report.{'-'.join(t.name for t in plan.targets)}.json")
@@ -292,8 +315,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     except BuildError as exc:
         report.status = "failed"
-        report.error = ErrorInfo(kind=exc.kind_name, reason=exc.reason, exit_code=exc.exit_code,
-                                 retriable=exc.retriable, message=str(exc), log_tail=exc.log_tail)
+        report.error = _error_info(exc)
         raise
     except Exception as exc:  # an unexpected failure still leaves a report and a reason
         report.status = "failed"

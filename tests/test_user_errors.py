@@ -170,3 +170,24 @@ def test_a_decompression_bomb_in_the_calibration_folder_is_named(tmp_path: Path)
 
 
 # ---- the command line's own inputs ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("what", ["directory", "binary"])
+def test_a_spec_path_that_is_no_yaml_file_is_an_invalid_spec(tmp_path: Path, what: str) -> None:
+    if what == "directory":
+        spec = tmp_path / "specs"
+        spec.mkdir()
+        phrase = "is a directory"
+    else:
+        spec = tmp_path / "spec.yaml"
+        spec.write_bytes(b"\xff\xfe\x00model: \x9c\x80")
+        phrase = "is not UTF-8 text"
+    done, summary = _build(tmp_path, spec)
+    _assert_refused(done, summary, "spec", "--spec", str(spec), phrase, "give the spec's YAML file")
+
+
+def test_a_workdir_that_is_a_file_is_an_invalid_argument(tmp_path: Path) -> None:
+    occupied = tmp_path / "w"
+    occupied.write_text("not a folder")
+    done, summary = _build(tmp_path, _spec(tmp_path), workdir=occupied / "sub")
+    _assert_refused(done, summary, "spec", "--workdir", str(occupied / "sub"), "give a writable directory")

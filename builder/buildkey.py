@@ -16,15 +16,34 @@ byte does. docs/storage.md lists the exact fields.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import BuildError, CalibrationError, CheckpointNotFound, UnknownArchitecture
 from .spec import EngineBuildSpec
-from .storage import S3Store, S3Uri, is_s3_uri, iter_local_files, parse_s3_uri, sha256_file
+from .storage import ObjectNotFound, S3Store, S3Uri, is_s3_uri, iter_local_files, parse_s3_uri, sha256_file
+
+# What a missing input is, by the spec field that names it: the storage layer only knows "no object",
+# which is StorageAccessDenied (exit 41, "credentials wrong or bucket missing") to everyone else.
+_MISSING_INPUT: dict[str, type[BuildError]] = {
+    "model.checkpoint": CheckpointNotFound,
+    "model.config": UnknownArchitecture,
+    "calibration.source": CalibrationError,
+}
+
+
+@contextlib.contextmanager
+def naming_input(field: str) -> Iterator[None]:
+    """Turn "no such object/path" for an input into that input's own error, naming its spec field."""
+    try:
+        yield
+    except ObjectNotFound as exc:
+        raise _MISSING_INPUT[field](str(exc), field=field) from None
 
 KEY_SCHEMA_VERSION = 1  # bump when the key definition changes: every build gets a new key
 KEY_LENGTH = 32  # hex digits used in paths and labels
@@ -165,8 +184,6 @@ def fingerprint_location(uri_or_path: str | Path | None, store: S3Store | None) 
 
 
 def _fingerprint_s3(uri: S3Uri, store: S3Store) -> str:
-    from .storage import ObjectNotFound
-
     if uri.key and not uri.key.endswith("/"):
         info = store.head(uri)
         if info is not None:
@@ -184,8 +201,6 @@ def _fingerprint_s3(uri: S3Uri, store: S3Store) -> str:
 
 
 def _fingerprint_local(path: Path) -> str:
-    from .storage import ObjectNotFound
-
     if path.is_file():
         return f"sha256:{sha256_file(path)}"
     if path.is_dir():
@@ -205,9 +220,11 @@ def resolve_key_inputs(
     spec: EngineBuildSpec, store: S3Store | None, toolchain: Mapping[str, str]
 ) -> KeyInputs:
     """Fingerprint every location the spec names; what the operator calls before `compute_build_key`."""
-    return KeyInputs(
-        checkpoint_digest=fingerprint_location(spec.model.checkpoint, store),
-        config_digest=fingerprint_location(spec.model.config, store) if spec.model.config else None,
-        calibration_digest=fingerprint_location(spec.calibration.source, store),
-        toolchain=dict(toolchain),
-    )
+    with naming_input("model.checkpoint"):
+        checkpoint = fingerprint_location(spec.model.checkpoint, store)
+    with naming_input("model.config"):
+        config = fingerprint_location(spec.model.config, store) if spec.model.config else None
+    with naming_input("calibration.source"):
+        calibration = fingerprint_location(spec.calibration.source, store)
+    return KeyInputs(checkpoint_digest=checkpoint, config_digest=config, calibration_digest=calibration,
+                     toolchain=dict(toolchain))

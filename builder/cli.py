@@ -1,5 +1,6 @@
 """`enginebuild`: the one console script. Each subcommand imports its module lazily, so that the
-operator image (no torch) can run `enginebuild operator` and `--help` stays fast."""
+operator image (no torch) can run `enginebuild operator` and `--help` stays fast. This docstring is
+for developers; what `--help` shows users is DESCRIPTION."""
 
 from __future__ import annotations
 
@@ -9,6 +10,13 @@ import sys
 from typing import Callable
 
 from .errors import BuildError
+
+DESCRIPTION = (
+    "Build FP8 TensorRT engines of CLIP models: run a build from a spec (`build`), the Kubernetes "
+    "operator that runs builds as Jobs (`operator`), or a local demo (`demo`). Exit codes and failure "
+    "reasons: docs/errors.md."
+)
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def _add_build(sub: argparse._SubParsersAction) -> None:
@@ -44,10 +52,12 @@ def _add_trtexec_report(sub: argparse._SubParsersAction) -> None:
 
 def _add_operator(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("operator", help="run the Kubernetes operator (kopf)")
-    p.add_argument("--namespace", action="append", default=None, help="watch only these namespaces")
-    p.add_argument("--all-namespaces", action="store_true", help="watch the whole cluster (default)")
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument("--namespace", action="append", default=None, metavar="NAMESPACE",
+                       help="watch only this namespace (repeat for several)")
+    scope.add_argument("--all-namespaces", action="store_true", help="watch the whole cluster (the default)")
     p.add_argument("--standalone", action="store_true", help="no peering (single replica)")
-    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="log at DEBUG, kopf's own messages included")
     p.set_defaults(func=_run("enginebuild_operator.main", "main"))
 
 
@@ -74,9 +84,20 @@ def _run(module: str, attr: str) -> Callable[[argparse.Namespace], int]:
     return call
 
 
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("enginebuild")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="enginebuild", description=__doc__)
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    parser = argparse.ArgumentParser(prog="enginebuild", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+                        help="log verbosity, case-insensitive (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_build, _add_trtexec_report, _add_operator, _add_demo, _add_crd):
         add(sub)
@@ -86,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        level=getattr(logging, args.log_level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:

@@ -13,7 +13,9 @@ MAX_BATCH_SIZE = 4096
 
 REPORT_FILE = "report.json"
 MANIFEST_FILE = "manifest.json"
-REPORT_SCHEMA_VERSION = 1
+# "major.minor" of report.json and the termination-message summary (docs/report.md): a reader accepts
+# every minor of the major it knows (new minors only add optional fields) and refuses another major.
+REPORT_SCHEMA_VERSION = "1.1"
 # Kubernetes truncates termination messages at 4096 bytes; the summary must fit.
 TERMINATION_MESSAGE_MAX_BYTES = 4096
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"

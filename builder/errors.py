@@ -24,10 +24,13 @@ KINDS: dict[str, ErrorKind] = {
     "internal": ErrorKind(1, "InternalError", True, "unexpected failure in the builder"),
     "spec": ErrorKind(2, "InvalidSpec", False, "the spec does not validate"),
     "checkpoint_missing": ErrorKind(10, "CheckpointNotFound", False, "checkpoint path/URI does not exist"),
-    "checkpoint_corrupt": ErrorKind(11, "CheckpointUnreadable", False, "checkpoint cannot be read as a state dict"),
+    "checkpoint_corrupt": ErrorKind(11, "CheckpointUnreadable", False,
+                                    "checkpoint cannot be read as a state dict of dense, finite tensors"),
     "architecture": ErrorKind(12, "UnknownArchitecture", False, "architecture/config not known to open_clip"),
     "checkpoint_mismatch": ErrorKind(13, "CheckpointMismatch", False, "checkpoint does not fit the architecture"),
     "calibration": ErrorKind(14, "CalibrationUnreadable", False, "calibration set missing or unreadable"),
+    "model_config": ErrorKind(16, "ModelConfigInvalid", False,
+                              "the model config builds a model that cannot run its own inputs"),
     "quantization": ErrorKind(15, "QuantizationFailed", False, "ModelOpt quantization or ONNX export failed"),
     "accuracy": ErrorKind(20, "AccuracyGateFailed", False, "FP8 ONNX below spec.accuracy.minCosine"),
     "trtexec_missing": ErrorKind(30, "TrtexecNotFound", False, "trtexec not found in the builder image"),
@@ -95,6 +98,14 @@ class CalibrationError(BuildError):
     kind_name = "calibration"
 
 
+class ModelConfigInvalid(BuildError):
+    """open_clip builds the model from spec.model.config, but it fails on inputs of its own shape
+    (image smaller than a patch, a vocabulary smaller than the tokenizer's, a timm tower of another
+    size): a config mistake, not a quantization or export failure."""
+
+    kind_name = "model_config"
+
+
 class QuantizationError(BuildError):
     kind_name = "quantization"
 
@@ -134,7 +145,24 @@ def render_error_table() -> str:
         "",
         "Generated from `builder/errors.py` (`python -m enginebuild_builder.errors > docs/errors.md`; a test",
         "compares). Permanent errors fail the Job at once through its podFailurePolicy; retriable ones are",
-        "retried up to `spec.backoffLimit`.",
+        "retried up to `spec.backoffLimit`. Exit codes never change meaning; new ones are only added.",
+        "",
+        "An error caused by the spec or its inputs starts with the field or option at fault and says what",
+        "to do, e.g. `model.checkpoint: ckpt.safetensors holds NaN or infinite values in 2 tensor(s): ...`",
+        "or `model.config: text_cfg.vocab_size is 1000 in tiny.json, smaller than its tokenizer's 49408",
+        "tokens: ... Set text_cfg.vocab_size to 49408`. The builder prints it as one log line (no",
+        "traceback) and puts it in the termination message and `report.json` (`error`), so the operator",
+        "shows it in the `Ready` condition. Only exit 1 (`InternalError`) means a bug in the builder.",
+        "",
+        "| field / option | what is checked | reason |",
+        "|---|---|---|",
+        "| `--spec` | a readable UTF-8 YAML file (or `env:NAME`), valid against the schema | `InvalidSpec` |",
+        "| `--workdir`, `--stages`, `--target`, `--device` | a writable folder; known stages and targets; a visible GPU for `cuda` | `InvalidSpec` |",
+        "| `model.checkpoint` | exists (local or S3); a state dict of dense, finite tensors, no code-carrying pickle | `CheckpointNotFound`, `CheckpointUnreadable` |",
+        "| `model.checkpoint` vs the architecture | every key present, none extra, every shape equal | `CheckpointMismatch` |",
+        "| `model.architecture`, `model.config` | a known open_clip name, or a readable open_clip config open_clip can build | `UnknownArchitecture` |",
+        "| `model.config` | each tower runs one input of its own shape; the text vocabulary covers the tokenizer's | `ModelConfigInvalid` |",
+        "| `calibration.source` | exists; images readable and under Pillow's pixel limit; `captions.txt` UTF-8 | `CalibrationUnreadable` |",
         "",
         "| exit code | reason | retried | meaning |",
         "|---|---|---|---|",

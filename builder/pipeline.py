@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .constants import REPORT_FILE
 from .errors import BuildError, SpecError
-from .report import ErrorInfo, Report, summarize
+from .report import ErrorInfo, Report, ReportContractError, summarize
 from .spec import EngineBuildSpec, TargetSpec, load_spec
 
 log = logging.getLogger("enginebuild.build")
@@ -128,22 +128,25 @@ _FETCHED: dict[str, Path] = {}
 def _fetch_inputs(spec: EngineBuildSpec, workdir: Path, *, calibration: bool = True
                   ) -> tuple[Path | None, Path | None, Path | None]:
     """Bring s3:// inputs to local disk (verified); local paths are used where they are."""
+    from .buildkey import naming_input
     from .storage import fetch
 
     inputs_dir = workdir / "inputs"
     store = _store() if _uses_s3(spec) else None
 
-    def local(location: str | None, sub: str) -> Path | None:
+    def local(location: str | None, sub: str, field: str) -> Path | None:
         if location is None or location == "synthetic":
             return None
         if location.startswith("s3://"):
             if location not in _FETCHED:  # an input is downloaded (and verified) once per process
-                _FETCHED[location] = fetch(location, inputs_dir / sub, store=store)
+                with naming_input(field):
+                    _FETCHED[location] = fetch(location, inputs_dir / sub, store=store)
             return _FETCHED[location]
         return Path(location)
 
-    return (local(spec.model.checkpoint, "checkpoint"), local(spec.model.config, "config"),
-            local(spec.calibration.source, "calibration") if calibration else None)
+    return (local(spec.model.checkpoint, "checkpoint", "model.checkpoint"),
+            local(spec.model.config, "config", "model.config"),
+            local(spec.calibration.source, "calibration", "calibration.source") if calibration else None)
 
 
 def _run_export(spec: EngineBuildSpec, workdir: Path, device: str, report: Report) -> None:
@@ -157,13 +160,19 @@ def _load_export_half(spec: EngineBuildSpec, workdir: Path, key: str, report: Re
     """Engine stage without export in this process: take the export half's report (and ONNX files)
     from the workdir, or download them from the build's S3 prefix."""
     local_report = workdir / EXPORT_REPORT
-    if local_report.exists():
-        exported = Report.read(local_report)
-    elif spec.output and key:
-        from .stages.upload import download_export_half
+    try:
+        if local_report.exists():
+            exported = Report.read(local_report)
+        elif spec.output and key:
+            from .stages.upload import download_export_half
 
-        exported = download_export_half(_store(), spec.output.uri, key, workdir, EXPORT_REPORT)
-    else:
+            exported = download_export_half(_store(), spec.output.uri, key, workdir, EXPORT_REPORT)
+        else:
+            exported = None
+    except ReportContractError as exc:
+        raise SpecError(f"the export half's report cannot be used: {exc}; run the export stage again with this "
+                        "builder image", field="--workdir") from None
+    if exported is None:
         raise SpecError(
             f"the engine stage needs the export half: {local_report} is missing and there is no "
             "spec.output + build key to fetch it from", field="--workdir")
@@ -253,11 +262,34 @@ def _write_termination(report: Report, path: str | None) -> None:
         log.warning("could not write termination message to %s: %s", target, exc)
 
 
+def _workdir(value: str) -> Path:
+    """The workdir, created if needed; a path that cannot be one is the caller's mistake (exit 2)."""
+    workdir = Path(value)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".enginebuild-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise SpecError(f"{workdir} cannot be used as the build's working folder: {exc.strerror or exc}; give a "
+                        "writable directory (it is created if missing)", field="--workdir") from None
+    return workdir
+
+
+def _error_info(exc: BuildError) -> ErrorInfo:
+    return ErrorInfo(kind=exc.kind_name, reason=exc.reason, exit_code=exc.exit_code, retriable=exc.retriable,
+                     message=str(exc), log_tail=exc.log_tail)
+
+
 def run(args: argparse.Namespace) -> int:
-    spec = load_spec(args.spec)
-    workdir = Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    plan = plan_build(spec, args.stages, args.target)
+    try:
+        spec = load_spec(args.spec)
+        workdir = _workdir(args.workdir)
+        plan = plan_build(spec, args.stages, args.target)
+    except BuildError as exc:
+        # No spec (or no usable workdir) yet, so no report.json; the operator still reads the reason.
+        _write_termination(Report(spec={}, status="failed", error=_error_info(exc)), args.termination_log)
+        raise
     report = Report(spec=spec.to_dict(), stages_run=list(plan.stages))
     report_path = workdir / (REPORT_FILE if "export" in plan.stages or "engine" not in plan.stages
                              else f"report.{'-'.join(t.name for t in plan.targets)}.json")
@@ -283,8 +315,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     except BuildError as exc:
         report.status = "failed"
-        report.error = ErrorInfo(kind=exc.kind_name, reason=exc.reason, exit_code=exc.exit_code,
-                                 retriable=exc.retriable, message=str(exc), log_tail=exc.log_tail)
+        report.error = _error_info(exc)
         raise
     except Exception as exc:  # an unexpected failure still leaves a report and a reason
         report.status = "failed"

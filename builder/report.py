@@ -4,21 +4,101 @@ The full report goes to the workdir and to S3; a compact summary (the numbers th
 written to the container's termination message, which Kubernetes caps at 4 KiB. Both are defined
 here so builder and operator cannot drift. Field names are snake_case (documented in
 docs/report.md); the Kubernetes status the operator derives from them is camelCase.
+
+Builder and operator are released apart (`spec.image` picks the builder per EngineBuild), so both
+documents carry a "major.minor" schema version. Writing is strict (a typo in the builder is an error);
+reading (`parse_report`, `read_summary`) ignores fields it does not know, accepts every minor of the
+major it knows (a new minor only adds optional fields) and refuses any other major with
+`ReportVersionUnsupported`. A document that cannot be used at all raises `ReportUnreadable`. Both
+name the document, so the operator can end the build with a reason instead of guessing.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .constants import REPORT_SCHEMA_VERSION, TERMINATION_MESSAGE_MAX_BYTES
 
+# The major version this code reads; the version a document without one is taken to have.
+SUPPORTED_MAJOR = int(REPORT_SCHEMA_VERSION.split(".")[0])
+UNVERSIONED = "1.0"
+_READING = "enginebuild-report-reading"  # validation context flag: tolerate unknown fields
+_VERSION_RE = re.compile(r"(\d+)(?:\.(\d+))?")
+
+
+class ReportContractError(Exception):
+    """A report or summary that this reader cannot use. Not a ValueError on purpose: nothing may
+    swallow it as "no report"; `reason` is the condition reason the operator ends the build with."""
+
+    reason = "ReportUnreadable"
+
+    def __init__(self, message: str, *, source: str) -> None:
+        super().__init__(message)
+        self.source = source
+
+
+class ReportUnreadable(ReportContractError):
+    """Not JSON, not an object, or its fields have the wrong types for its (supported) major version."""
+
+    reason = "ReportUnreadable"
+
+
+class ReportVersionUnsupported(ReportContractError):
+    """Written with a major schema version this reader does not know."""
+
+    reason = "ReportVersionUnsupported"
+
+    def __init__(self, found: str, *, source: str) -> None:
+        super().__init__(
+            f"{source} has report schema version {found}; this reader understands {SUPPORTED_MAJOR}.x "
+            f"(it writes {REPORT_SCHEMA_VERSION})",
+            source=source,
+        )
+        self.found = found
+        self.supported = f"{SUPPORTED_MAJOR}.x"
+
+
+def check_schema_version(value: Any, *, source: str) -> str:
+    """The "major.minor" of a document's version field (absent: the unversioned 1.0 shape; an int N,
+    as written before minors existed: N.0); raises unless the major is the one this code reads."""
+    if value is None:
+        return UNVERSIONED
+    match = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        match = _VERSION_RE.fullmatch(str(value))
+    elif isinstance(value, str):
+        match = _VERSION_RE.fullmatch(value.strip())
+    if match is None:
+        raise ReportUnreadable(f"{source}: schema version {value!r} is not \"major.minor\"", source=source)
+    version = f"{int(match[1])}.{int(match[2] or 0)}"
+    if int(match[1]) != SUPPORTED_MAJOR:
+        raise ReportVersionUnsupported(version, source=source)
+    return version
+
+
+def _describe(exc: ValidationError, limit: int = 3) -> str:
+    errors = exc.errors()
+    parts = [f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in errors[:limit]]
+    more = f" (+{len(errors) - limit} more)" if len(errors) > limit else ""
+    return "; ".join(parts) + more
+
 
 class _Model(BaseModel):
+    """Strict when built by the writer; tolerant of unknown fields when read (`parse_report`)."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ignore_unknown_when_reading(cls, data: Any, info: ValidationInfo) -> Any:
+        if isinstance(data, dict) and info.context and info.context.get(_READING):
+            return {k: v for k, v in data.items() if k in cls.model_fields}
+        return data
 
 
 class Artifact(_Model):
@@ -118,7 +198,7 @@ class ErrorInfo(_Model):
 
 
 class Report(_Model):
-    schema_version: int = REPORT_SCHEMA_VERSION
+    schema_version: str = REPORT_SCHEMA_VERSION  # "major.minor"; see check_schema_version
     status: Literal["succeeded", "failed"] = "succeeded"
     stages_run: list[str] = Field(default_factory=list)
     build_key: str | None = None
@@ -142,9 +222,37 @@ class Report(_Model):
         tmp.write_text(self.model_dump_json(indent=2))
         tmp.replace(path)  # a reader never sees half a report
 
+    @field_validator("schema_version", mode="before")
+    @classmethod
+    def _int_version(cls, value: Any) -> Any:
+        return f"{value}.0" if isinstance(value, int) and not isinstance(value, bool) else value
+
     @classmethod
     def read(cls, path: Path) -> "Report":
-        return cls.model_validate_json(path.read_text())
+        return parse_report(path.read_bytes(), source=str(path))
+
+
+def parse_report(data: bytes | str | dict[str, Any], *, source: str) -> Report:
+    """A report as a reader sees it: any minor of the known major, unknown fields ignored.
+
+    `source` names the document (a path, an S3 URI) in the errors: ReportVersionUnsupported for another
+    major, ReportUnreadable for anything else that does not make a report.
+    """
+    doc: Any = data
+    if not isinstance(data, dict):
+        try:
+            doc = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ReportUnreadable(f"{source} is not JSON: {exc}", source=source) from None
+    if not isinstance(doc, dict):
+        raise ReportUnreadable(f"{source} is not a JSON object (got {type(doc).__name__})", source=source)
+    version = check_schema_version(doc.get("schema_version"), source=source)
+    try:
+        return Report.model_validate({**doc, "schema_version": version}, context={_READING: True})
+    except ValidationError as exc:
+        raise ReportUnreadable(
+            f"{source} is not a report of schema {version}: {_describe(exc)}", source=source
+        ) from None
 
 
 def summary_document(report: Report, *, exact: bool = False) -> dict[str, Any]:
@@ -157,7 +265,8 @@ def summary_document(report: Report, *, exact: bool = False) -> dict[str, Any]:
 
     tail = report.error.log_tail if report.error and report.error.log_tail else None
     return {
-        "v": report.schema_version,
+        "v": SUPPORTED_MAJOR,  # the major alone, as summaries before 1.1 carried it
+        "schemaVersion": REPORT_SCHEMA_VERSION,  # the shape this code writes, whatever report it summarizes
         "status": report.status,
         "stages": report.stages_run,
         "buildKey": report.build_key,
@@ -217,3 +326,94 @@ def summarize(report: Report) -> dict[str, Any]:
         summary["logTail"] = summary["logTail"][len(summary["logTail"]) // 2 :]
         text = json.dumps(summary, separators=(",", ":"))
     return summary
+
+
+# ---- the summary as the operator reads it ----------------------------------------------------------
+
+
+class _Tolerant(BaseModel):
+    """Read-only shapes: fields a newer builder adds are ignored; every number may be unknown (None)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class SummaryEncoder(_Tolerant):
+    onnxFp16Bytes: int | None = None
+    onnxFp8Bytes: int | None = None
+    sizeReduction: float | None = None
+    quantized: int | None = None
+    linear: int | None = None
+    cosineMin: float | None = None
+    cosineMean: float | None = None
+    top1: float | None = None
+    passed: bool | None = None
+
+
+class SummaryEngine(_Tolerant):
+    t: str
+    e: Literal["image", "text"]
+    p: Literal["fp16", "fp8"]
+    bytes: int | None = None
+    uri: str | None = None
+    p50: float | None = None
+    p90: float | None = None
+    p99: float | None = None
+    ips: float | None = None
+    trt: str | None = None
+    gpu: str | None = None
+    build_s: float | None = None
+
+
+class SummaryError(_Tolerant):
+    kind: str | None = None
+    reason: str | None = None
+    exit_code: int | None = None
+    retriable: bool | None = None
+    message: str | None = None
+
+
+class Summary(_Tolerant):
+    v: int | None = None
+    schemaVersion: str | None = None
+    status: Literal["succeeded", "failed"]
+    stages: list[str] = Field(default_factory=list)
+    buildKey: str | None = None
+    artifactsUri: str | None = None
+    encoders: dict[Literal["image", "text"], SummaryEncoder] = Field(default_factory=dict)
+    engines: list[SummaryEngine] = Field(default_factory=list)
+    timings: dict[str, float | None] = Field(default_factory=dict)
+    warnings: list[str] = Field(default_factory=list)
+    error: SummaryError | None = None
+    logTail: str | None = None
+    truncated: bool = False
+
+
+def is_summary(doc: Any) -> bool:
+    """Whether a parsed termination message is a summary at all (else: a log tail, FallbackToLogsOnError)."""
+    return isinstance(doc, dict) and "status" in doc and ("v" in doc or "schemaVersion" in doc)
+
+
+def read_summary(text: str | None, *, source: str) -> dict[str, Any] | None:
+    """A termination message as the summary shape (every key present, None when unknown); None when
+    the message is no summary (absent, or the log tail Kubernetes put there instead).
+
+    Raises ReportVersionUnsupported for another major version, ReportUnreadable for a summary whose
+    fields do not have the types of the known major.
+    """
+    if not text:
+        return None
+    try:
+        doc = json.loads(text.strip())
+    except json.JSONDecodeError:
+        return None
+    if not is_summary(doc):
+        return None
+    raw_version = doc.get("schemaVersion") if doc.get("schemaVersion") is not None else doc.get("v")
+    version = check_schema_version(raw_version, source=source)
+    try:
+        summary = Summary.model_validate(doc)
+    except ValidationError as exc:
+        raise ReportUnreadable(f"{source} is not a summary of schema {version}: {_describe(exc)}", source=source) from None
+    out = summary.model_dump()
+    out["schemaVersion"] = version
+    return out

@@ -283,12 +283,19 @@ def load_spec(path: str | Path) -> EngineBuildSpec:
     p = Path(path)
     try:
         # `env:NAME` reads the document from an environment variable: how the operator hands a Job its spec.
-        text = os.environ[str(path)[4:]] if str(path).startswith("env:") else p.read_text()
+        text = os.environ[str(path)[4:]] if str(path).startswith("env:") else p.read_text(encoding="utf-8")
         doc = yaml.safe_load(text)
     except KeyError:
         raise SpecError(f"environment variable {str(path)[4:]} is not set", field="--spec") from None
     except FileNotFoundError:
         raise SpecError(f"spec file {p} does not exist", field="--spec") from None
+    except IsADirectoryError:
+        raise SpecError(f"{p} is a directory: give the spec's YAML file", field="--spec") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"spec file {p} is not UTF-8 text ({exc.reason} at byte {exc.start}): give the spec's "
+                        "YAML file", field="--spec") from None
+    except OSError as exc:
+        raise SpecError(f"spec file {p} cannot be read: {exc.strerror or exc}", field="--spec") from None
     except yaml.YAMLError as exc:
         raise SpecError(f"spec file {p} is not valid YAML: {exc}", field="--spec") from None
     if isinstance(doc, dict) and doc.get("kind") == "EngineBuild":

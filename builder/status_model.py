@@ -33,18 +33,20 @@ class Condition(_Model):
 
 
 class OnnxStatus(_Model):
+    """Numbers the builder did not report are absent (never 0)."""
+
     encoder: Literal["image", "text"]
-    fp16_bytes: int
-    fp8_bytes: int
-    size_reduction: str = Field(description="1 - fp8/fp16, decimal string, e.g. '0.4981'")
-    quantized_linear_layers: int
-    linear_layers: int
+    fp16_bytes: int | None = None
+    fp8_bytes: int | None = None
+    size_reduction: str | None = Field(None, description="1 - fp8/fp16, decimal string, e.g. '0.4981'")
+    quantized_linear_layers: int | None = None
+    linear_layers: int | None = None
 
 
 class AccuracyStatus(_Model):
     encoder: Literal["image", "text"]
     cosine_min: str
-    cosine_mean: str
+    cosine_mean: str | None = None
     top1_agreement: str | None = None
     passed: bool
 
@@ -54,7 +56,7 @@ class EngineStatus(_Model):
     encoder: Literal["image", "text"]
     precision: Literal["fp16", "fp8"]
     uri: str | None = None
-    bytes: int
+    bytes: int | None = None
     latency_p50_micros: int | None = None
     latency_p90_micros: int | None = None
     latency_p99_micros: int | None = None

@@ -9,7 +9,6 @@ same answer the build's Jobs get. All calls block (boto3); handlers run them in 
 from __future__ import annotations
 
 import inspect
-import json
 import tempfile
 import threading
 import time
@@ -17,10 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from kubernetes.client.exceptions import ApiException
+
 from enginebuild_builder import buildkey
-from enginebuild_builder.constants import REPORT_FILE
+from enginebuild_builder.constants import REPORT_FILE, REPORT_SCHEMA_VERSION
 from enginebuild_builder.errors import StorageAccessDenied
-from enginebuild_builder.report import Report
+from enginebuild_builder.report import Report, parse_report
 from enginebuild_builder.spec import EngineBuildSpec
 from enginebuild_builder.storage import S3Config, S3Store, parse_s3_uri
 
@@ -78,7 +79,17 @@ class StoreCache:
             return hit
         secret: SecretView | None = None
         if secret_name and read_secret is not None:
-            secret = SecretView.of(read_secret(namespace, secret_name))
+            try:
+                secret = SecretView.of(read_secret(namespace, secret_name))
+            except ApiException as exc:
+                if exc.status != 403:
+                    raise  # 5xx, a dropped connection: the build loop retries with backoff
+                raise StorageAccessDenied(
+                    f"the operator may not read Secret {namespace}/{secret_name} (403 Forbidden): grant its service "
+                    "account `get` on that Secret (the chart's RBAC does), or set ENGINEBUILD_READ_SECRETS=false "
+                    "to reach S3 with the operator's own credentials",
+                    field="spec.output.secretRef.name",
+                ) from None
             if secret is None:
                 raise StorageAccessDenied(
                     f"Secret {namespace}/{secret_name} does not exist: create it with the S3 keys "
@@ -124,30 +135,37 @@ def build_exists(store: S3Store, spec: EngineBuildSpec, build_key: str) -> Any:
 
 
 def report_of(store: S3Store, manifest: Any, artifacts: str) -> Report | None:
-    """The build's report: embedded in the manifest (one GET filled it), else report.json beside it."""
+    """The build's report: embedded in the manifest (one GET filled it), else report.json beside it.
+
+    A report that is there but cannot be read raises ReportContractError (never "no report": the
+    status would silently lack the build's numbers)."""
     embedded = getattr(manifest, "report", None)
     if embedded:
-        try:
-            return Report.model_validate(embedded)
-        except ValueError:
-            pass
+        return parse_report(embedded, source=f"{artifacts.rstrip('/')}/manifest.json (embedded report)")
     return read_report(store, artifacts)
 
 
+# The export Job's own report, published in its stage manifest (builder/stages/upload.py).
+EXPORT_REPORT = "report.export.json"
+
+
 def read_report(store: S3Store, artifacts: str, target: str | None = None) -> Report | None:
-    """The full report.json of a build (or of one target's engine Job, when it wrote its own)."""
+    """The full report of a build (report.json, else the export Job's report.export.json) or of one
+    target's engine Job; None when none of them exists. One that exists but cannot be read raises
+    ReportContractError naming its S3 URI."""
     base = parse_s3_uri(artifacts, field="status.artifactsUri")
-    names = ([f"report.{target}.json", f"{target}/{REPORT_FILE}"] if target else []) + [REPORT_FILE]
+    names = [f"report.{target}.json", f"{target}/{REPORT_FILE}"] if target else [REPORT_FILE, EXPORT_REPORT]
     for name in names:
         uri = base.child(*name.split("/"))
         if store.head(uri) is None:
             continue
-        return Report.model_validate(json.loads(store.get_bytes(uri)))
+        return parse_report(store.get_bytes(uri), source=str(uri))
     return None
 
 
 def _stage_reports(store: S3Store, output_uri: str, build_key: str) -> list[Report]:
-    """Every report a stage Job published (found through the stage manifests)."""
+    """Every report a stage Job published (found through the stage manifests). One that cannot be
+    read raises ReportContractError: dropping it would drop its engines from the build's manifest."""
     publish = _publish()
     root = publish.build_uri(output_uri, build_key)
     found: list[Report] = []
@@ -158,10 +176,8 @@ def _stage_reports(store: S3Store, output_uri: str, build_key: str) -> list[Repo
             if entry.key in seen or not (name == REPORT_FILE or (name.startswith("report.") and name.endswith(".json"))):
                 continue
             seen.add(entry.key)
-            try:
-                found.append(Report.model_validate(json.loads(store.get_bytes(root.child(*entry.key.split("/"))))))
-            except ValueError:
-                continue
+            uri = root.child(*entry.key.split("/"))
+            found.append(parse_report(store.get_bytes(uri), source=str(uri)))
     return found
 
 
@@ -189,6 +205,9 @@ def merge_reports(reports: list[Report]) -> Report | None:
             merged.tool_versions = {**merged.tool_versions, **other.tool_versions}
     merged.status = "succeeded"
     merged.error = None
+    # The operator writes this document with its own model: fields of a newer minor it does not know
+    # are not in it (the stage reports keep them), so it carries the operator's version.
+    merged.schema_version = REPORT_SCHEMA_VERSION
     return merged
 
 

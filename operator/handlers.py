@@ -21,9 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import kopf
+from pydantic import ValidationError
 
 from enginebuild_builder.constants import GROUP, LABEL_INSTANCE, LABEL_MANAGED_BY, PLURAL, VERSION
-from enginebuild_builder.errors import BuildError
+from enginebuild_builder.errors import BuildError, StorageAccessDenied
+from enginebuild_builder.report import ReportContractError, ReportUnreadable
 from enginebuild_builder.spec import EngineBuildSpec
 from enginebuild_builder.status_model import EngineBuildStatus
 
@@ -186,9 +188,17 @@ def _emit_events(body: kopf.Body, cs: ConditionSet) -> None:
             log.debug("could not post event", exc_info=True)
 
 
+# Lists of result rows: a merge patch replaces a list whole, so a null inside a row would be stored.
+_ROW_LISTS = ("onnx", "accuracy", "engines")
+
+
 def _sanitize(status: dict[str, Any]) -> dict[str, Any]:
-    """Round-trip through the status contract: a field the CRD does not know is a bug, caught here."""
-    return EngineBuildStatus.model_validate(status).model_dump(mode="json", by_alias=True)
+    """Round-trip through the status contract: a field the CRD does not know is a bug, caught here.
+    An unknown number in a result row is left out rather than written as null (or as 0)."""
+    clean = EngineBuildStatus.model_validate(status).model_dump(mode="json", by_alias=True)
+    for key in _ROW_LISTS:
+        clean[key] = [{k: v for k, v in row.items() if v is not None} for row in clean.get(key) or []]
+    return clean
 
 
 async def _write(namespace: str, name: str, state: BuildState) -> None:
@@ -204,11 +214,9 @@ async def _write(namespace: str, name: str, state: BuildState) -> None:
 
 
 def _observed(index: Any, build: BuildId, state: BuildState) -> list[reconcile.ObservedJob]:
-    try:
-        store = index.get(build, [])
-    except Exception:
-        store = []
-    return [j for j in store if j.uid not in state.deleted_uids]
+    """The build's Jobs from the kopf index (a build without Jobs has no key there). Anything the index
+    raises propagates: taken as "no Jobs", it would make the planner re-create or give up on Jobs."""
+    return [j for j in index.get(build, []) if j.uid not in state.deleted_uids]
 
 
 def _order(meta: Mapping[str, Any]) -> tuple[str, str, str]:
@@ -323,7 +331,7 @@ async def reconcile_once(
                 reconcile.apply_failure(status, cs, ref.get("stage", "engine"), reconcile.R_JOB_DELETED, message, cs.now)
             await _finish_failed(body, namespace, name, state, reconcile.R_JOB_DELETED, observed)
         elif p.step == Step.COLLECT:
-            failed = await _collect(body, namespace, spec, owner, key, deadline, p.jobs, observed, state, cs)
+            failed = await _collect(body, namespace, spec, owner, key, deadline, p.jobs, observed, state, cs, image)
             if failed:
                 await _finish_failed(body, namespace, name, state, failed, _observed(index, build, state))
         elif p.step == Step.CHECK_CACHE:
@@ -333,6 +341,14 @@ async def reconcile_once(
                 report = await asyncio.to_thread(artifacts.report_of, store, hit, status["artifactsUri"]) if hit else None
             except BuildError as exc:
                 return await _storage_problem(body, namespace, name, state, cs, generation, exc)
+            except ReportContractError as exc:
+                state.cache_checked_for = key
+                reason, message = reconcile.report_failure(
+                    exc, f"the build found in S3 at {status.get('artifactsUri')} cannot be used (delete it to rebuild)",
+                    image)
+                reconcile.apply_failure(status, cs, "export", reason, message, cs.now)
+                await _finish_failed(body, namespace, name, state, reason, observed)
+                continue
             state.cache_checked_for = key
             if hit is not None:
                 _fill_from_report(status, cs, report, spec, targets)
@@ -392,6 +408,11 @@ async def reconcile_once(
                 await asyncio.to_thread(artifacts.finalize, store, spec, key, image)
             except BuildError as exc:
                 return await _storage_problem(body, namespace, name, state, cs, generation, exc)
+            except ReportContractError as exc:
+                reason, message = reconcile.report_failure(exc, "a Job's published report cannot be merged", image)
+                reconcile.apply_failure(status, cs, "publish", reason, message, cs.now)
+                await _finish_failed(body, namespace, name, state, reason, observed)
+                continue
             cs.set("Published", True, "Published", f"manifest written at {status.get('artifactsUri')}")
         elif p.step == Step.SUCCEED:
             reconcile.apply_engines_done(status, cs, targets)
@@ -446,25 +467,26 @@ def _fill_from_report(status: dict[str, Any], cs: ConditionSet, report: Any, spe
 async def _collect(
     body: kopf.Body, namespace: str, spec: EngineBuildSpec, owner: jobs.Owner, key: str, deadline: int,
     names: tuple[str, ...], observed: list[reconcile.ObservedJob], state: BuildState, cs: ConditionSet,
+    image: str,
 ) -> str | None:
-    """Read finished Jobs' results into the status; return the failure reason if one failed."""
+    """Read finished Jobs' results into the status; return the failure reason if one failed.
+
+    A result this operator cannot use (another major schema version, a document that does not parse,
+    an engine Job's full report missing) fails the build with its own reason: retrying would read the
+    same bytes again, and going on would publish a build without those engines.
+    """
     status = state.status
     by_name = {j.name: j for j in observed}
     for job_name in names:
         job = by_name[job_name]
         pods = await asyncio.to_thread(runtime().kube.job_pods, namespace, job)
         pod = reconcile.pod_result(pods)
-        summary = results.parse_termination_message(pod.message if pod else None)
-        if summary and summary.get("truncated") and job.state == "Succeeded":
-            try:
-                store = await asyncio.to_thread(_store, namespace, spec)
-                report = await asyncio.to_thread(
-                    artifacts.read_report, store, summary.get("artifactsUri") or status["artifactsUri"], job.target
-                )
-                if report is not None:
-                    summary = results.summary_from_report(report)
-            except BuildError as exc:
-                raise _Retry(5.0) from exc
+        unusable: ReportContractError | None = None
+        summary: dict[str, Any] | None = None
+        try:
+            summary = await _job_summary(namespace, spec, status, job, pod)
+        except ReportContractError as exc:
+            unusable = exc
         # GPU-seconds: wall time x GPUs of the rendered Job (the same manifest as created).
         target = next((t for t in spec.targets if t.name == job.target), None)
         manifest = (jobs.export_job(owner, spec, key, runtime().config, deadline) if job.component == "export"
@@ -479,6 +501,11 @@ async def _collect(
                                        gpu_product=product).inc(wall * gpus)
             status["gpuSeconds"] = int(status.get("gpuSeconds") or 0) + wall * gpus
         reconcile.set_job_state(status, job_name, job.state, stage, job.target)
+        if unusable is not None:
+            reason, message = reconcile.report_failure(unusable, f"the result of Job {job_name} cannot be used", image)
+            reconcile.apply_failure(status, cs, stage, reason, reconcile.redact(message, runtime().stores.secrets()),
+                                    cs.now)
+            return reason
         if job.state == "Succeeded":
             if stage == "export":
                 reconcile.apply_export_result(status, cs, summary, spec.accuracy.min_cosine)
@@ -490,6 +517,30 @@ async def _collect(
         reconcile.apply_failure(status, cs, stage, reason, message, cs.now)
         return reason
     return None
+
+
+async def _job_summary(namespace: str, spec: EngineBuildSpec, status: dict[str, Any], job: reconcile.ObservedJob,
+                       pod: reconcile.PodResult | None) -> dict[str, Any] | None:
+    """A finished Job's summary: its termination message, or its full report in S3 when the message
+    had to drop the per-engine rows (`truncated`). Raises ReportContractError for a result that
+    cannot be used, _Retry when S3 cannot be reached."""
+    summary = results.parse_termination_message(
+        pod.message if pod else None, source=f"the termination message of Job {job.name}")
+    if not (summary and summary.get("truncated") and job.state == "Succeeded"):
+        return summary
+    where = summary.get("artifactsUri") or status["artifactsUri"]
+    try:
+        store = await asyncio.to_thread(_store, namespace, spec)
+        report = await asyncio.to_thread(artifacts.read_report, store, where, job.target)
+    except BuildError as exc:
+        raise _Retry(5.0) from exc
+    if report is not None:
+        return results.summary_from_report(report)
+    if job.target:  # the engine rows are only in the report: going on would lose them
+        raise ReportUnreadable(
+            f"the summary of Job {job.name} was cut to fit 4 KiB and its full report "
+            f"(report.{job.target}.json) is not under {where}", source=where)
+    return summary  # an export summary cut for its warnings or log tail keeps every number
 
 
 async def _finish_failed(body: kopf.Body, namespace: str, name: str, state: BuildState, reason: str,
@@ -509,9 +560,12 @@ async def _finish_failed(body: kopf.Body, namespace: str, name: str, state: Buil
 
 async def _storage_problem(body: kopf.Body, namespace: str, name: str, state: BuildState, cs: ConditionSet,
                            generation: int | None, exc: BuildError) -> float:
-    """S3 trouble before any Job: say so in Ready (retriable), keep everything else, retry with backoff."""
+    """S3 trouble before any Job, or an input the build key hashes is missing (CheckpointNotFound,
+    CalibrationUnreadable, ... naming its spec field): say so in Ready, keep everything else, retry
+    with backoff (the input may be uploaded, the Secret fixed)."""
     message = reconcile.redact(str(exc), runtime().stores.secrets())
-    reconcile.mark_storage_problem(cs, exc.reason, message, retriable=exc.retriable)
+    fix = "fix the Secret or bucket" if isinstance(exc, StorageAccessDenied) else f"fix {exc.field or 'the spec'}"
+    reconcile.mark_storage_problem(cs, exc.reason, message, retriable=exc.retriable, fix=fix)
     state.status["conditions"] = cs.conditions
     state.status["observedGeneration"] = generation
     _emit_events(body, cs)
@@ -536,8 +590,8 @@ async def build_daemon(
     try:
         # Re-export the numbers of a finished build after an operator restart or a takeover.
         results.record_resumed_metrics(namespace, name, body.get("spec"), initial)
-    except Exception:
-        log.debug("could not re-export metrics for %s/%s", namespace, name, exc_info=True)
+    except (KeyError, TypeError, ValueError) as exc:  # a status row of another shape: metrics only, the loop goes on
+        log.warning("%s/%s: could not re-export metrics from the stored status: %r", namespace, name, exc)
     try:
         await _loop(body, namespace, name, uid, stopped, build_jobs, state, wake)
     finally:
@@ -577,9 +631,15 @@ async def _loop(body: kopf.Body, namespace: str, name: str, uid: str, stopped: k
 
 
 def _safe_sanitize(status: dict[str, Any]) -> dict[str, Any]:
+    """What the stored status is, as the baseline the next write is compared with. A status outside
+    the contract (written by another operator version) gives the empty baseline, so the next pass
+    writes its whole status; that write validates again and raises into the loop's retry. Only a
+    ValidationError means that: any other error is a bug and propagates."""
     try:
         return _sanitize(status)
-    except Exception:
+    except ValidationError as exc:
+        log.warning("stored status does not match the status schema (%d errors): it is rewritten on the next "
+                    "pass", exc.error_count())
         return {}
 
 
@@ -599,10 +659,7 @@ async def on_delete(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, names
     """Finalizer: remove the Jobs, and the S3 artefacts with `deletionPolicy: Delete`; forget metrics."""
     rt = runtime()
     build = (namespace, name)
-    try:
-        existing = list(build_jobs.get(build, []))
-    except Exception:
-        existing = []
+    existing = list(build_jobs.get(build, []))  # an error must keep the finalizer (kopf retries), not skip Jobs
     for job in existing:
         await asyncio.to_thread(runtime().kube.delete_job, namespace, job.name)
     raw = json.loads(json.dumps(dict(spec or {})))

@@ -3,6 +3,11 @@
 kopf watches and patches the EngineBuilds it handles; everything else the build loop needs (creating
 and deleting Jobs, reading Pods and Secrets, writing the status subresource) goes through here, with
 raw JSON responses (no model deserialisation: faster, and unknown fields survive).
+
+Only an API answer that means "not there" (404; 409 on create) is turned into a value here. Every
+other error (403 from RBAC, 5xx, a connection failure) keeps its type and reaches the build loop,
+which retries with backoff or sets a condition: "no Job", "no Secret" must never stand for "could
+not ask".
 """
 
 from __future__ import annotations
@@ -12,14 +17,12 @@ import json
 import os
 from typing import Any
 
+from kubernetes.client.exceptions import ApiException
+
 from enginebuild_builder.constants import GROUP, PLURAL, VERSION
 
 from .reconcile import ObservedJob
 from .s3settings import SecretView
-
-
-def _status_code(exc: BaseException) -> int | None:
-    return getattr(exc, "status", None)
 
 
 class KubeApi:
@@ -45,13 +48,13 @@ class KubeApi:
         try:
             self.batch.create_namespaced_job(namespace, manifest, _preload_content=False)
             return "created"
-        except Exception as exc:  # kubernetes.client.ApiException
-            if _status_code(exc) != 409:
+        except ApiException as exc:
+            if exc.status != 409:
                 raise
         try:
             resp = self.batch.read_namespaced_job(name, namespace, _preload_content=False)
-        except Exception as exc:
-            if _status_code(exc) == 404:
+        except ApiException as exc:
+            if exc.status == 404:
                 return "terminating"  # gone between the two calls: create on the next pass
             raise
         meta = json.loads(resp.data).get("metadata") or {}
@@ -64,16 +67,16 @@ class KubeApi:
             self.batch.delete_namespaced_job(
                 name, namespace, propagation_policy="Background", _preload_content=False
             )
-        except Exception as exc:
-            if _status_code(exc) != 404:
+        except ApiException as exc:
+            if exc.status != 404:
                 raise
 
     def job_exists(self, namespace: str, name: str) -> bool:
         try:
             self.batch.read_namespaced_job(name, namespace, _preload_content=False)
             return True
-        except Exception as exc:
-            if _status_code(exc) == 404:
+        except ApiException as exc:
+            if exc.status == 404:
                 return False
             raise
 
@@ -96,8 +99,8 @@ class KubeApi:
         memory only, never logged. None when absent."""
         try:
             resp = self.core.read_namespaced_secret(name, namespace, _preload_content=False)
-        except Exception as exc:
-            if _status_code(exc) == 404:
+        except ApiException as exc:
+            if exc.status == 404:
                 return None
             raise
         doc = json.loads(resp.data)

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 from enginebuild_builder.constants import LABEL_COMPONENT
 from enginebuild_builder.errors import KINDS, kind_for_exit_code
+from enginebuild_builder.report import ReportContractError, ReportUnreadable, ReportVersionUnsupported
 
 from . import results
 from .conditions import ConditionSet
@@ -40,9 +41,13 @@ R_JOB_DELETED = "JobDeleted"
 R_INVALID = "InvalidSpec"
 R_STORAGE = KINDS["storage"].reason
 R_EVICTED = "PodEvicted"
+# The builder's result (summary or report) exists but this operator cannot use it (builder/report.py).
+R_REPORT_VERSION = ReportVersionUnsupported.reason
+R_REPORT_UNREADABLE = ReportUnreadable.reason
 
 ALL_FAILURE_REASONS: tuple[str, ...] = tuple(
-    sorted({k.reason for k in KINDS.values()} | {R_DEADLINE, R_BACKOFF, R_JOB_DELETED, R_INVALID, "JobFailed", R_EVICTED})
+    sorted({k.reason for k in KINDS.values()} | {R_DEADLINE, R_BACKOFF, R_JOB_DELETED, R_INVALID, "JobFailed", R_EVICTED,
+                                                 R_REPORT_VERSION, R_REPORT_UNREADABLE})
 )
 
 
@@ -174,7 +179,7 @@ def classify_failure(
     tail = ""
     if summary and summary.get("logTail"):
         tail = "\nlog tail:\n" + str(summary["logTail"])[-600:]
-    elif pod and pod.message and not results.parse_termination_message(pod.message):
+    elif pod and pod.message and not results.is_summary_text(pod.message):
         tail = "\nlog tail:\n" + pod.message[-600:]  # FallbackToLogsOnError: the message is the log tail
     if job.reason == "DeadlineExceeded":
         limit = f"activeDeadlineSeconds={deadline_seconds}" if deadline_seconds else "activeDeadlineSeconds"
@@ -202,6 +207,18 @@ def classify_failure(
             f"{stage} failed spec.backoffLimit+1 times{code}; see the Job's Pod logs and report.json in S3{tail}"
         )
     return job.reason or "JobFailed", _clip(f"{stage} Job failed: {job.message or 'no reason given'}{tail}")
+
+
+def report_failure(exc: ReportContractError, what: str, image: str) -> tuple[str, str]:
+    """(reason, message) when a builder's result cannot be used: the build ends, it is not retried
+    (the same image writes the same document again). The message names the document, both versions
+    where the major differs, the builder image, and what to change."""
+    if isinstance(exc, ReportVersionUnsupported):
+        fix = (f"use a builder image (spec.image) that writes report schema {exc.supported}, or an operator "
+               f"that reads schema {exc.found}")
+    else:
+        fix = "check that spec.image is an enginebuild builder image of a version this operator supports"
+    return exc.reason, _clip(f"{what}: {exc}; builder image {image}: {fix}")
 
 
 # --- planning ---------------------------------------------------------------------------------------
@@ -348,15 +365,16 @@ def mark_in_progress(cs: ConditionSet, ready_reason: str, message: str) -> None:
     cs.set("Succeeded", "Unknown", ready_reason, message)
 
 
-def mark_storage_problem(cs: ConditionSet, reason: str, message: str, *, retriable: bool) -> None:
-    """S3 trouble before any Job: not a failed build (Succeeded stays Unknown), the operator retries
-    with backoff; Ready says what is wrong."""
+def mark_storage_problem(cs: ConditionSet, reason: str, message: str, *, retriable: bool,
+                         fix: str = "fix the Secret or bucket") -> None:
+    """S3 or input trouble before any Job: not a failed build (Succeeded stays Unknown), the operator
+    retries with backoff; Ready says what is wrong, Succeeded what to fix."""
     if retriable:
         cs.set("Ready", False, reason, f"{message}; retrying")
         cs.set("Succeeded", "Unknown", reason, f"{message}; retrying")
     else:
         cs.set("Ready", False, reason, message)
-        cs.set("Succeeded", "Unknown", reason, f"{message}; fix the Secret or bucket, the operator retries")
+        cs.set("Succeeded", "Unknown", reason, f"{message}; {fix}, the operator retries")
 
 
 def mark_queued(cs: ConditionSet, message: str) -> None:
@@ -375,7 +393,7 @@ def apply_export_result(status: dict[str, Any], cs: ConditionSet, summary: dict[
         status["accuracy"] = results.accuracy_parts(summary, min_cosine)
         status["artifactsUri"] = summary.get("artifactsUri") or status.get("artifactsUri")
         status["warnings"] = _merge_warnings(status.get("warnings"), summary.get("warnings"))
-    sizes = ", ".join(f"{o['encoder']} {o['sizeReduction']}" for o in status.get("onnx") or [])
+    sizes = ", ".join(f"{o['encoder']} {o.get('sizeReduction') or 'unknown'}" for o in status.get("onnx") or [])
     cs.set("Exported", True, "Exported", f"FP16 and FP8 ONNX exported; size reduction {sizes}".strip())
     acc = status.get("accuracy") or []
     if acc:
@@ -427,6 +445,8 @@ def apply_failure(status: dict[str, Any], cs: ConditionSet, stage: str, reason: 
         cs.set("Exported", False, reason, message)
         if reason == KINDS["accuracy"].reason:
             cs.set("AccuracyPassed", False, reason, message)
+    elif stage == "publish":
+        cs.set("Published", False, reason, message)
     else:
         cs.set("EnginesBuilt", False, reason, message)
     cs.set("Succeeded", False, reason, message)

@@ -4,7 +4,9 @@ A builder Job ends by writing the compact summary (`report.summarize()`) to its 
 when the summary had to drop the per-engine rows to fit 4 KiB (`truncated`), the full `report.json` in
 S3 is read instead. Both become the same status parts. Kubernetes API conventions forbid floats in
 status, so ratios are decimal strings and latencies integer microseconds; metrics (which are floats
-by nature) are derived from those status parts, so a restarted operator can re-export them.
+by nature) are derived from those status parts, so a restarted operator can re-export them. A number
+the builder did not report is None in the parts and absent from the status, never 0: a zero would
+read as a measurement (an empty engine, no size reduction).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any, Mapping
 
-from enginebuild_builder.report import Report, summary_document
+from enginebuild_builder.report import Report, is_summary, read_summary, summary_document
 
 from . import metrics
 
@@ -33,18 +35,21 @@ def micros(ms: float | None) -> int | None:
     return None if ms is None else int(round(float(ms) * 1000))
 
 
-def parse_termination_message(text: str | None) -> dict[str, Any] | None:
-    """The summary JSON, or None when the message is absent or not ours (e.g. a log tail on OOM kill)."""
+def parse_termination_message(text: str | None, *, source: str = "the termination message") -> dict[str, Any] | None:
+    """The summary (every key present, None when unknown), or None when the message is absent or not
+    a summary (e.g. a log tail on OOM kill). A summary of another major schema version or with fields
+    of the wrong type raises ReportContractError (report.read_summary), which ends the build."""
+    return read_summary(text, source=source)
+
+
+def is_summary_text(text: str | None) -> bool:
+    """Whether a termination message is a summary (of any version) rather than a log tail."""
     if not text:
-        return None
-    text = text.strip()
+        return False
     try:
-        doc = json.loads(text)
+        return is_summary(json.loads(text.strip()))
     except json.JSONDecodeError:
-        return None
-    if not isinstance(doc, dict) or "status" not in doc or "v" not in doc:
-        return None
-    return doc
+        return False
 
 
 def summary_from_report(report: Report) -> dict[str, Any]:
@@ -52,21 +57,24 @@ def summary_from_report(report: Report) -> dict[str, Any]:
     return summary_document(report, exact=True)
 
 
+def _int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
 def onnx_parts(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """onnx[] rows; a number the summary does not have is None here and absent in the status (never 0)."""
     out = []
     for encoder, enc in sorted((summary.get("encoders") or {}).items()):
-        if enc.get("onnxFp16Bytes") is None or enc.get("onnxFp8Bytes") is None:
-            continue
-        out.append(
-            {
-                "encoder": encoder,
-                "fp16Bytes": int(enc["onnxFp16Bytes"]),
-                "fp8Bytes": int(enc["onnxFp8Bytes"]),
-                "sizeReduction": decimal_str(enc.get("sizeReduction")) or "0.0000",
-                "quantizedLinearLayers": int(enc.get("quantized") or 0),
-                "linearLayers": int(enc.get("linear") or 0),
-            }
-        )
+        row = {
+            "encoder": encoder,
+            "fp16Bytes": _int(enc.get("onnxFp16Bytes")),
+            "fp8Bytes": _int(enc.get("onnxFp8Bytes")),
+            "sizeReduction": decimal_str(enc.get("sizeReduction")),
+            "quantizedLinearLayers": _int(enc.get("quantized")),
+            "linearLayers": _int(enc.get("linear")),
+        }
+        if any(v is not None for k, v in row.items() if k != "encoder"):
+            out.append(row)
     return out
 
 
@@ -100,7 +108,7 @@ def engine_parts(summary: dict[str, Any]) -> list[dict[str, Any]]:
                 "encoder": e["e"],
                 "precision": e["p"],
                 "uri": e.get("uri"),
-                "bytes": int(e.get("bytes") or 0),
+                "bytes": _int(e.get("bytes")),
                 "latencyP50Micros": micros(e.get("p50")),
                 "latencyP90Micros": micros(e.get("p90")),
                 "latencyP99Micros": micros(e.get("p99")),
@@ -163,15 +171,17 @@ def summary_columns(engines: list[dict[str, Any]]) -> dict[str, str | None]:
 def record_metrics(namespace: str, name: str, status: dict[str, Any], min_cosine: float | None) -> None:
     """Set the per-EngineBuild gauges from the status (the one source of truth for the numbers)."""
     for row in status.get("onnx") or []:
-        metrics.ONNX_SIZE.labels(namespace, name, row["encoder"], "fp16").set(row["fp16Bytes"])
-        metrics.ONNX_SIZE.labels(namespace, name, row["encoder"], "fp8").set(row["fp8Bytes"])
+        for precision, field in (("fp16", "fp16Bytes"), ("fp8", "fp8Bytes")):
+            if row.get(field) is not None:
+                metrics.ONNX_SIZE.labels(namespace, name, row["encoder"], precision).set(row[field])
     for row in status.get("accuracy") or []:
         metrics.ACCURACY_COSINE_MIN.labels(namespace, name, row["encoder"]).set(float(row["cosineMin"]))
     if min_cosine is not None:
         metrics.ACCURACY_GATE.labels(namespace, name).set(min_cosine)
     for row in status.get("engines") or []:
         labels = (namespace, name, row["target"], row["encoder"], row["precision"])
-        metrics.ENGINE_SIZE.labels(*labels).set(row["bytes"])
+        if row.get("bytes") is not None:
+            metrics.ENGINE_SIZE.labels(*labels).set(row["bytes"])
         for percentile in metrics.PERCENTILES:
             field = f"latencyP{percentile}Micros"
             if row.get(field) is not None:

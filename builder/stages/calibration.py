@@ -104,13 +104,26 @@ def _synthetic_set(n: int, loaded: LoadedModel, encoders: list[str], seed: int) 
 
 
 def _load_images(paths: list[Path], loaded: LoadedModel, desc: str) -> torch.Tensor:
+    """Preprocessed images. One that claims more pixels than Pillow's decompression-bomb limit is
+    refused before it is decoded (CLIP resizes to a few hundred pixels anyway): decoding it could take
+    gigabytes, and Pillow's own error for it is no OSError (it used to end the build as a traceback)."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     tensors = []
     for p in tqdm(paths, desc=desc, unit="img", leave=False):
         try:
-            with Image.open(p) as im:
-                tensors.append(loaded.preprocess(im.convert("RGB")))
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(p) as im:
+                    tensors.append(loaded.preprocess(im.convert("RGB")))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise CalibrationError(
+                f"image {p} was refused: {exc} Resize it (CLIP uses {loaded.image_size[0]}x{loaded.image_size[1]}"
+                " pixels) or remove it from the folder",
+                field="calibration.source",
+            ) from None
         except (OSError, UnidentifiedImageError, ValueError) as exc:
             raise CalibrationError(f"image {p} cannot be read: {exc}", field="calibration.source") from None
     return torch.stack(tensors)

@@ -28,7 +28,7 @@ from ..toolinfo import peak_gpu_bytes, peak_host_bytes, tool_versions
 from . import onnx_checks, onnx_export, validate
 from .attention import split_attention
 from .calibration import load_calibration
-from .model_loading import LoadedModel, load_model, sha256_file
+from .model_loading import LoadedModel, check_model_runs, load_model, sha256_file
 from .quantize import FINAL_PROJECTION_PARAMS, LayerCount, count_layers, make_forward_loop, quantize_fp8
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,7 @@ def _run(
 
     with _stage(report, "load"):
         loaded: LoadedModel = load_model(spec.model, checkpoint, config_path)
+        check_model_runs(loaded, encoders)
     report.model.update(
         {
             "architecture": loaded.architecture,

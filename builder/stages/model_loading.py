@@ -21,7 +21,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..errors import CheckpointMismatch, CheckpointNotFound, CheckpointUnreadable, UnknownArchitecture
+from ..errors import (
+    CheckpointMismatch,
+    CheckpointNotFound,
+    CheckpointUnreadable,
+    ModelConfigInvalid,
+    UnknownArchitecture,
+)
 from ..spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -157,7 +163,38 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         )
     if all(k.startswith("module.") for k in obj):  # saved from DataParallel/DDP
         obj = {k[len("module.") :]: v for k, v in obj.items()}
+    _check_tensor_contents(obj, path)
     return obj
+
+
+def _few(keys: list[str]) -> str:
+    more = f" ... (+{len(keys) - MAX_KEYS_IN_MESSAGE} more)" if len(keys) > MAX_KEYS_IN_MESSAGE else ""
+    return ", ".join(keys[:MAX_KEYS_IN_MESSAGE]) + more
+
+
+def _check_tensor_contents(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse weights that cannot be used as such, naming the tensors: sparse/quantized layouts and
+    meta tensors (no data) cannot be copied into the model, and a NaN or infinity would surface much
+    later as a ModelOpt "nan in amax" (QuantizationFailed) or a failed accuracy gate."""
+    field = "model.checkpoint"
+    no_data = sorted(k for k, v in state.items() if v.is_meta)
+    if no_data:
+        raise CheckpointUnreadable(
+            f"{path.name} holds tensors without data (meta tensors, saved from a model that was never "
+            f"materialised): {_few(no_data)}. Save the state dict of a loaded model", field=field)
+    not_dense = sorted(f"{k} ({v.layout})" for k, v in state.items() if v.layout != torch.strided or v.is_quantized)
+    if not_dense:
+        raise CheckpointUnreadable(
+            f"{path.name} holds sparse or quantized tensors: {_few(not_dense)}. Save dense floating-point "
+            "weights (tensor.to_dense() / dequantize()) before building", field=field)
+    non_finite = sorted(
+        k for k, v in state.items() if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all())
+    )
+    if non_finite:
+        raise CheckpointUnreadable(
+            f"{path.name} holds NaN or infinite values in {len(non_finite)} tensor(s): {_few(non_finite)}. "
+            "The weights are damaged or were saved after training diverged: use an earlier or another checkpoint",
+            field=field)
 
 
 def _apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str) -> None:
@@ -170,24 +207,79 @@ def _apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path: Pa
         if state[k].shape != expected[k].shape
     )
     if missing or unexpected or wrong_shape:
-
-        def few(keys: list[str]) -> str:
-            more = f" ... (+{len(keys) - MAX_KEYS_IN_MESSAGE} more)" if len(keys) > MAX_KEYS_IN_MESSAGE else ""
-            return ", ".join(keys[:MAX_KEYS_IN_MESSAGE]) + more
-
         parts = []
         if missing:
-            parts.append(f"missing keys: {few(missing)}")
+            parts.append(f"missing keys: {_few(missing)}")
         if unexpected:
-            parts.append(f"unexpected keys: {few(unexpected)}")
+            parts.append(f"unexpected keys: {_few(unexpected)}")
         if wrong_shape:
-            parts.append(f"shape mismatches: {few(wrong_shape)}")
+            parts.append(f"shape mismatches: {_few(wrong_shape)}")
         raise CheckpointMismatch(
             f"{path.name} does not fit architecture {arch!r}: " + "; ".join(parts)
             + ". Check model.architecture/model.config against the checkpoint",
             field="model.checkpoint",
         )
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # names and shapes fit, yet a tensor cannot be copied in (its dtype, say)
+        detail = str(exc).strip().splitlines()[-1].strip()
+        raise CheckpointMismatch(
+            f"{path.name} does not load into architecture {arch!r}: {detail}. Save the checkpoint with "
+            "plain floating-point tensors of the model's shapes",
+            field="model.checkpoint",
+        ) from None
+
+
+# A caption of a few tokens: enough to run the text tower once, framed like every real input.
+_PROBE_CAPTION = "a photo of a cat"
+
+
+def check_model_runs(loaded: LoadedModel, encoders: list[str]) -> None:
+    """Run each requested tower once on one input of its own shape, before any long stage.
+
+    A config that open_clip builds can still describe a model that cannot run (an image smaller than
+    one patch, a timm tower of another input size, a vocabulary smaller than the tokenizer's): found
+    here it is named as the config's mistake, not as a QuantizationFailed or a traceback from ONNX
+    export. A built-in architecture that fails here is a bug, and its error propagates as it is.
+    """
+    from_config = loaded.config_source != "open_clip"
+    where = loaded.config_source if from_config else f"open_clip model {loaded.architecture!r}"
+    if "text" in encoders:
+        tokenizer_vocab = getattr(loaded.tokenizer, "vocab_size", None)
+        if from_config and isinstance(tokenizer_vocab, int) and loaded.vocab_size < tokenizer_vocab:
+            raise ModelConfigInvalid(
+                f"text_cfg.vocab_size is {loaded.vocab_size} in {where}, smaller than its tokenizer's "
+                f"{tokenizer_vocab} tokens: token ids up to {tokenizer_vocab - 1} would index past the "
+                f"embedding. Set text_cfg.vocab_size to {tokenizer_vocab} (or name a matching "
+                "text_cfg.hf_tokenizer_name)",
+                field="model.config",
+            )
+    probes: dict[str, Callable[[], Any]] = {
+        "image": lambda: loaded.model.encode_image(torch.zeros(1, 3, *loaded.image_size)),
+        "text": lambda: loaded.model.encode_text(loaded.tokenizer([_PROBE_CAPTION])),
+    }
+    fix = {"image": "vision_cfg: image_size must be at least patch_size, and a "
+                    "timm tower's input size must equal image_size",
+           "text": "text_cfg: width must be a multiple of heads and context_length must fit the tokenizer"}
+    for encoder in encoders:
+        try:
+            with torch.no_grad():
+                probes[encoder]()
+        except (RuntimeError, IndexError, AssertionError, ValueError, TypeError) as exc:
+            if not from_config:
+                raise
+            detail = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
+            raise ModelConfigInvalid(
+                f"the {encoder} tower built from {where} fails on one input of its own shape "
+                f"({_input_shape(loaded, encoder)}): {detail}. Fix {fix[encoder]}",
+                field="model.config",
+            ) from None
+
+
+def _input_shape(loaded: LoadedModel, encoder: str) -> str:
+    if encoder == "image":
+        return f"image [1, 3, {loaded.image_size[0]}, {loaded.image_size[1]}]"
+    return f"text [1, {loaded.context_length}] tokens"
 
 
 RANDOM_INIT_SEED = 0

@@ -53,7 +53,7 @@ def cache_root() -> Path:
 
 @dataclass(frozen=True)
 class Binaries:
-    """Absolute paths of the control plane's executables."""
+    """Absolute paths of the control plane's executables (and the Prometheus Operator's, with its CRDs)."""
 
     kube_apiserver: Path
     kube_controller_manager: Path
@@ -61,6 +61,8 @@ class Binaries:
     etcd: Path
     kubernetes_version: str
     etcd_version: str
+    prometheus_operator: Path | None = None
+    prometheus_operator_crds: Path | None = None
 
 
 def _module_digest(module: Path) -> str:
@@ -146,18 +148,22 @@ def _kube_ldflags(version: str) -> str:
 def ensure(build: bool = True) -> Binaries:
     """The binaries for the pinned versions, built first when missing (``build=False`` raises instead)."""
     pins = versions()
-    kube_v, etcd_v = pins["KUBERNETES_VERSION"], pins["ETCD_VERSION"]
+    kube_v, etcd_v, promop_v = pins["KUBERNETES_VERSION"], pins["ETCD_VERSION"], pins["PROMETHEUS_OPERATOR_VERSION"]
     root = cache_root()
     kube_dir = root / f"kubernetes-{kube_v}-{_module_digest(GOBUILD / 'kubernetes')}"
     etcd_dir = root / f"etcd-{etcd_v}-{_module_digest(GOBUILD / 'etcd')}"
+    promop_dir = root / f"prometheus-operator-{promop_v}-{_module_digest(GOBUILD / 'prometheus-operator')}"
     jobs = [
         (kube_dir, GOBUILD / "kubernetes", [f"k8s.io/kubernetes/cmd/{t}" for t in KUBE_TOOLS], _kube_ldflags(kube_v),
          f"Kubernetes {kube_v} ({', '.join(KUBE_TOOLS)})", KUBE_TOOLS, None),
         (etcd_dir, GOBUILD / "etcd", ["go.etcd.io/etcd/server/v3"],
          f"-s -w -X go.etcd.io/etcd/api/v3/version.GitSHA=enginebuild-{etcd_v}", f"etcd {etcd_v}", ("etcd",), "etcd"),
+        (promop_dir, GOBUILD / "prometheus-operator", ["github.com/prometheus-operator/prometheus-operator/cmd/operator"],
+         f"-s -w -X github.com/prometheus/common/version.Version={promop_v.lstrip('v')}",
+         f"Prometheus Operator {promop_v}", ("prometheus-operator", "crds"), "prometheus-operator"),
     ]
     for outdir, module, packages, ldflags, label, names, single in jobs:
-        if all((outdir / n).is_file() for n in names):
+        if all((outdir / n).exists() for n in names):
             continue
         if not build:
             raise BuildError(f"{label} is not built yet ({outdir}); run `bash .ci/setup.sh` or "
@@ -165,8 +171,23 @@ def ensure(build: bool = True) -> Binaries:
         print(f"Building {label} from its Go module (once per version; about 5-7 minutes cold on 2 cores)",
               file=sys.stderr, flush=True)
         _build(find_go(), module, packages, outdir, ldflags, label, single)
+        if "crds" in names:
+            _copy_monitoring_crds(find_go(), module, outdir / "crds")
     return Binaries(kube_dir / "kube-apiserver", kube_dir / "kube-controller-manager", kube_dir / "kube-scheduler",
-                    etcd_dir / "etcd", kube_v, etcd_v)
+                    etcd_dir / "etcd", kube_v, etcd_v, promop_dir / "prometheus-operator", promop_dir / "crds")
+
+
+MONITORING_CRDS = ("servicemonitors", "prometheusrules", "prometheuses")
+
+
+def _copy_monitoring_crds(go: str, module: Path, dest: Path) -> None:
+    """The CRDs the Prometheus Operator watches, from the very module it was built from."""
+    out = subprocess.run([go, "list", "-m", "-json", "github.com/prometheus-operator/prometheus-operator"],
+                         cwd=module, env=_go_env(go), capture_output=True, text=True, check=True).stdout
+    source = Path(re.search(r'"Dir":\s*"([^"]+)"', out).group(1)) / "example" / "prometheus-operator-crd"  # type: ignore[union-attr]
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in MONITORING_CRDS:
+        shutil.copyfile(source / f"monitoring.coreos.com_{name}.yaml", dest / f"{name}.yaml")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     except BuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    for name in ("kube_apiserver", "kube_controller_manager", "kube_scheduler", "etcd"):
+    for name in ("kube_apiserver", "kube_controller_manager", "kube_scheduler", "etcd", "prometheus_operator"):
         print(f"{name.replace('_', '-')}: {getattr(found, name)}")
     return 0
 

@@ -58,6 +58,8 @@ class Prometheus:
     rule_files: list[Path] = field(default_factory=list)
     scrape_interval: str = "1s"
     binary: str | None = None
+    # A whole configuration to use instead of the static one (the Prometheus Operator's, monitoring.py).
+    config_text: str | None = None
     port: int = field(default_factory=_free_port)
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
@@ -89,7 +91,7 @@ class Prometheus:
                                   "prometheus` (Debian/Ubuntu), or put a prometheus binary on PATH")
         self.workdir.mkdir(parents=True, exist_ok=True)
         config_path = self.workdir / "prometheus.yml"
-        config_path.write_text(yaml.safe_dump(self.config(), sort_keys=False))
+        config_path.write_text(self.config_text or yaml.safe_dump(self.config(), sort_keys=False))
         log = open(self.log_path, "ab")
         try:
             self.process = subprocess.Popen(

@@ -117,7 +117,7 @@ def test_chart_installed_with_helm_and_operator_started_from_its_deployment(
     # 1. helm install, as a user runs it (Helm applies crds/ first, then the templates in its own order).
     helm_config = helm.Config(kubeconfig_path=str(cp.admin_kubeconfig))
     release = helm_config.install(str(CHART), "eb", _values(case, seaweedfs), namespace=NAMESPACE, create_namespace=True)
-    assert str(getattr(release, "status", "deployed")).lower().endswith("deployed"), release
+    assert _deployed(release), release
     deployments = http.get(resource_path("apps/v1", "deployments", NAMESPACE)).get("items") or []
     assert [d["metadata"]["name"] for d in deployments] == ["eb-enginebuild"]
     if case != "default":
@@ -212,3 +212,96 @@ def test_chart_installed_with_helm_and_operator_started_from_its_deployment(
     if case != "default":
         other = http.get(resource_path(f"{GROUP}/{VERSION}", PLURAL, "team-z", "elsewhere"))
         assert not other.get("status") and not other["metadata"].get("finalizers"), "team-z is not watched"
+
+
+def _deployed(release: dict[str, Any]) -> bool:
+    """Helm's own verdict on a release (its JSON: info.status)."""
+    return (release.get("info") or {}).get("status") == "deployed"
+
+
+def test_helm_upgrade_second_release_aggregated_roles_and_uninstall(bare_control_plane: ControlPlane,
+                                                                     tmp_path: Path) -> None:
+    """The chart's life on a real API server with Helm v4's own install logic: an umbrella-style
+    upgrade (`global` values), a second release in another namespace beside the first (kopf's
+    peering CRDs are shared, not owned), namespace editors and viewers getting EngineBuild rights
+    through the aggregated ClusterRoles, and uninstall keeping the CRDs (Helm never deletes crds/)."""
+    import helm_python as helm
+
+    cp = bare_control_plane
+    http = KubeHttp.of(cp.admin_kubeconfig)
+    kubectl = Kubectl(cp.admin_kubeconfig, tmp_path / "kubectl-cache")
+    config = helm.Config(kubeconfig_path=str(cp.admin_kubeconfig))
+    assert _deployed(config.install(str(CHART), "eb", {}, namespace=NAMESPACE, create_namespace=True))
+    crd_path = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+    for crd in ("enginebuilds.enginebuild.io", "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"):
+        annotations = http.get(f"{crd_path}/{crd}")["metadata"].get("annotations") or {}
+        assert not any(k.startswith("meta.helm.sh/") for k in annotations), (crd, annotations)
+    assert http.get("/apis/kopf.dev/v1/clusterkopfpeerings/eb-enginebuild")
+
+    # An upgrade as an umbrella chart passes it: `global` plus changed values.
+    upgraded = config.upgrade(str(CHART), "eb", {"global": {"imageRegistry": "registry.local"}, "replicaCount": 2,
+                                                 "builder": {"image": {"tag": "9.9.9"}}}, namespace=NAMESPACE)
+    assert _deployed(upgraded)
+    deployment = http.get(resource_path("apps/v1", "deployments", NAMESPACE, "eb-enginebuild"))
+    assert deployment["spec"]["replicas"] == 2 and deployment["metadata"]["generation"] == 2
+    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["ENGINEBUILD_BUILDER_IMAGE"].endswith(":9.9.9")
+
+    # A second release in another namespace, watching only team-b, installs beside the first.
+    kubectl("create", "namespace", "team-b")
+    second = config.install(str(CHART), "eb2", {"watchNamespaces": ["team-b"]}, namespace="team-b-system",
+                            create_namespace=True)
+    assert _deployed(second)
+    assert http.get(resource_path("kopf.dev/v1", "kopfpeerings", "team-b", "eb2-enginebuild"))
+
+    # Namespace editors may create EngineBuilds, viewers only read them (clusterrole-aggregation-controller).
+    kubectl("create", "rolebinding", "alice-edit", "--clusterrole=edit", "--user=alice", "-n", "team-b")
+    kubectl("create", "rolebinding", "bob-view", "--clusterrole=view", "--user=bob", "-n", "team-b")
+
+    def can(user: str, verb: str) -> bool:
+        answer = kubectl("auth", "can-i", verb, "enginebuilds.enginebuild.io", "-n", "team-b", "--as", user, check=False)
+        return answer.stdout.strip() == "yes"
+    wait_for(lambda: can("alice", "create"), timeout=30, what="edit to aggregate the EngineBuild rules")
+    assert can("alice", "delete") and can("bob", "list") and not can("bob", "create") and not can("bob", "delete")
+
+    # Uninstall: the releases' objects go, the CRDs (and with them every EngineBuild) stay.
+    for name, ns in (("eb2", "team-b-system"), ("eb", NAMESPACE)):
+        config_ns = helm.Config(kubeconfig_path=str(cp.admin_kubeconfig), namespace=ns)
+        config_ns.uninstall(name)
+        assert http.get(resource_path("apps/v1", "deployments", ns)).get("items") == []
+    for crd in ("enginebuilds.enginebuild.io", "clusterkopfpeerings.kopf.dev"):
+        assert http.get(f"{crd_path}/{crd}")
+    with pytest.raises(KubeApiError):
+        http.get("/apis/kopf.dev/v1/clusterkopfpeerings/eb-enginebuild")
+
+
+def test_admission_policy_refuses_an_image_outside_the_allowed_prefixes(bare_control_plane: ControlPlane,
+                                                                        tmp_path: Path) -> None:
+    """builder.allowedImages becomes a ValidatingAdmissionPolicy: the real API server refuses the
+    EngineBuild at `kubectl apply`, naming the field and the allowed prefixes."""
+    import helm_python as helm
+
+    cp = bare_control_plane
+    kubectl = Kubectl(cp.admin_kubeconfig, tmp_path / "kubectl-cache")
+    values = {"builder": {"allowedImages": ["registry.example.com/enginebuild/"]}}
+    assert _deployed(helm.Config(kubeconfig_path=str(cp.admin_kubeconfig)).install(
+        str(CHART), "eb", values, namespace=NAMESPACE, create_namespace=True))
+    spec = {"model": {"architecture": "ViT-B-32"}, "encoders": ["image"], "output": {"uri": "s3://b/engines"},
+            "targets": [{"name": "h100", "gpuProduct": "NVIDIA-H100-80GB-HBM3"}]}
+
+    def manifest(name: str, image: str) -> str:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"apiVersion": f"{GROUP}/{VERSION}", "kind": "EngineBuild",
+                                        "metadata": {"name": name, "namespace": "default"},
+                                        "spec": dict(spec, image=image)}))
+        return str(path)
+
+    def refused() -> subprocess.CompletedProcess[str] | None:
+        done = kubectl("apply", "-f", manifest("outside", "docker.io/someone/builder:1"), check=False)
+        if done.returncode == 0:  # the API server loads a new policy asynchronously: not yet
+            kubectl("delete", "eb", "outside", "-n", "default")
+            return None
+        return done
+    done = wait_for(refused, timeout=30, what="the admission policy to refuse the image", interval=0.5)
+    assert "builder.allowedImages" in done.stderr and "docker.io/someone/builder:1" in done.stderr, done.stderr
+    kubectl("apply", "-f", manifest("inside", "registry.example.com/enginebuild/builder:2"))

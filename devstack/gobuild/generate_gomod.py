@@ -8,7 +8,7 @@ of ours that requires ``k8s.io/kubernetes vX`` and replaces each staging module 
 ``streaming``), so it is read from the release's go.mod, never written by hand.
 
 Run it after changing ``KUBERNETES_VERSION`` in ``versions.env``, then ``go mod tidy`` in
-``kubernetes/`` and commit go.mod and go.sum (``bash devstack/gobuild/regenerate.sh`` does all three).
+``kubernetes/`` and commit go.mod and go.sum.
 """
 from __future__ import annotations
 

@@ -270,6 +270,35 @@ def test_static_and_dynamic_configs_follow_the_engine_profile() -> None:
         triton.model_config(broken)
 
 
+# --- the KServe example --------------------------------------------------------------------------------
+
+def test_kserve_example_serves_the_repository_the_code_writes() -> None:
+    docs = [d for d in yaml.safe_load_all((REPO / "examples" / "serving" / "kserve-inferenceservice.yaml").read_text()) if d]
+    isvc = next(d for d in docs if d.get("kind") == "InferenceService")
+    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1"
+    eb = yaml.safe_load((REPO / "examples" / "vit-l-14.yaml").read_text())
+    spec = parse_spec(eb["spec"])
+    assert isvc["metadata"]["namespace"] == eb["metadata"]["namespace"]
+    predictor = isvc["spec"]["predictor"]
+    model = predictor["model"]
+    assert model["modelFormat"]["name"] == "triton"
+    # storageUri: <output.uri>/<build-key>/triton/<target>/ exactly as the builder writes it
+    uri = parse_s3_uri(model["storageUri"])
+    key = uri.key.rstrip("/").split("/")[-3]
+    assert len(key) == 32 and int(key, 16) >= 0
+    target = next(t for t in spec.targets if t.gpu_product == predictor["nodeSelector"]["nvidia.com/gpu.product"])
+    assert model["storageUri"] == str(triton.repository_uri(spec.output.uri, key, target.name))
+    # the models it loads are models of that repository
+    loads = [a.split("=", 1)[1] for a in model.get("args", []) if a.startswith("--load-model=")]
+    assert loads and set(loads) <= {triton.model_name(e, p) for e in spec.encoders for p in ("fp16", "fp8")}
+    assert "--model-control-mode=explicit" in model["args"]
+    assert model["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    # S3 credentials: the ServiceAccount KServe's storage initializer uses carries the EngineBuild's Secret
+    sa = next(d for d in docs if d.get("kind") == "ServiceAccount")
+    assert predictor["serviceAccountName"] == sa["metadata"]["name"]
+    assert {"name": spec.output.secret_ref.name} in sa["secrets"]
+
+
 # --- the whole `enginebuild build` on a tiny CLIP ------------------------------------------------------
 
 @pytest.mark.slow

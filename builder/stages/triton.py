@@ -11,7 +11,7 @@ name to say what it computes; `clip-image-fp8` and `clip-image-fp16` are then tw
 same interface, so the FP16 engine stays available as the baseline to compare against (or to fall
 back to) without another build. A server that should hold only the FP8 engines loads them
 explicitly (`--model-control-mode=explicit --load-model=clip-image-fp8 ...`, see
-examples/kserve-inferenceservice.yaml).
+examples/serving/kserve-inferenceservice.yaml).
 
 Why the engine Job writes it (not the operator's finalize): the Job has the engine report with the
 engine's real inputs, outputs and batch profile (read from the ONNX it built from), and it publishes

@@ -101,6 +101,19 @@ class KubeApi:
         data = json.loads(resp.data).get("data") or {}
         return {k: base64.b64decode(v).decode() for k, v in data.items()}
 
+    def enginebuild_uid(self, namespace: str, name: str) -> str | None:
+        """The uid of an EngineBuild, None when it does not exist (a reference of it is then stale).
+        Other errors (403 for a namespace the operator may not read) raise: the caller treats the
+        reference as live."""
+        try:
+            resp = self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
+                                                            _preload_content=False)
+        except Exception as exc:
+            if _status_code(exc) == 404:
+                return None
+            raise
+        return (json.loads(resp.data).get("metadata") or {}).get("uid")
+
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         self.custom.patch_namespaced_custom_object_status(
             GROUP, VERSION, namespace, PLURAL, name, {"status": status}, _preload_content=False

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from enginebuild_builder import buildkey
-from enginebuild_builder.constants import REPORT_FILE
+from enginebuild_builder.constants import MANIFEST_FILE, REPORT_FILE
 from enginebuild_builder.errors import StorageAccessDenied
 from enginebuild_builder.report import Report
 from enginebuild_builder.spec import EngineBuildSpec
@@ -217,6 +217,17 @@ def adopt(store: S3Store, spec: EngineBuildSpec, build_key: str, who: references
     """Write `who`'s reference on the build (before it reads the manifest or starts Jobs)."""
     assert spec.output is not None
     references.adopt(store, spec.output.uri, build_key, who)
+
+
+def recheck(store: S3Store, spec: EngineBuildSpec, build_key: str, who: references.Holder) -> bool:
+    """The periodic check of a finished build: True while its manifest exists. `who`'s reference is
+    written again when it is missing (a build from before references, or one removed by hand), so a
+    build someone serves is never without one. One or two requests: a HEAD of the manifest only,
+    not of every object (`build_exists` does that on the cache check)."""
+    assert spec.output is not None
+    if not references.has_ref(store, spec.output.uri, build_key, who):
+        references.adopt(store, spec.output.uri, build_key, who)
+    return store.head(_publish().build_uri(spec.output.uri, build_key).child(MANIFEST_FILE)) is not None
 
 
 def release_previous(store: S3Store, artifacts: str, who: references.Holder) -> references.Release | None:

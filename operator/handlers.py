@@ -162,6 +162,8 @@ class BuildState:
     was_queued: bool = False
     # The build key whose reference (references.py) this daemon has written; once per key and daemon.
     adopted_for: str | None = None
+    # Monotonic time of the next periodic check that a succeeded build's manifest still exists.
+    next_recheck: float = 0.0
     # Builds (artifactsUri) this EngineBuild moved away from: their reference goes after the status
     # write that records the new build.
     release_after_write: list[str] = field(default_factory=list)
@@ -204,6 +206,36 @@ async def _release_previous(namespace: str, name: str, uid: str, spec: EngineBui
             log.warning("%s/%s: could not release the reference on %s (it keeps that build until this "
                         "EngineBuild is deleted): %s", namespace, name, old,
                         reconcile.redact(str(exc), runtime().stores.secrets()))
+
+
+async def _recheck(namespace: str, name: str, uid: str, spec: EngineBuildSpec, key: str, state: BuildState,
+                   cs: ConditionSet, observed: list[reconcile.ObservedJob]) -> bool:
+    """Every ENGINEBUILD_ARTIFACTS_RECHECK_SECONDS, a succeeded build checks that its manifest still
+    exists (and that its reference does). Gone: ArtifactsMissing, and the same key is built again
+    (its old Jobs are deleted first: their results describe objects that no longer exist). Returns
+    True when the build was restarted. S3 trouble changes nothing: checked again next time."""
+    interval = runtime().config.artifacts_recheck_seconds
+    now = time.monotonic()
+    if not interval or now < state.next_recheck or not reconcile.is_succeeded(state.status, key):
+        return False
+    state.next_recheck = now + interval
+    try:
+        store = await asyncio.to_thread(_store, namespace, spec)
+        present = await asyncio.to_thread(artifacts.recheck, store, spec, key, artifacts.holder(namespace, name, uid))
+    except BuildError as exc:
+        log.warning("%s/%s: could not check the artefacts of %s: %s", namespace, name, key,
+                    reconcile.redact(str(exc), runtime().stores.secrets()))
+        return False
+    if present:
+        return False
+    message = reconcile.mark_artifacts_missing(state.status, cs)
+    for job in observed:
+        await asyncio.to_thread(runtime().kube.delete_job, namespace, job.name)
+        state.deleted_uids.add(job.uid or "")
+    state.cache_checked_for = None
+    state.adopted_for = None
+    log.warning("%s/%s: %s", namespace, name, message)
+    return True
 
 
 def _emit_events(body: kopf.Body, cs: ConditionSet) -> None:
@@ -335,6 +367,8 @@ async def reconcile_once(
                 except BuildError as exc:
                     log.warning("%s/%s: could not write the reference on %s (retried next pass): %s", namespace,
                                 name, key, reconcile.redact(str(exc), rt.stores.secrets()))
+            if p.step == Step.DONE and await _recheck(namespace, name, uid, spec, key, state, cs, observed):
+                continue  # the same key again: cache check, then Jobs (the flips are Warning Events)
             break
         if p.step == Step.DELETE_STALE:
             uids = {j.name: j.uid for j in observed}

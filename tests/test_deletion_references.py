@@ -1,5 +1,6 @@
-"""Deletion never removes a build another EngineBuild still holds, and a spec that no longer
-validates never turns Delete into a silent Retain.
+"""Deletion never removes a build another EngineBuild still holds, a spec that no longer validates
+never turns Delete into a silent Retain, and a Ready build whose manifest disappeared is noticed and
+built again.
 
 The decisions are the operator's pure functions (deletion.py, reconcile.py); the S3 side runs against
 the real SeaweedFS (tests/plugins/s3.py; the release order itself is tested in test_references.py).
@@ -9,17 +10,23 @@ a real control plane.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from enginebuild_builder.spec import parse_spec
 from enginebuild_builder.stages import references
 from enginebuild_builder.stages.publish import build_exists, build_uri
 from enginebuild_builder.stages.references import Holder, RefRecord
 from enginebuild_builder.storage import S3Store
-from enginebuild_operator import artifacts, deletion
-from enginebuild_operator.config import OperatorConfig
+from enginebuild_operator import artifacts, deletion, handlers, reconcile
+from enginebuild_operator.conditions import ConditionSet
+from enginebuild_operator.config import OperatorConfig, load_config
+from enginebuild_operator.jobs import key_label
+from enginebuild_operator.queue import BuildQueue
+from enginebuild_operator.reconcile import ObservedJob, Step
 from enginebuild_operator.validation import InvalidSpec, validate
 from test_references import A, C, KEY, publish_build
 
@@ -146,3 +153,93 @@ def test_delete_with_an_invalid_spec_removes_the_build_in_s3(s3_store: S3Store, 
     plan = deletion.plan_deletion(raw, {"artifactsUri": str(build_uri(output, KEY))}, *_validate(raw))
     outcome = artifacts.release(s3_store, plan, who, lambda ns, name: None)
     assert outcome.outcome == "deleted" and s3_store.list(build_uri(output, KEY)) == []
+
+
+# --- a Ready build whose manifest disappeared ----------------------------------------------------------
+
+def _job(name: str, component: str = "export", target: str | None = None, state: str = "Succeeded") -> ObservedJob:
+    return ObservedJob(name=name, component=component, target=target, key_label=key_label(KEY), build_key=KEY,
+                       state=state, uid=f"uid-{name}")
+
+
+def _ready_status(output: str) -> dict[str, Any]:
+    cs = ConditionSet([], 1)
+    for ctype, reason in (("Exported", "Exported"), ("EnginesBuilt", "EnginesBuilt"), ("Published", "Published"),
+                          ("Succeeded", "Succeeded"), ("Ready", "Succeeded")):
+        cs.set(ctype, True, reason, "")
+    return {"observedGeneration": 1, "buildKey": KEY, "artifactsUri": str(build_uri(output, KEY)),
+            "conditions": cs.conditions, "engines": [{"target": "h100", "encoder": "image", "precision": "fp8",
+                                                      "bytes": 1}],
+            "jobs": [{"name": "vit-01234567-export", "stage": "export", "state": "Succeeded"},
+                     {"name": "vit-01234567-h100", "stage": "engine", "target": "h100", "state": "Succeeded"}],
+            "gpuSeconds": 10, "startTime": "2026-01-01T00:00:00Z", "completionTime": "2026-01-01T00:10:00Z"}
+
+
+def test_a_missing_manifest_marks_the_build_and_starts_it_again(s3_store: S3Store, output: str, tmp_path: Path) -> None:
+    publish_build(s3_store, output, tmp_path)
+    spec = parse_spec({**SPEC_DOC, "output": {"uri": output}})
+    assert artifacts.recheck(s3_store, spec, KEY, A) is True
+    assert references.has_ref(s3_store, output, KEY, A)  # a build from before references gets one
+    status = _ready_status(output)
+    assert reconcile.is_succeeded(status, KEY)
+    s3_store.delete(build_uri(output, KEY).child("manifest.json"))  # by hand, a lifecycle rule, a race
+    assert artifacts.recheck(s3_store, spec, KEY, A) is False
+
+    cs = ConditionSet(status["conditions"], 1)
+    message = reconcile.mark_artifacts_missing(status, cs)
+    status["conditions"] = cs.conditions
+    assert "manifest.json is gone" in message and str(build_uri(output, KEY)) in message
+    for ctype, value in (("Ready", "False"), ("Published", "False"), ("Succeeded", "Unknown")):
+        cond = cs.get(ctype)
+        assert cond and (cond["status"], cond["reason"]) == (value, "ArtifactsMissing")
+    assert {c["type"] for c in cs.flips} >= {"Ready", "Published", "Succeeded"}  # Events (Warning: False)
+    assert cs.get("Exported") is None and status["engines"] == [] and status["jobs"] == []
+    assert not reconcile.is_succeeded(status, KEY) and not reconcile.is_terminal(status, KEY)
+    # the same key again: cache check first (someone may have rebuilt it), then the export Job
+    plan = dict(eb_name="vit", build_key=KEY, targets=["h100"], status=status, observed=[])
+    assert reconcile.plan(**plan, cache_checked=False, has_slot=False).step == Step.CHECK_CACHE
+    assert reconcile.plan(**plan, cache_checked=True, has_slot=True).step == Step.CREATE_JOBS
+    # old Jobs of the key must be gone first: their results describe objects that no longer exist
+    old = reconcile.plan(**{**plan, "observed": [_job("vit-01234567-export")]}, cache_checked=True, has_slot=True)
+    assert old.step == Step.COLLECT
+
+
+class _JobDeletions:
+    """Stands in for the API server's Job deletion only (recorded); S3 is the real SeaweedFS."""
+
+    def __init__(self) -> None:
+        self.deleted: list[str] = []
+
+    def delete_job(self, namespace: str, name: str) -> None:
+        self.deleted.append(name)
+
+
+def test_the_periodic_recheck_restarts_a_build_whose_manifest_is_gone(
+    s3_env: dict[str, str], s3_store: S3Store, output: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    publish_build(s3_store, output, tmp_path)
+    spec = parse_spec({**SPEC_DOC, "output": {"uri": output}})
+    kube = _JobDeletions()
+    config = load_config({"ENGINEBUILD_ARTIFACTS_RECHECK_SECONDS": "60", "ENGINEBUILD_READ_SECRETS": "false"})
+    assert config.artifacts_recheck_seconds == 60
+    runtime = handlers.Runtime(config=config, queue=BuildQueue(1), stores=artifacts.StoreCache(s3_env), kube=kube)
+    monkeypatch.setattr(handlers, "RUNTIME", runtime)
+    state = handlers.BuildState(status=_ready_status(output), written={})
+    observed = [_job("vit-01234567-export"), _job("vit-01234567-h100", "engine", "h100")]
+
+    def recheck() -> bool:
+        cs = ConditionSet(state.status["conditions"], 1)
+        restarted = asyncio.run(handlers._recheck("ml", "vit", "uid-a", spec, KEY, state, cs, observed))
+        state.status["conditions"] = cs.conditions
+        return restarted
+
+    assert recheck() is False and references.has_ref(s3_store, output, KEY, A)
+    s3_store.delete(build_uri(output, KEY).child("manifest.json"))
+    assert recheck() is False  # not due yet: one HEAD per interval, not per pass
+    state.next_recheck = 0.0
+    assert recheck() is True
+    assert kube.deleted == ["vit-01234567-export", "vit-01234567-h100"]
+    assert state.deleted_uids == {"uid-vit-01234567-export", "uid-vit-01234567-h100"}
+    assert state.cache_checked_for is None and state.adopted_for is None
+    ready = next(c for c in state.status["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "ArtifactsMissing")

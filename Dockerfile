@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1.7
-# Two images from one file (docs/deploy.md):
+# Two images from one file (docs/deploy.md has the login, build and push commands; the chart's
+# default image names are what they produce):
 #   docker build --target operator -t ghcr.io/enginebuild/operator:0.1.0 .
 #   docker build --target builder  -t ghcr.io/enginebuild/builder:0.1.0 .
 # `operator` is the control plane: Python slim, no torch. `builder` runs the build Jobs: NVIDIA's

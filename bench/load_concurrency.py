@@ -4,11 +4,13 @@ Why: a team applying a folder of EngineBuilds (one per model x GPU) must not get
 ENGINEBUILD_MAX_CONCURRENT_BUILDS, and none of the queued builds may be lost or built twice. The CI
 test (tests/test_reliability_load.py) runs 50 builds; this runs the same harness at 200 (or
 --builds) and records the numbers: the exact peak of active Jobs (every Job event replayed in the API
-server's order), the time until every build is Ready, Jobs created, and the operator's peak RSS.
+server's order), the time until every build is Ready, Jobs created, API requests per build, and the
+peak RSS of the operator, kube-apiserver and etcd.
 
-It starts everything on 127.0.0.1: the emulated API server, SeaweedFS, the real operator process, and
-the test's tiny Job controller (tests/plugins/reliability.py: it finishes each Job 0.3 s after seeing
-it, publishing the build half to S3). No Kubernetes cluster, no GPU.
+It starts everything on 127.0.0.1: the real control plane (devstack/controlplane.py: etcd,
+kube-apiserver, kube-controller-manager with the Job controller, kube-scheduler), SeaweedFS, the real
+operator process under the chart's RBAC, and the test's kubelet player (tests/plugins/reliability.py:
+it ends each Job's Pod 0.3 s after seeing it, publishing the build half to S3). No GPU.
 
     python bench/load_concurrency.py --builds 200 --limit 10 --write-docs docs/benchmarks.md
 """
@@ -33,22 +35,35 @@ SECTION_START = "<!-- section:reliability -->"
 SECTION_END = "<!-- /section:reliability -->"
 
 
-def operator_rss_kib(pid: int) -> int:
-    """Peak resident memory of the operator process (VmHWM), in KiB."""
+def peak_rss_kib(pid: int) -> int:
+    """Peak resident memory of a process (VmHWM), in KiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
     return 0
 
 
+def api_requests(http: Any) -> int:
+    """kube-apiserver's own count of requests served (apiserver_request_total, every client)."""
+    text = http.request("GET", "/metrics", accept="text/plain")
+    return int(sum(float(line.rsplit(" ", 1)[1]) for line in str(text).splitlines()
+                   if line.startswith("apiserver_request_total{")))
+
+
 def run(builds: int, limit: int, workdir: Path) -> dict[str, Any]:
     from enginebuild_builder.storage import S3Config, S3Store, new_bucket_name
-    from enginebuild_operator.devstack.kube_emulator import start_emulator
-    from enginebuild_operator.devstack.seaweedfs import start_seaweedfs
+    from enginebuild_devstack.cluster import ensure_namespace
+    from enginebuild_devstack.seaweedfs import start_seaweedfs
+    from enginebuild_devstack.stack import operator_kubeconfig
+    from plugins.kube import KubeCluster, start_control_plane
     from plugins.operator_proc import Cluster
     from test_reliability_load import check_agreement, run_load
 
-    emulator = start_emulator(workdir / "kube")
+    from enginebuild_devstack.chart import NAMESPACE, rbac_docs
+
+    account = next(d["metadata"]["name"] for d in rbac_docs() if d["kind"] == "ServiceAccount")
+    operator_user = f"system:serviceaccount:{NAMESPACE}:{account}"
+    cp = start_control_plane(workdir / "kube", audit_users=(operator_user,))
     s3 = start_seaweedfs(workdir / "s3", stop_grace_s=2.0)
     cluster: Cluster | None = None
     try:
@@ -56,20 +71,40 @@ def run(builds: int, limit: int, workdir: Path) -> dict[str, Any]:
         store = S3Store(S3Config.from_env(env))
         bucket = new_bucket_name("load")
         store.create_bucket(bucket)
-        cluster = Cluster(emulator, env, bucket, workdir)
-        cluster.install_crd()
+        kube = KubeCluster(cp.admin_kubeconfig, cp)
+        identity = operator_kubeconfig(kube.http, cp.url, cp.ca_file, workdir / "operator.kubeconfig")
+        ensure_namespace(kube.http, "load")
+        cluster = Cluster(kube, "load", env, bucket, workdir, identity)
+        before = api_requests(kube.http)
+        audited = len(cp.audit_events())
         result, op = run_load(cluster, store, builds, limit, workdir / "jobs", timeout_s=1800)
+        requests = api_requests(kube.http) - before
+        by_kind: dict[str, int] = {}
+        for event in cp.audit_events()[audited:]:
+            ref = event.get("objectRef") or {}
+            kind = f"{event['verb']} {ref.get('resource', event.get('requestURI', '?'))}" + (
+                f"/{ref['subresource']}" if ref.get("subresource") else "")
+            by_kind[kind] = by_kind.get(kind, 0) + 1
+        operator_requests = sum(by_kind.values())
         check_agreement(cluster, store, op, builds)
         jobs = cluster.jobs()
         out = result.as_dict()
+        pids = cp.pids()
         out.update(jobs_in_cluster=len(jobs), distinct_job_names=len({j["metadata"]["name"] for j in jobs}),
-                   operator_peak_rss_mib=round(operator_rss_kib(op.proc.pid) / 1024, 1) if op.proc else None)
+                   api_requests=requests, api_requests_per_build=round(requests / builds, 1),
+                   operator_requests=operator_requests,
+                   operator_requests_per_build=round(operator_requests / builds, 2),
+                   operator_requests_by_kind={k: round(v / builds, 2) for k, v in sorted(by_kind.items())},
+                   operator_peak_rss_mib=round(peak_rss_kib(op.proc.pid) / 1024, 1) if op.proc else None,
+                   apiserver_peak_rss_mib=round(peak_rss_kib(pids["kube-apiserver"]) / 1024, 1),
+                   etcd_peak_rss_mib=round(peak_rss_kib(pids["etcd"]) / 1024, 1),
+                   kubernetes=cp.binaries.kubernetes_version if cp.binaries else None)
         return out
     finally:
         if cluster is not None:
             cluster.close()
         s3.stop()
-        emulator.stop()
+        cp.stop()
 
 
 def render(result: dict[str, Any], command: str) -> str:
@@ -77,11 +112,12 @@ def render(result: dict[str, Any], command: str) -> str:
     cpus = os.cpu_count()
     return "\n".join([
         SECTION_START,
-        "## Concurrency limit under load (issue 8)",
+        "## Concurrency limit under load, on the real control plane",
         "",
         f"{result['builds']} EngineBuilds created at once with `ENGINEBUILD_MAX_CONCURRENT_BUILDS={result['limit']}`,",
-        "each one export Job then one engine Job, finished by the test's Job controller 0.3 s after it sees",
-        "them (publishing the build half to SeaweedFS). Real operator process, emulated API server.",
+        "each one export Job then one engine Job. Real operator process under the chart's RBAC; real",
+        f"kube-apiserver, etcd, Job controller and scheduler (Kubernetes {result.get('kubernetes')}); the test plays",
+        "the kubelet, ending each Pod 0.3 s after it sees it (publishing the build half to SeaweedFS).",
         f"Measured {when} on {platform.machine()} with {cpus} CPU cores (shared with other work), Python",
         f"{platform.python_version()}:",
         "",
@@ -97,7 +133,16 @@ def render(result: dict[str, Any], command: str) -> str:
         f"| peak active Jobs (polled, {result['samples']} samples) | {result['max_active_polled']} |",
         f"| Jobs created / distinct names | {result['jobs_created']} / {result['distinct_job_names']} |",
         f"| time until every build is Ready | {result['seconds_to_all_ready']} s |",
+        f"| API requests by the operator (the API server's audit log) | {result['operator_requests']} "
+        f"({result['operator_requests_per_build']} per build) |",
+        f"| API requests by every client (operator, controllers, kubelet player; `apiserver_request_total`) | "
+        f"{result['api_requests']} ({result['api_requests_per_build']} per build) |",
         f"| operator peak RSS | {result['operator_peak_rss_mib']} MiB |",
+        f"| kube-apiserver peak RSS | {result['apiserver_peak_rss_mib']} MiB |",
+        f"| etcd peak RSS | {result['etcd_peak_rss_mib']} MiB |",
+        "",
+        "Operator requests per build, by verb and resource: "
+        + ", ".join(f"{k} {v}" for k, v in result["operator_requests_by_kind"].items()) + ".",
         "",
         "At the end every build's status, its S3 manifest and the metrics agreed (engine and ONNX sizes per",
         "build, `enginebuild_builds_total{result=\"succeeded\"}` = builds, nothing in progress or queued).",

@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         env: dict[str, str] = dict(os.environ)
         backend = f"S3 at {os.environ.get('AWS_ENDPOINT_URL') or os.environ.get('S3_ENDPOINT') or 'AWS'}"
     else:
-        from enginebuild_operator.devstack.seaweedfs import start_seaweedfs
+        from enginebuild_devstack.seaweedfs import start_seaweedfs
 
         server = start_seaweedfs(root / "seaweedfs", stop_grace_s=5.0)
         env = server.env()

@@ -56,7 +56,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep", action="store_true", help="leave the stack running; prints a kubeconfig")
     p.add_argument("--workdir", default=None, help="where the stack keeps its data (default: a temp dir)")
     p.add_argument("--prometheus", action="store_true", help="also start Prometheus if installed")
-    p.set_defaults(func=_run("enginebuild_operator.devstack.demo", "main"))
+    p.set_defaults(func=_run("enginebuild_devstack.demo", "main"))
 
 
 def _add_crd(sub: argparse._SubParsersAction) -> None:

@@ -214,7 +214,12 @@ class EngineBuildSpec(_Model):
     service_account_name: str | None = None
     image_pull_secrets: list[LocalObjectReference] = Field(default_factory=list)
     export_on: Literal["cpu", "gpu"] = Field("gpu", description="run the export Job on a CPU or GPU node")
-    active_deadline_seconds: int = Field(7200, ge=60, le=7 * 24 * 3600)
+    # No default in the schema on purpose: the API server applies a CRD's structural defaults on every
+    # read, so a default here would make every EngineBuild look as if it set a deadline and the
+    # operator's own default (ENGINEBUILD_DEFAULT_DEADLINE_SECONDS) could never apply.
+    active_deadline_seconds: int | None = Field(
+        None, ge=60, le=7 * 24 * 3600,
+        description="Job deadline in seconds; unset: the operator's default (ENGINEBUILD_DEFAULT_DEADLINE_SECONDS), else 7200")
     backoff_limit: int = Field(2, ge=0, le=10)
     deletion_policy: Literal["Retain", "Delete"] = "Retain"
 

@@ -12,8 +12,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-CONDITION_TYPES = ("Ready", "Succeeded", "Validated", "Queued", "Exported", "AccuracyPassed", "EnginesBuilt",
-                   "Published", "FP8Faster")
+# Reconciling / Stalled are kstatus's (sigs.k8s.io/cli-utils): "abnormal-true", present only while
+# a build is in progress or failed for good, so plain kstatus readers (Flux without expressions,
+# cli-utils, `kubectl wait`) see InProgress / Failed / Current without knowing Ready's meaning.
+CONDITION_TYPES = ("Ready", "Succeeded", "Reconciling", "Stalled", "Validated", "Queued", "Exported",
+                   "AccuracyPassed", "EnginesBuilt", "Published", "FP8Faster")
 
 
 class _Model(BaseModel):

@@ -3,7 +3,8 @@ and deletion.
 
 The operator reaches S3 with the credentials of the EngineBuild's own `spec.output.secretRef` (read
 from the Secret, kept in memory only, never logged), falling back to its own environment (IRSA, or
-AWS_* set by the chart). All calls block (boto3); handlers run them in threads.
+AWS_* set by the chart). Where S3 is (endpoint, region, ...) comes from s3settings.resolve(), the
+same answer the build's Jobs get. All calls block (boto3); handlers run them in threads.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from enginebuild_builder.stages import references
 from enginebuild_builder.storage import S3Config, S3Store, parse_s3_uri
 
 from .deletion import DeletionPlan, stale_refs
+from .s3settings import SecretView, store_env
 
 # A Secret's data keys that configure S3 (KServe-style); anything else in the Secret is ignored.
 S3_KEYS = (
@@ -45,6 +47,10 @@ class _Cached:
     store: S3Store
     created: float
     secrets: tuple[str, ...]
+    secret: SecretView | None  # what was read of spec.output.secretRef (None: not read)
+
+
+SecretReader = Callable[[str, str], "SecretView | Mapping[str, str] | None"]
 
 
 class StoreCache:
@@ -56,31 +62,37 @@ class StoreCache:
         self._stores: dict[tuple[str, str | None], _Cached] = {}
         self._lock = threading.Lock()  # a burst of builds must not create a boto3 client each
 
-    def get(self, namespace: str, secret_name: str | None,
-            read_secret: Callable[[str, str], Mapping[str, str] | None] | None) -> S3Store:
+    def get(self, namespace: str, secret_name: str | None, read_secret: SecretReader | None) -> S3Store:
         key = (namespace, secret_name)
         with self._lock:
-            return self._get(key, namespace, secret_name, read_secret)
+            return self._get(key, namespace, secret_name, read_secret).store
+
+    def secret(self, namespace: str, secret_name: str | None, read_secret: SecretReader | None) -> SecretView | None:
+        """The Secret as read for this store (data and annotations), for the Jobs' S3 settings; None when
+        the build names none or the operator may not read it."""
+        key = (namespace, secret_name)
+        with self._lock:
+            return self._get(key, namespace, secret_name, read_secret).secret
 
     def _get(self, key: tuple[str, str | None], namespace: str, secret_name: str | None,
-             read_secret: Callable[[str, str], Mapping[str, str] | None] | None) -> S3Store:
+             read_secret: SecretReader | None) -> _Cached:
         hit = self._stores.get(key)
         if hit and time.monotonic() - hit.created < self.ttl_s:
-            return hit.store
-        env = {k: v for k, v in self.base_env.items() if k in S3_KEYS}
+            return hit
+        secret: SecretView | None = None
         if secret_name and read_secret is not None:
-            data = read_secret(namespace, secret_name)
-            if data is None:
+            secret = SecretView.of(read_secret(namespace, secret_name))
+            if secret is None:
                 raise StorageAccessDenied(
                     f"Secret {namespace}/{secret_name} does not exist: create it with the S3 keys "
                     "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL; docs/storage.md)",
                     field="spec.output.secretRef.name",
                 )
-            env.update({k: v for k, v in data.items() if k in S3_KEYS})
+        env = store_env(self.base_env, secret, S3_KEYS)
         config = S3Config.from_env(env, max_attempts=3, connect_timeout_s=5.0, read_timeout_s=30.0)
-        store = S3Store(config)
-        self._stores[key] = _Cached(store, time.monotonic(), config.secrets)
-        return store
+        cached = _Cached(S3Store(config), time.monotonic(), config.secrets, secret)
+        self._stores[key] = cached
+        return cached
 
     def secrets(self) -> tuple[str, ...]:
         out: list[str] = []

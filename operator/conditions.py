@@ -102,3 +102,41 @@ class ConditionSet:
 
     def is_true(self, type_: str) -> bool:
         return is_true(self.conditions, type_)
+
+
+KSTATUS_TYPES = ("Reconciling", "Stalled")
+
+
+def with_kstatus(conditions: list[Condition], generation: int | None, now: str | None = None) -> list[Condition]:
+    """Add kstatus's `Reconciling` / `Stalled` conditions, derived from `Ready` and `Succeeded`.
+
+    kstatus (sigs.k8s.io/cli-utils/pkg/kstatus) reads a custom resource as InProgress while
+    `Reconciling` is True, Failed while `Stalled` is True, and Current otherwise (after checking
+    observedGeneration): it knows nothing of `Ready`. Without these a failed build looked "in
+    progress" to Flux (without health expressions), `kubectl wait --for=jsonpath` scripts on kstatus,
+    and cli-utils until their timeout. Following its "abnormal-true" convention:
+
+    - `Succeeded=False` (failed for this spec; a new spec is needed): `Stalled=True` with the failure
+      reason and message, no `Reconciling`;
+    - `Ready=True` (built or found in the cache): neither;
+    - otherwise, once the operator has said anything (queued, checking the cache, Jobs running or
+      retrying, S3 trouble it retries): `Reconciling=True` with Ready's reason and message, no `Stalled`.
+
+    `observedGeneration` is set on each, like every condition; lastTransitionTime moves only on a flip.
+    """
+    ready, succeeded = find(conditions, "Ready"), find(conditions, "Succeeded")
+    out = list(conditions)
+    if succeeded is not None and succeeded.get("status") == "False":
+        source = ready if ready is not None and ready.get("status") == "False" else succeeded
+        out, _ = set_condition(out, "Stalled", True, source.get("reason") or "Failed", source.get("message") or "",
+                               generation=generation, now=now)
+        return remove_condition(out, "Reconciling")
+    if ready is not None and ready.get("status") == "True":
+        return remove_condition(remove_condition(out, "Reconciling"), "Stalled")
+    if ready is None and succeeded is None:
+        return out
+    source = ready if ready is not None else succeeded
+    assert source is not None
+    out, _ = set_condition(out, "Reconciling", True, source.get("reason") or "Progressing",
+                           source.get("message") or "", generation=generation, now=now)
+    return remove_condition(out, "Stalled")

@@ -48,10 +48,19 @@ class OperatorConfig:
         default_factory=lambda: {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"memory": "16Gi"}}
     )
     workdir_size_limit: str = "20Gi"
-    # Where the builder finds its S3 endpoint when the Secret has none (dev stack, in-cluster MinIO).
+    # The operator's own S3 connection settings (s3settings.CONNECTION_KEYS of its environment: the
+    # chart's s3.*). Jobs get them too wherever the EngineBuild's Secret does not set its own.
+    s3_env: Mapping[str, str] = field(default_factory=dict)
+    # Endpoint for Jobs that reach S3 at another address than the operator (ENGINEBUILD_JOB_S3_ENDPOINT).
     s3_endpoint_for_jobs: str | None = None
     # The platform's GPU types: EngineBuilds whose spec.targets is empty get these (chart: defaultTargets).
     default_targets: tuple[Mapping[str, Any], ...] = ()
+    # Who may choose what a build runs (chart: builder.allow*). Whoever may create an EngineBuild
+    # otherwise runs any image under any ServiceAccount of its namespace, with the operator's help.
+    allow_custom_image: bool = True
+    allowed_image_prefixes: tuple[str, ...] = ()  # empty: any image (when custom images are allowed)
+    allow_custom_service_account: bool = True
+    allowed_service_accounts: tuple[str, ...] = ()  # empty: any ServiceAccount (when custom ones are allowed)
 
     @property
     def metrics_url(self) -> str:
@@ -87,6 +96,11 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name}={raw!r} is not a boolean; use true or false")
 
 
+def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """A comma-separated list (image prefixes and ServiceAccount names contain no commas)."""
+    return tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
+
+
 def _default_targets(raw: str) -> tuple[Mapping[str, Any], ...]:
     """ENGINEBUILD_DEFAULT_TARGETS: a JSON list of spec.targets entries, each checked like a spec's own."""
     if not raw.strip():
@@ -113,6 +127,26 @@ def _default_targets(raw: str) -> tuple[Mapping[str, Any], ...]:
     return tuple(targets)
 
 
+def _s3(env: Mapping[str, str]) -> tuple[dict[str, str], str | None]:
+    """The S3 connection variables of the environment, checked now (a bad endpoint fails at start-up,
+    not in every build), and ENGINEBUILD_JOB_S3_ENDPOINT normalised as the builder reads it."""
+    from enginebuild_builder.errors import StorageAccessDenied
+
+    from .s3settings import CONNECTION_KEYS, normalize_endpoint, resolve
+
+    s3_env = {k: env[k] for k in CONNECTION_KEYS if (env.get(k) or "").strip()}
+    try:
+        resolve(s3_env, None)
+    except StorageAccessDenied as exc:
+        raise ConfigError(f"the operator's S3 settings are invalid: {exc}") from None
+    raw = env.get("ENGINEBUILD_JOB_S3_ENDPOINT", "").strip()
+    try:
+        return s3_env, normalize_endpoint(raw) if raw else None
+    except StorageAccessDenied:
+        raise ConfigError(f"ENGINEBUILD_JOB_S3_ENDPOINT={raw!r} is not an http(s) endpoint; "
+                          "e.g. http://minio.storage:9000") from None
+
+
 def load_config(env: Mapping[str, str] | None = None) -> OperatorConfig:
     """Read the ENGINEBUILD_* variables (see docs/operator.md); unset ones take the defaults above."""
     env = os.environ if env is None else env
@@ -134,6 +168,7 @@ def load_config(env: Mapping[str, str] | None = None) -> OperatorConfig:
     if not 0.1 <= interval_s <= 3600:
         raise ConfigError("ENGINEBUILD_RECONCILE_INTERVAL_SECONDS must be within 0.1..3600")
     image = env.get("ENGINEBUILD_BUILDER_IMAGE", "").strip() or DEFAULT_BUILDER_IMAGE
+    s3_env, job_endpoint = _s3(env)
     return OperatorConfig(
         default_targets=_default_targets(env.get("ENGINEBUILD_DEFAULT_TARGETS", "")),
         builder_image=image,
@@ -153,5 +188,10 @@ def load_config(env: Mapping[str, str] | None = None) -> OperatorConfig:
         job_service_account=env.get("ENGINEBUILD_JOB_SERVICE_ACCOUNT", "").strip() or None,
         export_cpu_resources=resources,
         workdir_size_limit=env.get("ENGINEBUILD_WORKDIR_SIZE_LIMIT", "").strip() or "20Gi",
-        s3_endpoint_for_jobs=env.get("ENGINEBUILD_JOB_S3_ENDPOINT", "").strip() or None,
+        allow_custom_image=_bool(env, "ENGINEBUILD_ALLOW_CUSTOM_IMAGE", True),
+        allowed_image_prefixes=_list(env, "ENGINEBUILD_ALLOWED_IMAGES"),
+        allow_custom_service_account=_bool(env, "ENGINEBUILD_ALLOW_CUSTOM_SERVICE_ACCOUNT", True),
+        allowed_service_accounts=_list(env, "ENGINEBUILD_ALLOWED_SERVICE_ACCOUNTS"),
+        s3_env=s3_env,
+        s3_endpoint_for_jobs=job_endpoint,
     )

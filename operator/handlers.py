@@ -29,7 +29,7 @@ from enginebuild_builder.status_model import EngineBuildStatus
 from enginebuild_builder.storage import parse_s3_uri
 
 from . import artifacts, deletion, jobs, metrics, reconcile, results
-from .conditions import ConditionSet
+from .conditions import KSTATUS_TYPES, ConditionSet, with_kstatus
 from .config import OperatorConfig, load_config
 from .queue import BuildId, BuildQueue
 from .reconcile import Plan, Step
@@ -175,6 +175,13 @@ def _store(namespace: str, spec: EngineBuildSpec) -> Any:
     return rt.stores.get(namespace, secret, rt.kube.read_secret if rt.config.read_secrets else None)
 
 
+def _secret(namespace: str, spec: EngineBuildSpec) -> Any:
+    """spec.output.secretRef as read for the build's store (data and annotations), or None."""
+    rt = runtime()
+    secret = spec.output.secret_ref.name if spec.output and spec.output.secret_ref else None
+    return rt.stores.secret(namespace, secret, rt.kube.read_secret if rt.config.read_secrets else None)
+
+
 async def _adopt(namespace: str, name: str, uid: str, spec: EngineBuildSpec, key: str, state: BuildState) -> None:
     """Write this EngineBuild's reference on the build, once per key and daemon (idempotent PUT).
 
@@ -185,10 +192,13 @@ async def _adopt(namespace: str, name: str, uid: str, spec: EngineBuildSpec, key
     """
     if state.adopted_for == key:
         return
-    clean = _sanitize(state.status)
-    if clean.get("artifactsUri") != state.written.get("artifactsUri") or clean.get("buildKey") != state.written.get("buildKey"):
+    if state.status.get("artifactsUri") != state.written.get("artifactsUri") or key != state.written.get("buildKey"):
+        # Like every status write, with kstatus's conditions; state.status stays the pass's working copy.
+        status = {**state.status, "conditions": with_kstatus(state.status.get("conditions") or [],
+                                                             state.status.get("observedGeneration"))}
+        clean = _sanitize(status)
         await asyncio.to_thread(runtime().kube.patch_status, namespace, name, clean)
-        state.written = clean  # state.status stays the pass's working copy
+        state.written = clean
     store = await asyncio.to_thread(_store, namespace, spec)
     await asyncio.to_thread(artifacts.adopt, store, spec, key, artifacts.holder(namespace, name, uid))
     state.adopted_for = key
@@ -240,6 +250,8 @@ async def _recheck(namespace: str, name: str, uid: str, spec: EngineBuildSpec, k
 
 def _emit_events(body: kopf.Body, cs: ConditionSet) -> None:
     for cond in cs.flips:
+        if cond["type"] in KSTATUS_TYPES:
+            continue  # they restate Ready for kstatus readers: Ready's own flip is the Event
         bad = cond["status"] == "False" and cond["type"] not in ("Queued",) or cond.get("reason") == "FP8Slower"
         text = f"{cond['type']}={cond['status']}: {cond.get('message', '')}"
         try:
@@ -254,6 +266,9 @@ def _sanitize(status: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _write(namespace: str, name: str, state: BuildState) -> None:
+    # Every status write carries kstatus's Reconciling/Stalled, derived from Ready/Succeeded.
+    state.status["conditions"] = with_kstatus(state.status.get("conditions") or [],
+                                              state.status.get("observedGeneration"))
     clean = _sanitize(state.status)
     if clean == state.written:
         return
@@ -313,7 +328,7 @@ async def reconcile_once(
         await _write(namespace, name, state)
         return None
     reconcile.mark_valid(cs)
-    deadline = deadline_seconds(raw_spec, spec, cfg)
+    deadline = deadline_seconds(spec, cfg)
     owner = jobs.Owner(namespace, name, uid)
     image = spec.image or cfg.builder_image
 
@@ -435,12 +450,13 @@ async def reconcile_once(
         elif p.step == Step.CREATE_JOBS:
             try:
                 await _adopt(namespace, name, uid, spec, key, state)  # before any Job publishes
+                secret = await asyncio.to_thread(_secret, namespace, spec)
             except BuildError as exc:
                 return await _storage_problem(body, namespace, name, state, cs, generation, exc)
             for job_name, target in zip(p.jobs, p.targets):
-                manifest = (jobs.export_job(owner, spec, key, cfg, deadline) if target is None else
+                manifest = (jobs.export_job(owner, spec, key, cfg, deadline, secret) if target is None else
                             jobs.engine_job(owner, spec, key, next(t for t in spec.targets if t.name == target),
-                                            cfg, deadline))
+                                            cfg, deadline, secret))
                 outcome = await asyncio.to_thread(runtime().kube.create_job, manifest, state.deleted_uids)
                 if outcome == "terminating":
                     delay = 1.0
@@ -583,12 +599,7 @@ async def _storage_problem(body: kopf.Body, namespace: str, name: str, state: Bu
                            generation: int | None, exc: BuildError) -> float:
     """S3 trouble before any Job: say so in Ready (retriable), keep everything else, retry with backoff."""
     message = reconcile.redact(str(exc), runtime().stores.secrets())
-    if exc.retriable:
-        cs.set("Ready", False, exc.reason, f"{message}; retrying")
-        cs.set("Succeeded", "Unknown", exc.reason, f"{message}; retrying")
-    else:
-        cs.set("Ready", False, exc.reason, message)
-        cs.set("Succeeded", "Unknown", exc.reason, f"{message}; fix the Secret or bucket, the operator retries")
+    reconcile.mark_storage_problem(cs, exc.reason, message, retriable=exc.retriable)
     state.status["conditions"] = cs.conditions
     state.status["observedGeneration"] = generation
     _emit_events(body, cs)
@@ -611,8 +622,8 @@ async def build_daemon(
     initial.pop("kopf", None)
     state = BuildState(status=initial, written=_safe_sanitize(initial))
     try:
-        # Re-export the numbers of a finished build after an operator restart.
-        results.record_metrics(namespace, name, initial, None)
+        # Re-export the numbers of a finished build after an operator restart or a takeover.
+        results.record_resumed_metrics(namespace, name, body.get("spec"), initial)
     except Exception:
         log.debug("could not re-export metrics for %s/%s", namespace, name, exc_info=True)
     try:
@@ -621,6 +632,10 @@ async def build_daemon(
         # Stopped: deleted, operator shutting down, or paused by a peer. A resumed daemon re-takes its
         # slot (hold() for running Jobs), so releasing here never lets a build run twice.
         await _release(build)
+        # Only the replica that runs a build's loop exports its series: a paused replica would
+        # otherwise keep exporting stale copies beside the new leader's (the replica that resumes
+        # re-exports them from the status).
+        metrics.forget_resource(namespace, name)
 
 
 async def _loop(body: kopf.Body, namespace: str, name: str, uid: str, stopped: kopf.DaemonStopped,

@@ -29,7 +29,9 @@ from enginebuild_builder.constants import (
 from enginebuild_builder.errors import PERMANENT_EXIT_CODES
 from enginebuild_builder.spec import EngineBuildSpec, TargetSpec
 
+from . import s3settings
 from .config import OperatorConfig
+from .s3settings import SecretView
 
 MANAGED_BY = "enginebuild-operator"
 LABEL_BUILD_KEY = f"{GROUP}/build-key"
@@ -183,6 +185,7 @@ def _job(
     resources: dict[str, Any],
     placement: dict[str, Any],
     deadline_seconds: int,
+    secret: SecretView | None,
 ) -> dict[str, Any]:
     labels = job_labels(owner, build_key, component, target)
     name = export_job_name(owner.name, build_key) if component == "export" else engine_job_name(
@@ -192,8 +195,10 @@ def _job(
         {"name": "ENGINEBUILD_SPEC", "value": json.dumps(spec.to_dict(), separators=(",", ":"), sort_keys=True)},
         {"name": "HOME", "value": "/tmp"},
     ]
-    if config.s3_endpoint_for_jobs:
-        env.append({"name": "AWS_ENDPOINT_URL", "value": config.s3_endpoint_for_jobs})
+    # Where S3 is: what the operator itself uses for this build (the Secret's KServe annotations, its
+    # data keys, the operator's s3.* settings), so the Jobs write where the operator checks. `env`
+    # wins over the Secret's `envFrom`, which cannot carry annotations.
+    env += s3settings.job_env(s3settings.resolve(config.s3_env, secret), config.s3_endpoint_for_jobs)
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
         "image": spec.image or config.builder_image,
@@ -266,9 +271,11 @@ def _job(
 
 
 def export_job(
-    owner: Owner, spec: EngineBuildSpec, build_key: str, config: OperatorConfig, deadline_seconds: int
+    owner: Owner, spec: EngineBuildSpec, build_key: str, config: OperatorConfig, deadline_seconds: int,
+    secret: SecretView | None = None,
 ) -> dict[str, Any]:
-    """The export half: on a CPU node, or on a GPU node of the first target's type (`exportOn: gpu`)."""
+    """The export half: on a CPU node, or on a GPU node of the first target's type (`exportOn: gpu`).
+    `secret`: spec.output.secretRef as the operator read it (None: not read; the operator's settings)."""
     if spec.export_on == "gpu":
         if spec.targets:
             first = spec.targets[0]
@@ -281,17 +288,17 @@ def export_job(
         placement = {}
     return _job(
         owner, spec, build_key, config, component="export", target=None, stages="export,upload",
-        resources=resources, placement=placement, deadline_seconds=deadline_seconds,
+        resources=resources, placement=placement, deadline_seconds=deadline_seconds, secret=secret,
     )
 
 
 def engine_job(
     owner: Owner, spec: EngineBuildSpec, build_key: str, target: TargetSpec, config: OperatorConfig,
-    deadline_seconds: int,
+    deadline_seconds: int, secret: SecretView | None = None,
 ) -> dict[str, Any]:
     """One target's engines (every encoder, FP16 and FP8) on a node with that GPU product."""
     return _job(
         owner, spec, build_key, config, component="engine", target=target.name, stages="engine,upload",
         resources=gpu_resources(target.resources), placement=_placement(target),
-        deadline_seconds=deadline_seconds,
+        deadline_seconds=deadline_seconds, secret=secret,
     )

@@ -15,6 +15,7 @@ from typing import Any
 from enginebuild_builder.constants import GROUP, PLURAL, VERSION
 
 from .reconcile import ObservedJob
+from .s3settings import SecretView
 
 
 def _status_code(exc: BaseException) -> int | None:
@@ -90,16 +91,20 @@ class KubeApi:
                 out.append(pod)
         return out
 
-    def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
-        """The Secret's data, decoded (kept in memory only; never logged), or None when absent."""
+    def read_secret(self, namespace: str, name: str) -> SecretView | None:
+        """The Secret's data, decoded, and its annotations (KServe keeps the S3 endpoint there); kept in
+        memory only, never logged. None when absent."""
         try:
             resp = self.core.read_namespaced_secret(name, namespace, _preload_content=False)
         except Exception as exc:
             if _status_code(exc) == 404:
                 return None
             raise
-        data = json.loads(resp.data).get("data") or {}
-        return {k: base64.b64decode(v).decode() for k, v in data.items()}
+        doc = json.loads(resp.data)
+        data = doc.get("data") or {}
+        annotations = (doc.get("metadata") or {}).get("annotations") or {}
+        return SecretView(data={k: base64.b64decode(v).decode() for k, v in data.items()},
+                          annotations={str(k): str(v) for k, v in annotations.items()})
 
     def enginebuild_uid(self, namespace: str, name: str) -> str | None:
         """The uid of an EngineBuild, None when it does not exist (a reference of it is then stale).

@@ -349,6 +349,17 @@ def mark_in_progress(cs: ConditionSet, ready_reason: str, message: str) -> None:
     cs.set("Succeeded", "Unknown", ready_reason, message)
 
 
+def mark_storage_problem(cs: ConditionSet, reason: str, message: str, *, retriable: bool) -> None:
+    """S3 trouble before any Job: not a failed build (Succeeded stays Unknown), the operator retries
+    with backoff; Ready says what is wrong."""
+    if retriable:
+        cs.set("Ready", False, reason, f"{message}; retrying")
+        cs.set("Succeeded", "Unknown", reason, f"{message}; retrying")
+    else:
+        cs.set("Ready", False, reason, message)
+        cs.set("Succeeded", "Unknown", reason, f"{message}; fix the Secret or bucket, the operator retries")
+
+
 def mark_queued(cs: ConditionSet, message: str) -> None:
     cs.set("Queued", True, "WaitingForSlot", message)
     mark_in_progress(cs, R_QUEUED, message)

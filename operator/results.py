@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from decimal import ROUND_HALF_EVEN, Decimal
-from typing import Any
+from typing import Any, Mapping
 
 from enginebuild_builder.report import Report, summary_document
 
@@ -172,12 +172,36 @@ def record_metrics(namespace: str, name: str, status: dict[str, Any], min_cosine
     for row in status.get("engines") or []:
         labels = (namespace, name, row["target"], row["encoder"], row["precision"])
         metrics.ENGINE_SIZE.labels(*labels).set(row["bytes"])
-        for quantile, field in (("0.5", "latencyP50Micros"), ("0.9", "latencyP90Micros"), ("0.99", "latencyP99Micros")):
+        for percentile in metrics.PERCENTILES:
+            field = f"latencyP{percentile}Micros"
             if row.get(field) is not None:
-                metrics.ENGINE_LATENCY.labels(*labels, quantile).set(row[field] / 1e6)
+                metrics.ENGINE_LATENCY.labels(*labels, percentile).set(row[field] / 1e6)
         if row.get("throughputItemsPerSecond") is not None:
             metrics.ENGINE_THROUGHPUT.labels(*labels).set(float(row["throughputItemsPerSecond"]))
         if row["precision"] == "fp8" and row.get("speedupOverFp16") is not None:
             metrics.FP8_SPEEDUP.labels(namespace, name, row["target"], row["encoder"]).set(
                 float(row["speedupOverFp16"])
             )
+
+
+def min_cosine_of(raw_spec: Any) -> float:
+    """spec.accuracy.minCosine as stored, else the spec's default (what the builder used). Read from the
+    raw object so that it also works for a spec this operator version would refuse."""
+    from enginebuild_builder.spec import AccuracySpec
+
+    default = AccuracySpec().min_cosine
+    accuracy = raw_spec.get("accuracy") if isinstance(raw_spec, Mapping) else None
+    value = accuracy.get("minCosine") if isinstance(accuracy, Mapping) else None
+    try:
+        return default if value is None or isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def record_resumed_metrics(namespace: str, name: str, raw_spec: Any, status: Mapping[str, Any]) -> None:
+    """Re-export a build's gauges from its stored status when a daemon starts (operator restart, or a
+    replica taking over): the same series the build had when it finished, the accuracy gate included
+    (the status does not hold it: it comes from the spec)."""
+    succeeded = any(c.get("type") == "Succeeded" and c.get("status") == "True" for c in status.get("conditions") or [])
+    has_results = succeeded or any(status.get(part) for part in ("onnx", "accuracy", "engines"))
+    record_metrics(namespace, name, dict(status), min_cosine_of(raw_spec) if has_results else None)

@@ -87,6 +87,43 @@ def _check_tolerations(tolerations: list[dict[str, Any]], field: str, problems: 
             problems.append(f"{where}.key: required unless operator is Exists")
 
 
+def check_policy(spec: EngineBuildSpec, config: OperatorConfig) -> list[str]:
+    """What the platform admin allows an EngineBuild to choose (chart: builder.allowCustomImage,
+    builder.allowedImages, builder.allowCustomServiceAccount, builder.allowedServiceAccounts): the
+    Jobs run spec.image as spec.serviceAccountName, so whoever may create an EngineBuild would
+    otherwise run any image under any ServiceAccount of the namespace. Each problem names the field,
+    the value that decides it and what is allowed."""
+    problems: list[str] = []
+    image = spec.image
+    if image is not None and image != config.builder_image:
+        if not config.allow_custom_image:
+            problems.append(
+                f"spec.image: {image!r} is not allowed: this operator runs only its own builder image "
+                f"(builder.allowCustomImage=false); remove spec.image to build with {config.builder_image}"
+            )
+        elif config.allowed_image_prefixes and not any(image.startswith(p) for p in config.allowed_image_prefixes):
+            problems.append(
+                f"spec.image: {image!r} is not allowed: images must start with one of "
+                f"{', '.join(config.allowed_image_prefixes)} (builder.allowedImages); use such an image, or "
+                f"remove spec.image to build with {config.builder_image}"
+            )
+    account = spec.service_account_name
+    if account is not None and account != config.job_service_account:
+        default = config.job_service_account or "the namespace's default ServiceAccount"
+        if not config.allow_custom_service_account:
+            problems.append(
+                f"spec.serviceAccountName: {account!r} is not allowed: build Jobs run as {default} "
+                "(builder.allowCustomServiceAccount=false); remove spec.serviceAccountName"
+            )
+        elif config.allowed_service_accounts and account not in config.allowed_service_accounts:
+            problems.append(
+                f"spec.serviceAccountName: {account!r} is not allowed: use one of "
+                f"{', '.join(config.allowed_service_accounts)} (builder.allowedServiceAccounts), or remove "
+                f"it to run as {default}"
+            )
+    return problems
+
+
 def check_spec(spec: EngineBuildSpec, name: str, config: OperatorConfig) -> list[str]:
     """Every problem found, as `field: what is wrong; how to fix it` lines (empty when fine)."""
     problems: list[str] = []
@@ -108,6 +145,7 @@ def check_spec(spec: EngineBuildSpec, name: str, config: OperatorConfig) -> list
     for i, secret in enumerate(spec.image_pull_secrets):
         if not DNS_SUBDOMAIN.match(secret.name):
             problems.append(f"spec.imagePullSecrets[{i}].name: {secret.name!r} is not a valid Secret name")
+    problems += check_policy(spec, config)
     for i, target in enumerate(spec.targets):
         where = f"spec.targets[{i}]"
         if not target.gpu_product or len(target.gpu_product) > 63 or not LABEL_VALUE.match(target.gpu_product):
@@ -150,9 +188,16 @@ def validate(raw_spec: Any, name: str, config: OperatorConfig) -> EngineBuildSpe
     return spec
 
 
-def deadline_seconds(raw_spec: Any, spec: EngineBuildSpec, config: OperatorConfig) -> int:
-    """The spec's activeDeadlineSeconds when written, else the operator's default, else the spec default."""
-    written = isinstance(raw_spec, dict) and "activeDeadlineSeconds" in raw_spec
-    if not written and config.default_deadline_seconds is not None:
+DEFAULT_DEADLINE_SECONDS = 7200
+
+
+def deadline_seconds(spec: EngineBuildSpec, config: OperatorConfig) -> int:
+    """The spec's activeDeadlineSeconds when set, else the operator's default, else 7200 s.
+
+    "Set" is the parsed value, never the presence of the key: the CRD has no default for it, so
+    what the API server returns is what the user wrote."""
+    if spec.active_deadline_seconds is not None:
+        return spec.active_deadline_seconds
+    if config.default_deadline_seconds is not None:
         return config.default_deadline_seconds
-    return spec.active_deadline_seconds
+    return DEFAULT_DEADLINE_SECONDS

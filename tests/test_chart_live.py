@@ -1,12 +1,13 @@
-"""The rendered Helm chart, applied with kubectl to the emulated API server, and the operator started
-exactly as the applied Deployment says (its command, args, env, envFrom Secret), with only the ports
-rewritten to free ones and the bind address set to 127.0.0.1. It must pass the Deployment's own
-probe (path and port from the manifest) and reconcile an EngineBuild: validate it, check the S3
-cache through the credentials the chart gave it, and create the export Job with the builder image
-from the chart's values.
+"""The Helm chart installed for real (`helm install` through Helm v4's Go SDK, helm-python-sdk) on a
+real kube-apiserver, and the operator started exactly as the installed Deployment says (its command,
+args, env, envFrom Secret, and a token for its ServiceAccount, so the real RBAC authorizer enforces
+the chart's rules), with only the ports rewritten to free ones and the bind address set to
+127.0.0.1. It must pass the Deployment's own probe (path and port from the manifest) and reconcile an
+EngineBuild: validate it, check the S3 cache through the credentials the chart gave it, and create
+the export Job with the builder image from the chart's values.
 
-What the emulator cannot show (documented in docs/devstack.md): RBAC enforcement, the scheduler and
-kubelet pulling the image; `helm install` itself (no OpenAPI on the emulator).
+Not shown here: the Deployment controller and a kubelet pulling the operator image (no container
+runtime; the operator runs as a local process from the Deployment's spec).
 """
 
 from __future__ import annotations
@@ -25,10 +26,13 @@ import pytest
 import yaml
 
 from enginebuild_builder.constants import GROUP, PLURAL, VERSION
-from enginebuild_operator.devstack.kube_http import KubeApiError, KubeHttp, resource_path
-from enginebuild_operator.devstack.seaweedfs import SeaweedFS, free_ports
+from enginebuild_devstack.chart import CHART, NAMESPACE
+from enginebuild_devstack.cluster import service_account_token
+from enginebuild_devstack.controlplane import ControlPlane
+from enginebuild_devstack.kube_http import KubeApiError, KubeHttp, resource_path
+from enginebuild_devstack.kubeconfig import write_kubeconfig
+from enginebuild_devstack.seaweedfs import SeaweedFS, free_ports
 from plugins.kube import Kubectl, wait_for
-from test_chart import CHART, NAMESPACE, render
 
 pytestmark = pytest.mark.slow
 
@@ -86,42 +90,49 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
                 proc.wait()
 
 
+@pytest.fixture
+def bare_control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    """A control plane with nothing installed: Helm installs the chart's CRDs itself."""
+    cp = ControlPlane(tmp_path_factory.mktemp("helm-control-plane")).start()
+    try:
+        yield cp
+    finally:
+        cp.stop()
+
+
 @pytest.mark.parametrize("case", ["default", "namespaced-secret"])
-def test_rendered_chart_applied_and_operator_started_from_its_deployment(
-    case: str, kube_emulator: Any, kubectl: Kubectl, seaweedfs: SeaweedFS, s3_bucket: str, tmp_path: Path,
+def test_chart_installed_with_helm_and_operator_started_from_its_deployment(
+    case: str, bare_control_plane: ControlPlane, seaweedfs: SeaweedFS, s3_bucket: str, tmp_path: Path,
     processes: list[subprocess.Popen[bytes]],
 ) -> None:
-    http = KubeHttp.of(kube_emulator.url)
-    docs = render(_values(case, seaweedfs))
+    import helm_python as helm
+
+    cp = bare_control_plane
+    http = KubeHttp.of(cp.admin_kubeconfig)
+    kubectl = Kubectl(cp.admin_kubeconfig, tmp_path / "kubectl-cache")
     watch_ns = "team-a" if case != "default" else "default"
+    for ns in sorted({watch_ns} | ({"team-z"} if case != "default" else set())):
+        kubectl("create", "namespace", ns, check=ns != "default")
 
-    # 1. Namespaces, the chart's crds/ (Helm applies them first), then the templates: CRDs before the
-    #    custom resources of those kinds (kubectl resolves kinds by discovery at apply time).
-    def apply(docs_: list[dict[str, Any]], name: str) -> str:
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump_all(docs_, sort_keys=False))
-        return kubectl("apply", "-f", str(path)).stdout
-
-    namespaces = sorted({NAMESPACE, watch_ns} | ({"team-z"} if case != "default" else set()))
-    apply([{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}} for ns in namespaces], "namespaces")
-    kubectl("apply", "-f", str(CHART / "crds"))
-    crds = [d for d in docs if d["kind"] == "CustomResourceDefinition"]
-    rest = [d for d in docs if d["kind"] != "CustomResourceDefinition"]
-    for i, batch in enumerate((crds, rest)):
-        if batch:
-            applied = apply(batch, f"rendered-{i}")
-            assert applied.count("created") == len(batch), applied
-    kinds = {d["kind"] for d in docs}
-    assert {"Deployment", "ServiceAccount", "Service", "ClusterRole"} <= kinds
+    # 1. helm install, as a user runs it (Helm applies crds/ first, then the templates in its own order).
+    helm_config = helm.Config(kubeconfig_path=str(cp.admin_kubeconfig))
+    release = helm_config.install(str(CHART), "eb", _values(case, seaweedfs), namespace=NAMESPACE, create_namespace=True)
+    assert str(getattr(release, "status", "deployed")).lower().endswith("deployed"), release
+    deployments = http.get(resource_path("apps/v1", "deployments", NAMESPACE)).get("items") or []
+    assert [d["metadata"]["name"] for d in deployments] == ["eb-enginebuild"]
     if case != "default":
         # The Secret the chart's s3.existingSecret names (a platform team creates it beside the release).
-        apply([{"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "operator-s3", "namespace": NAMESPACE},
-                "stringData": {"AWS_ACCESS_KEY_ID": seaweedfs.access_key,
-                               "AWS_SECRET_ACCESS_KEY": seaweedfs.secret_key}}], "operator-secret")
+        http.post(resource_path("v1", "secrets", NAMESPACE), {
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "operator-s3", "namespace": NAMESPACE},
+            "stringData": {"AWS_ACCESS_KEY_ID": seaweedfs.access_key, "AWS_SECRET_ACCESS_KEY": seaweedfs.secret_key}})
 
     # 2. The Deployment as the API server stores it, and its container turned into a local process.
     deployment = json.loads(kubectl("get", "deployment", "-n", NAMESPACE, "-o", "json").stdout)["items"][0]
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    pod_spec = deployment["spec"]["template"]["spec"]
+    (container,) = pod_spec["containers"]
+    # The operator's identity is the Deployment's ServiceAccount: a token minted for it, as kubelet projects one.
+    token = service_account_token(http, NAMESPACE, pod_spec["serviceAccountName"])
+    identity = write_kubeconfig(tmp_path / "operator.kubeconfig", cp.url, token, cp.ca_file)
     env = _resolve_env(http, NAMESPACE, container)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert int(env["ENGINEBUILD_HEALTH_PORT"]) == ports["health"]
@@ -132,7 +143,7 @@ def test_rendered_chart_applied_and_operator_started_from_its_deployment(
     env.update(ENGINEBUILD_HEALTH_PORT=str(health_port), ENGINEBUILD_METRICS_PORT=str(metrics_port),
                ENGINEBUILD_BIND_ADDRESS="127.0.0.1")
     proc_env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_", "ENGINEBUILD_"))}
-    proc_env.update(env, KUBECONFIG=str(kube_emulator.kubeconfig))
+    proc_env.update(env, KUBECONFIG=str(identity))
     command = list(container["command"])
     assert command[0] == "enginebuild"
     argv = [str(ENGINEBUILD), *command[1:], *container.get("args", [])]

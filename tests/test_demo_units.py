@@ -14,9 +14,9 @@ import pytest
 import yaml
 from rich.console import Console
 
-from enginebuild_operator.devstack import demo
-from enginebuild_operator.devstack.prometheus import Prometheus
-from enginebuild_operator.devstack.stack import without_cloud_env, write_checkpoint
+from enginebuild_devstack import demo
+from enginebuild_devstack.prometheus import Prometheus
+from enginebuild_devstack.stack import without_cloud_env, write_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 DOUBLE = REPO / "tests" / "doubles" / "trtexec"

@@ -267,3 +267,63 @@ def test_parser_handles_continuations_and_heredocs() -> None:
     assert args == {"BASE": "python:3.11.11-slim"}
     assert [(s.name, s.base) for s in parsed] == [("a", "python:3.11.11-slim"), ("b", "a")]
     assert parsed[0].instructions[0].args == "echo 1 && echo 2"
+
+
+# --- the documented build commands produce the chart's default images ------------------------------
+
+
+def _documented_image_commands() -> tuple[dict[str, str], list[str]]:
+    """The shell variables and commands of the first ```sh block under docs/deploy.md's `## Images`."""
+    text = (REPO / "docs" / "deploy.md").read_text()
+    section = text.split("\n## Images\n", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    lines = [line.split("#", 1)[0].strip() if not line.lstrip().startswith("echo") else line.strip()
+             for line in block.splitlines()]
+    lines = [line for line in lines if line]
+    variables = dict(re.fullmatch(r"(\w+)=(\S+)", line).groups() for line in lines  # type: ignore[union-attr]
+                     if re.fullmatch(r"\w+=\S+", line))
+    return variables, [line for line in lines if not re.fullmatch(r"\w+=\S+", line)]
+
+
+def _expand(word: str, variables: dict[str, str]) -> str:
+    return re.sub(r"\$\{?(\w+)\}?", lambda m: variables[m.group(1)], word)
+
+
+def test_chart_default_images_are_what_the_documented_commands_build(stages: dict[str, Stage]) -> None:
+    import yaml
+
+    from enginebuild_operator.config import DEFAULT_BUILDER_IMAGE
+
+    variables, commands = _documented_image_commands()
+    built: dict[str, str] = {}
+    pushed: set[str] = set()
+    for command in commands:
+        words = shlex.split(command)
+        if words[:2] not in (["docker", "build"], ["docker", "push"]):
+            continue
+        words = [_expand(w, variables) for w in words]
+        if words[:2] == ["docker", "build"]:
+            target, tag = words[words.index("--target") + 1], words[words.index("-t") + 1]
+            assert target in stages and words[-1] == ".", command
+            built[target] = tag
+        elif words[:2] == ["docker", "push"]:
+            pushed.add(words[2])
+    assert set(built) == {"operator", "builder"} and pushed == set(built.values())
+
+    chart = REPO / "charts" / "enginebuild"
+    values = yaml.safe_load((chart / "values.yaml").read_text())
+    app_version = yaml.safe_load((chart / "Chart.yaml").read_text())["appVersion"]
+    assert variables["VERSION"] == app_version
+    assert built["operator"] == f"{values['image']['repository']}:{values['image']['tag'] or app_version}"
+    assert built["builder"] == f"{values['builder']['image']['repository']}:{values['builder']['image']['tag'] or app_version}"
+    assert built["builder"] == DEFAULT_BUILDER_IMAGE  # the operator's fallback when the chart sets none
+
+
+def test_documented_ngc_login_for_the_builder_base_image(stages: dict[str, Stage]) -> None:
+    """The builder stage starts from nvcr.io, which needs `docker login nvcr.io` as user $oauthtoken."""
+    args, _ = parse(DOCKERFILE.read_text())
+    assert args["TENSORRT_IMAGE"].startswith("nvcr.io/")
+    _, commands = _documented_image_commands()
+    (login,) = [shlex.split(c) for c in commands if "nvcr.io" in c]
+    assert login[login.index("docker"):login.index("docker") + 3] == ["docker", "login", "nvcr.io"]
+    assert login[login.index("--username") + 1] == "$oauthtoken" and "--password-stdin" in login

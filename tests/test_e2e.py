@@ -1,10 +1,11 @@
-"""The whole product on one machine, as `enginebuild demo` runs it (operator/devstack/stack.py's
-LocalStack, the same code), with a GPU target whose engine Job runs the test double of trtexec:
+"""The whole product on one machine, as `enginebuild demo` runs it (devstack/stack.py's LocalStack,
+the same code: a real control plane built from upstream, the process kubelet running the Pods), with
+a GPU target whose engine Job runs the test double of trtexec:
 
 EngineBuild -> export Job (real ModelOpt FP8 export of a tiny open_clip model) -> engine Job (the
 trtexec double) -> status Ready with engines[], sizes, latencies, accuracy -> objects and manifest in
 SeaweedFS -> the same numbers in a real Prometheus scraping the operator -> the README's kubectl
-commands against the emulated API -> every dashboard query and alert rule evaluated by that
+commands against the real API server -> every dashboard query and alert rule evaluated by that
 Prometheus -> a second EngineBuild with the same spec is a cache hit (no new Job).
 
 Then `enginebuild demo` itself, as a user runs it: without trtexec (export only, says engines need a
@@ -29,9 +30,9 @@ import pytest
 
 from enginebuild_builder.stages.publish import build_exists
 from enginebuild_operator.dashboards import alert_exprs, alert_rules, dashboard_exprs, metric_names
-from enginebuild_operator.devstack.demo import demo_manifest, stack_for
-from enginebuild_operator.devstack.prometheus import find_prometheus
-from enginebuild_operator.devstack.stack import LocalStack, condition
+from enginebuild_devstack.demo import demo_manifest, stack_for
+from enginebuild_devstack.prometheus import find_prometheus
+from enginebuild_devstack.stack import LocalStack, condition
 from plugins.kube import KUBECTL, Kubectl, wait_for
 from plugins.operator_proc import metric_value
 
@@ -104,8 +105,8 @@ def test_build_is_ready_with_engines_sizes_latencies_and_accuracy(built: tuple[L
     assert suffixes == ["export", "h100"]
     assert all((j.get("status") or {}).get("succeeded") == 1 for j in jobs)
     assert {(r["stage"], r["state"]) for r in status["jobs"]} == {("export", "Succeeded"), ("engine", "Succeeded")}
-    # S3 credentials reach the Jobs only through the EngineBuild's Secret (the runner resolves envFrom
-    # like kubelet; neither the operator nor the runner passes its own AWS_* variables).
+    # S3 credentials reach the Jobs only through the EngineBuild's Secret (the kubelet resolves envFrom;
+    # neither the operator nor the kubelet passes its own AWS_* variables).
     for j in jobs:
         (container,) = j["spec"]["template"]["spec"]["containers"]
         assert container["envFrom"] == [{"secretRef": {"name": doc["spec"]["output"]["secretRef"]["name"]}}]
@@ -297,7 +298,7 @@ def test_demo_without_trtexec_runs_the_export_half_and_says_engines_need_a_gpu(t
 
 
 def _pids(out: str) -> list[int]:
-    """The PIDs from the demo's `stack up on 127.0.0.1: kube-emulator pid N, ...` line."""
+    """The PIDs from the demo's `stack up on 127.0.0.1: etcd pid N, kube-apiserver pid M, ...` line."""
     line = next(x for x in out.splitlines() if "stack up on 127.0.0.1" in x)
     found = [int(p) for p in re.findall(r"pid (\d+)", line)]
     assert found, line
@@ -327,7 +328,8 @@ def test_demo_interrupted_stops_everything_it_started(tmp_path: Path) -> None:
                 break
         assert "stack up on" in out, out
         pids = _pids(out)
-        assert len(pids) == 3  # emulator, SeaweedFS, operator (no --prometheus)
+        # etcd, kube-apiserver, kube-controller-manager, kube-scheduler, SeaweedFS, operator (no --prometheus)
+        assert len(pids) == 6, out
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=90)
         out += rest

@@ -126,3 +126,148 @@ def test_docs_embed_the_tested_files() -> None:
         assert line in doc, line
     for key, expr in _flux_exprs().items():
         assert expr in doc, key
+
+
+# --- kstatus (sigs.k8s.io/cli-utils/pkg/kstatus): what Flux without expressions, cli-utils and
+# --- kstatus-based waiting read ---------------------------------------------------------------------
+
+
+class KstatusError(Exception):
+    """kstatus's Compute() returns an error (e.g. a field of the wrong type): the reader gets Unknown."""
+
+
+def kstatus(obj: dict[str, Any]) -> tuple[str, str]:
+    """A port of kstatus's status.Compute() for a custom resource (pkg/kstatus/status/status.go,
+    generic.go): no type-specific ("legacy") rules exist for custom kinds, so the decision is:
+    1. metadata.deletionTimestamp set -> Terminating;
+    2. metadata.generation and status.observedGeneration both present and different -> InProgress
+       (a present observedGeneration that is not an integer is an error, as unstructured.NestedInt64);
+    3. the first condition, in list order, that is `Reconciling=True` -> InProgress, or
+       `Stalled=True` -> Failed (message: the condition's);
+    4. otherwise Current ("Resource is current"), also when there is no status at all."""
+    meta = obj.get("metadata") or {}
+    if meta.get("deletionTimestamp"):
+        return "Terminating", "Resource scheduled for deletion"
+    status = obj.get("status")
+    generation = meta.get("generation")
+    if generation is not None and isinstance(status, dict) and "observedGeneration" in status:
+        observed = status["observedGeneration"]
+        if not isinstance(observed, int) or isinstance(observed, bool):
+            raise KstatusError(f"status.observedGeneration: {observed!r} is not an int64")
+        if observed != generation:
+            return "InProgress", f"{obj.get('kind')} generation is {generation}, but latest observed generation is {observed}"
+    for cond in (status or {}).get("conditions") or [] if isinstance(status, dict) else []:
+        if cond.get("type") == "Reconciling" and cond.get("status") == "True":
+            return "InProgress", cond.get("message") or ""
+        if cond.get("type") == "Stalled" and cond.get("status") == "True":
+            return "Failed", cond.get("message") or ""
+    return "Current", "Resource is current"
+
+
+def test_kstatus_port_follows_its_rules() -> None:
+    obj = {"kind": "EngineBuild", "metadata": {"generation": 2}, "status": {"observedGeneration": 1}}
+    assert kstatus(obj)[0] == "InProgress"
+    assert kstatus({"metadata": {"generation": 1, "deletionTimestamp": T0}})[0] == "Terminating"
+    assert kstatus({"metadata": {"generation": 1}})[0] == "Current"  # no status: kstatus cannot tell
+    stalled_first = {"metadata": {"generation": 1}, "status": {"observedGeneration": 1, "conditions": [
+        {"type": "Stalled", "status": "True", "message": "x"}, {"type": "Reconciling", "status": "True"}]}}
+    assert kstatus(stalled_first) == ("Failed", "x")
+    with pytest.raises(KstatusError):
+        kstatus({"metadata": {"generation": 1}, "status": {"observedGeneration": None}})
+
+
+def _phase(name: str) -> tuple[dict[str, Any], str, str, str]:
+    """(status, kstatus, Argo CD health, Flux) of one build phase, built by the operator's own functions
+    (reconcile.mark_*/apply_*) and written as handlers._write writes it (with_kstatus, the status model)."""
+    from enginebuild_operator import reconcile
+    from enginebuild_operator.conditions import ConditionSet, with_kstatus
+
+    cs = ConditionSet([], 1, now=T0)
+    status: dict[str, Any] = {"observedGeneration": 1}
+    reconcile.mark_valid(cs)
+    expect = {"queued": ("InProgress", "Progressing", "InProgress"), "checking-cache": ("InProgress", "Progressing", "InProgress"),
+              "running": ("InProgress", "Progressing", "InProgress"),
+              "failed-retriable-storage": ("InProgress", "Progressing", "InProgress"),
+              "storage-access-denied": ("InProgress", "Progressing", "InProgress"),
+              "succeeded": ("Current", "Healthy", "Current"), "cache-hit": ("Current", "Healthy", "Current"),
+              "failed-permanently": ("Failed", "Degraded", "Failed"), "invalid-spec": ("Failed", "Degraded", "Failed")}
+    if name == "queued":
+        reconcile.mark_queued(cs, "waiting for a slot: 10 builds running, limit 10")
+    elif name == "checking-cache":
+        reconcile.mark_in_progress(cs, reconcile.R_CHECKING, "computing the build key and checking the cache")
+    elif name == "running":  # also while a Job retries a Pod (backoffLimit): the build runs on
+        reconcile.mark_queued(cs, "waiting")
+        reconcile.mark_started(cs)
+        reconcile.mark_in_progress(cs, reconcile.R_EXPORTING, "export Job running: quantizing to FP8 and exporting ONNX")
+    elif name == "failed-retriable-storage":
+        reconcile.mark_storage_problem(cs, "StorageUnavailable", "s3://engines unreachable", retriable=True)
+    elif name == "storage-access-denied":
+        reconcile.mark_storage_problem(cs, "StorageAccessDenied", "access denied", retriable=False)
+    elif name in ("succeeded", "cache-hit"):
+        reconcile.mark_in_progress(cs, reconcile.R_ENGINES, "engine Jobs: 0/1 targets done")
+        reconcile.apply_success(status, cs, T0, cached=name == "cache-hit")
+    elif name == "failed-permanently":
+        reconcile.mark_in_progress(cs, reconcile.R_EXPORTING, "export Job running")
+        reconcile.apply_failure(status, cs, "export", "AccuracyGateFailed", "image cosine min 0.9812 < 0.99", T0)
+    elif name == "invalid-spec":
+        reconcile.mark_invalid(cs, "invalid spec:\n  spec.image: 'x' is not allowed")
+    status["conditions"] = with_kstatus(cs.conditions, 1, now=T0)
+    model = EngineBuildStatus.model_validate(status)
+    return (model.model_dump(mode="json", by_alias=True), *expect[name])
+
+
+PHASES = ["queued", "checking-cache", "running", "failed-retriable-storage",
+          "storage-access-denied", "succeeded", "cache-hit", "failed-permanently", "invalid-spec"]
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_every_build_phase_reads_as_expected_in_kstatus_argocd_and_flux(argocd_health: Any, phase: str) -> None:
+    """The status the operator writes for each phase: plain kstatus gives InProgress / Current / Failed
+    as a user expects (a failed build is Failed, not "in progress until the timeout"), and agrees with
+    the Argo CD health check and the Flux expressions."""
+    status, expected_kstatus, argo, flux = _phase(phase)
+    obj = {"apiVersion": "enginebuild.io/v1alpha1", "kind": "EngineBuild",
+           "metadata": {"name": "vit-l-14", "namespace": "ml", "generation": 1}, "status": status}
+    got, message = kstatus(obj)
+    assert got == expected_kstatus, (phase, status["conditions"])
+    assert _lua_health(argocd_health, obj)[0] == argo
+    assert _flux_status(obj) == flux
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    if got != "Current":
+        assert message == ready["message"]  # kstatus shows the operator's own explanation
+    for cond in status["conditions"]:
+        assert cond["observedGeneration"] == 1, cond["type"]
+    kinds = {c["type"] for c in status["conditions"]}
+    assert ("Reconciling" in kinds) == (got == "InProgress") and ("Stalled" in kinds) == (got == "Failed")
+
+
+@pytest.mark.parametrize("exclude_none", [True, False], ids=["omit-none", "with-nulls"])
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s[0] for s in SCENARIOS])
+def test_kstatus_agrees_with_flux_expressions(scenario: tuple[Any, ...], exclude_none: bool) -> None:
+    """Each gitops scenario, with the conditions the operator adds on write: kstatus alone reaches the
+    Flux expressions' verdict, except before the operator's first status write (no status at all),
+    which kstatus reads as Current for any custom resource (documented in docs/gitops.md)."""
+    from enginebuild_operator.conditions import with_kstatus
+
+    name, generation, status, _, flux, _ = scenario
+    if status is not None:
+        status = status.model_copy(update={"conditions": [
+            Condition.model_validate(c) for c in with_kstatus(
+                [c.model_dump(mode="json", by_alias=True) for c in status.conditions], status.observed_generation, T0)]})
+    obj = _obj(generation, status, exclude_none=exclude_none)
+    assert kstatus(obj)[0] == ("Current" if name == "new" else flux)
+
+
+def test_reconciling_and_stalled_keep_their_transition_time() -> None:
+    """A pass that changes only Ready's message keeps Reconciling's lastTransitionTime (no status churn)."""
+    from enginebuild_operator import reconcile
+    from enginebuild_operator.conditions import ConditionSet, find, with_kstatus
+
+    cs = ConditionSet([], 1, now=T0)
+    reconcile.mark_in_progress(cs, reconcile.R_ENGINES, "engine Jobs: 0/2 targets done")
+    first = with_kstatus(cs.conditions, 1, now=T0)
+    cs2 = ConditionSet(first, 1, now="2026-11-30T02:00:00Z")
+    reconcile.mark_in_progress(cs2, reconcile.R_ENGINES, "engine Jobs: 1/2 targets done")
+    second = with_kstatus(cs2.conditions, 1, now="2026-11-30T02:00:00Z")
+    rec = find(second, "Reconciling")
+    assert rec is not None and rec["lastTransitionTime"] == T0 and rec["message"] == "engine Jobs: 1/2 targets done"

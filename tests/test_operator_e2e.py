@@ -1,9 +1,11 @@
-"""The real operator process against the emulated API server over HTTP and SeaweedFS for S3.
+"""The real operator process against the real control plane (kube-apiserver, etcd, the Job
+controller, the garbage collector, the scheduler) and SeaweedFS for S3, under the chart's RBAC.
 
-The tests play the cluster's part: they complete Jobs the way the Job controller and kubelet would
-(operator/devstack/jobplay.py: Job conditions plus a Pod whose container carries the builder's
-termination message), and publish into S3 what the builder's Jobs would publish (publish.py). The
-operator must do everything else: Jobs, status, events, the manifest, metrics, deletion.
+The tests play only the kubelet's part: they report the end of each Pod the Job controller created
+(devstack/podplay.py: a terminated container with the builder's termination message), and publish
+into S3 what the builder's Jobs would publish (publish.py). The real Job controller turns that into
+Job conditions; the operator must do everything else: Jobs, status, events, the manifest, metrics,
+deletion.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from enginebuild_builder.spec import parse_spec
 from enginebuild_builder.stages import publish
 from enginebuild_builder.storage import S3Store
 from enginebuild_operator import artifacts
-from enginebuild_operator.devstack.jobplay import complete_job, fail_job
-from enginebuild_operator.devstack.kube_http import resource_path
-from plugins.operator_proc import Cluster, eb_cluster, metric_value, wait_until  # noqa: F401  (fixture)
+from enginebuild_devstack.kube_http import resource_path
+from plugins.kube import delete_namespace
+from plugins.operator_proc import Cluster, eb_cluster, metric_value, operator_kubeconfig, private_cluster, wait_until  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.slow
 
@@ -76,17 +78,22 @@ def message(report: Report) -> str:
     return json.dumps(summarize(report), separators=(",", ":"))
 
 
-def run_build(c: Cluster, store: S3Store, name: str, tmp: Path, seconds: int = 100) -> str:
+def run_build(c: Cluster, store: S3Store, name: str, tmp: Path) -> str:
     """Play a whole build of `name` (export Job, then the h100 engine Job); return the build key."""
     export = c.wait_job(name, "export")
     key = export["metadata"]["annotations"]["enginebuild.io/build-key"]
     uri = f"s3://{c.bucket}/engines"
-    c.start_job(export["metadata"]["name"], seconds_ago=seconds)
-    complete_job(c.http, c.namespace, export["metadata"]["name"], 0, message(export_half(store, uri, key, tmp / name / "x")))
+    c.start_job(export["metadata"]["name"])
+    c.complete_job(export["metadata"]["name"], 0, message(export_half(store, uri, key, tmp / name / "x")))
     engine = c.wait_job(name, "h100")
-    c.start_job(engine["metadata"]["name"], seconds_ago=seconds)
-    complete_job(c.http, c.namespace, engine["metadata"]["name"], 0, message(engine_half(store, uri, key, tmp / name / "e", "h100")))
+    c.start_job(engine["metadata"]["name"])
+    c.complete_job(engine["metadata"]["name"], 0, message(engine_half(store, uri, key, tmp / name / "e", "h100")))
     return key
+
+
+def gpu_seconds(c: Cluster, instance: str) -> int:
+    """One GPU per Job (the export runs on a GPU by default), over the times the Job controller recorded."""
+    return sum(c.job_gpu_seconds(j["metadata"]["name"]) for j in c.jobs(instance))
 
 
 def test_build_runs_to_ready_with_status_s3_manifest_events_and_metrics(eb_cluster: Cluster, s3_store: S3Store, tmp_path: Path) -> None:
@@ -113,8 +120,9 @@ def test_build_runs_to_ready_with_status_s3_manifest_events_and_metrics(eb_clust
     assert rows[("image", "fp8")]["latencyP50Micros"] == 4120 and rows[("image", "fp8")]["bytes"] == 1600
     assert rows[("image", "fp8")]["speedupOverFp16"] == "1.541" and rows[("image", "fp16")]["latencyP50Micros"] == 6350
     assert st["summary"] == {"imageFp8LatencyMs": "4.120", "fp8Speedup": "1.541"}
-    # Both Jobs ran ~100 s on one GPU each (export on a GPU by default).
-    assert 198 <= st["gpuSeconds"] <= 210
+    # Each Job's recorded wall time on one GPU each (export on a GPU by default), counted once.
+    expected_gpu_s = gpu_seconds(c, "clip")
+    assert st["gpuSeconds"] == expected_gpu_s
     assert {j["state"] for j in st["jobs"]} == {"Succeeded"} and len(st["jobs"]) == 2
     # The operator wrote the top manifest, with the merged report of both Jobs.
     manifest = publish.build_exists(s3_store, f"s3://{c.bucket}/engines", key)
@@ -125,12 +133,12 @@ def test_build_runs_to_ready_with_status_s3_manifest_events_and_metrics(eb_clust
     text = op.metrics()
     assert metric_value(text, "enginebuild_builds_total", result="succeeded", reason="") == 1.0
     assert metric_value(text, "enginebuild_builds_total", result="failed", reason="DeadlineExceeded") == 0.0
-    assert metric_value(text, "enginebuild_engine_size_bytes", namespace="default", name="clip", target="h100",
+    assert metric_value(text, "enginebuild_engine_size_bytes", namespace=c.namespace, name="clip", target="h100",
                         encoder="image", precision="fp8") == 1600.0
     assert metric_value(text, "enginebuild_fp8_speedup_ratio", name="clip", target="h100", encoder="image") == 1.541
     assert metric_value(text, "enginebuild_engine_latency_seconds", name="clip", precision="fp8", quantile="0.5") == 0.00412
     assert metric_value(text, "enginebuild_onnx_size_bytes", name="clip", encoder="image", precision="fp16") == 4000.0
-    assert 198 <= metric_value(text, "enginebuild_gpu_seconds_total", target="h100", gpu_product="NVIDIA-H100-80GB-HBM3") <= 210
+    assert metric_value(text, "enginebuild_gpu_seconds_total", target="h100", gpu_product="NVIDIA-H100-80GB-HBM3") == expected_gpu_s
     assert metric_value(text, "enginebuild_stage_duration_seconds_count", stage="engine") == 1.0
     assert metric_value(text, "enginebuild_builds_in_progress") == 0.0
     # The same spec again: a cache hit, no Job.
@@ -200,8 +208,8 @@ def test_operator_killed_mid_build_restarts_without_duplicates(eb_cluster: Clust
     uri = f"s3://{c.bucket}/engines"
     op.kill()
     # The export finishes while no operator runs.
-    c.start_job(name, seconds_ago=50)
-    complete_job(c.http, c.namespace, name, 0, message(export_half(s3_store, uri, key, tmp_path / "x")))
+    c.start_job(name)
+    c.complete_job(name, 0, message(export_half(s3_store, uri, key, tmp_path / "x")))
     op2 = c.start_operator()
     c.wait_job("crash", "h100")
     c.wait_job("crash", "l4")
@@ -209,18 +217,18 @@ def test_operator_killed_mid_build_restarts_without_duplicates(eb_cluster: Clust
     op3 = c.start_operator()
     for target in ("h100", "l4"):
         job = c.wait_job("crash", target)["metadata"]["name"]
-        c.start_job(job, seconds_ago=20)
+        c.start_job(job)
         text = message(engine_half(s3_store, uri, key, tmp_path / target, target))
         if target == "l4":  # as when the summary overflowed 4 KiB: the operator reads report.l4.json from S3
             short = json.loads(text)
             short.update(engines=[], truncated=True)
             text = json.dumps(short)
-        complete_job(c.http, c.namespace, job, 0, text)
+        c.complete_job(job, 0, text)
     c.wait_condition("crash", "Ready", "True", "Succeeded")
     names = sorted(j["metadata"]["name"] for j in c.jobs("crash"))
     assert len(names) == 3 and len(set(names)) == 3
     st = c.status("crash")
-    assert len(st["engines"]) == 4 and 85 <= st["gpuSeconds"] <= 100  # 50 + 2 x 20, each counted once
+    assert len(st["engines"]) == 4 and st["gpuSeconds"] == gpu_seconds(c, "crash")  # each Job counted once
     l4 = [e for e in st["engines"] if e["target"] == "l4"]
     assert {e["precision"] for e in l4} == {"fp16", "fp8"} and l4[0]["latencyP50Micros"] == 6350
     assert metric_value(op3.metrics(), "enginebuild_builds_total", result="succeeded", reason="") == 1.0
@@ -286,7 +294,12 @@ def test_each_failure_class_ends_in_its_reason(eb_cluster: Cluster, s3_store: S3
     c = eb_cluster
     op = c.start_operator()
     for name in FAILURES:
-        c.create(name, c.spec())
+        # backoffLimit 0: a retriable exit ends the Job at once (the Job controller's own retry delay
+        # is 10 s and doubling); the deadline is the smallest the CRD admits, enforced by the Job controller.
+        extra: dict[str, Any] = {"backoffLimit": 0}
+        if name == "deadline":
+            extra["activeDeadlineSeconds"] = 60
+        c.create(name, c.spec(**extra))
     uri = f"s3://{c.bucket}/engines"
     for name, (how, _) in FAILURES.items():
         job = c.wait_job(name, "export")
@@ -297,27 +310,26 @@ def test_each_failure_class_ends_in_its_reason(eb_cluster: Cluster, s3_store: S3
                             message="image: FP8 cosine min 0.9712 < spec.accuracy.minCosine 0.99",
                             log_tail="gate failed\naws_secret_access_key=shouldnotleak")
             rep = Report(spec={}, status="failed", build_key=key, error=err)
-            complete_job(c.http, c.namespace, jname, 20, message(rep))
+            c.complete_job(jname, 20, message(rep))
         elif how == "engine-exit-31":
             c.start_job(jname)
-            complete_job(c.http, c.namespace, jname, 0, message(export_half(s3_store, uri, key, tmp_path / name)))
+            c.complete_job(jname, 0, message(export_half(s3_store, uri, key, tmp_path / name)))
             eng = c.wait_job(name, "h100")["metadata"]["name"]
-            complete_job(c.http, c.namespace, eng, 31, "")
+            c.complete_job(eng, 31, "")
         elif how == "deadline":
-            c.start_job(jname)
-            fail_job(c.http, c.namespace, jname, 137, "", reason="DeadlineExceeded")
-        elif how == "exit-137":
-            complete_job(c.http, c.namespace, jname, 137, "")
+            c.start_job(jname)  # and it never ends: the Job controller stops it at activeDeadlineSeconds
+        elif how == "exit-137":  # the kernel's OOM killer, as kubelet reports it
+            c.complete_job(jname, 137, "", reason="OOMKilled")
         elif how == "exit-40":
-            complete_job(c.http, c.namespace, jname, 40, "botocore: could not connect to the endpoint")
+            c.complete_job(jname, 40, "botocore: could not connect to the endpoint")
         elif how == "exit-139":  # no summary, an exit code the builder never uses: the Job's own reason
-            complete_job(c.http, c.namespace, jname, 139, "Segmentation fault (core dumped)")
+            c.complete_job(jname, 139, "Segmentation fault (core dumped)")
         elif how == "deleted":
             c.start_job(jname)
             wait_until(lambda: any(j["state"] == "Running" for j in c.status(name).get("jobs") or []), 30, "Running recorded")
             c.http.delete(resource_path("batch/v1", "jobs", c.namespace, jname))
     for name, (_, reason) in FAILURES.items():
-        cond = c.wait_condition(name, "Ready", "False", reason)
+        cond = c.wait_condition(name, "Ready", "False", reason, timeout=120)
         assert c.condition(name, "Succeeded")["status"] == "False"
         assert c.condition(name, "Succeeded")["reason"] == reason
     assert "shouldnotleak" not in json.dumps(c.status("accuracy"))
@@ -325,7 +337,7 @@ def test_each_failure_class_ends_in_its_reason(eb_cluster: Cluster, s3_store: S3
     assert c.condition("accuracy", "AccuracyPassed")["status"] == "False"
     assert c.condition("trtexec", "Exported")["status"] == "True"
     assert c.condition("trtexec", "EnginesBuilt")["reason"] == "EngineBuildFailed"
-    assert "activeDeadlineSeconds=7200" in c.condition("deadline", "Ready")["message"]
+    assert "activeDeadlineSeconds=60" in c.condition("deadline", "Ready")["message"]
     assert "Segmentation fault" in c.condition("segfault", "Ready")["message"]  # the log tail, via FallbackToLogsOnError
     text = op.metrics()
     for name, (_, reason) in FAILURES.items():
@@ -358,25 +370,26 @@ def test_concurrency_limit_queues_builds_in_creation_order(eb_cluster: Cluster, 
 
 
 def test_two_replicas_one_acts_and_the_other_takes_over(eb_cluster: Cluster, s3_store: S3Store, tmp_path: Path) -> None:
-    from enginebuild_operator.devstack.kube_emulator import install_kopf_peering_crds
+    from enginebuild_devstack.cluster import install_kopf_peering
 
     c = eb_cluster
-    install_kopf_peering_crds(c.emulator.url)
-    c.http.post("/apis/kopf.dev/v1/clusterkopfpeerings",
-                {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": "enginebuild"}})
+    install_kopf_peering(c.http, "enginebuild")
     peering = {"ENGINEBUILD_PEERING_LIFETIME_SECONDS": "6", "ENGINEBUILD_PEERING_MANDATORY": "true"}
     leader = c.start_operator("--all-namespaces", ENGINEBUILD_PEERING_PRIORITY="100", **peering)
     follower = c.start_operator("--all-namespaces", ENGINEBUILD_PEERING_PRIORITY="50", **peering)
     # kopf pauses a replica that starts in mandatory peering until it knows it is the highest priority.
     c.create("ha", c.spec())
     export = c.wait_job("ha", "export")
-    assert "created Job" in leader.log_tail(100_000) and "created Job" not in follower.log_tail(100_000)
+    # The log line follows the API call that created the Job: wait for it, never race it.
+    wait_until(lambda: "created Job" in leader.log_tail(100_000), 30, "the leader's log of the Job it created")
+    assert "created Job" not in follower.log_tail(100_000)
     leader.kill()
     key = export["metadata"]["annotations"]["enginebuild.io/build-key"]
-    complete_job(c.http, c.namespace, export["metadata"]["name"], 0,
-                 message(export_half(s3_store, f"s3://{c.bucket}/engines", key, tmp_path / "x")))
+    c.complete_job(export["metadata"]["name"], 0,
+                   message(export_half(s3_store, f"s3://{c.bucket}/engines", key, tmp_path / "x")))
     c.wait_job("ha", "h100", timeout=90)
-    assert "created Job" in follower.log_tail(100_000) and "Resuming operations" in follower.log_tail(100_000)
+    wait_until(lambda: "created Job" in follower.log_tail(100_000), 30, "the follower's log of the Job it created")
+    assert "Resuming operations" in follower.log_tail(100_000)
     assert len(c.jobs("ha")) == 2
 
 
@@ -402,17 +415,17 @@ def test_s3_credentials_come_from_the_secret_and_never_leak(eb_cluster: Cluster,
     # Without the Secret the operator cannot reach S3 and says so (and retries).
     c.create("nosecret", c.spec(batchSize=32, output={"uri": f"s3://{c.bucket}/engines", "secretRef": {"name": "missing"}}))
     cond = c.wait_condition("nosecret", "Ready", "False", "StorageAccessDenied")
-    assert "spec.output.secretRef.name: Secret default/missing does not exist" in cond["message"]
+    assert f"spec.output.secretRef.name: Secret {c.namespace}/missing does not exist" in cond["message"]
     assert c.jobs("nosecret") == []
 
 
-def test_s3_down_during_the_cache_check_is_reported_and_recovers(kube_emulator: Any, seaweedfs_private: Any, tmp_path: Path) -> None:
+def test_s3_down_during_the_cache_check_is_reported_and_recovers(kube: Any, kube_ns: str, operator_kubeconfig: Path,
+                                                                 seaweedfs_private: Any, tmp_path: Path) -> None:
     from enginebuild_builder.storage import S3Config
 
     store = S3Store(S3Config.from_env(seaweedfs_private.env()))
     store.create_bucket("down")
-    c = Cluster(kube_emulator, seaweedfs_private.env(), "down", tmp_path)
-    c.install_crd()
+    c = Cluster(kube, kube_ns, seaweedfs_private.env(), "down", tmp_path, operator_kubeconfig)
     try:
         c.start_operator()
         seaweedfs_private.kill()
@@ -427,13 +440,18 @@ def test_s3_down_during_the_cache_check_is_reported_and_recovers(kube_emulator: 
         c.close()
 
 
-def test_api_server_restart_mid_build_converges(eb_cluster: Cluster, s3_store: S3Store, tmp_path: Path) -> None:
-    c = eb_cluster
+def test_api_server_and_etcd_restarts_mid_build_converge(private_cluster: Cluster, s3_store: S3Store,
+                                                         tmp_path: Path) -> None:
+    c = private_cluster
+    cp = c.kube.control_plane
     c.start_operator()
     c.create("bounce", c.spec())
     export = c.wait_job("bounce", "export")
-    c.emulator.restart(hard=True)  # SIGKILL: every watch breaks; the state (and resourceVersions) persist
+    cp.restart_apiserver(hard=True)  # kill -9: every watch breaks; etcd keeps the state
     wait_until(lambda: c.get("bounce") is not None, 30, "the API server back")
+    c.start_job(export["metadata"]["name"])
+    cp.restart_etcd(hard=True, down_s=2)  # etcd killed under a running build, down for 2 s
+    wait_until(lambda: c.get("bounce") is not None, 60, "etcd back")
     run_build(c, s3_store, "bounce", tmp_path)
     c.wait_condition("bounce", "Ready", "True", "Succeeded", timeout=120)
     assert sorted(j["metadata"]["name"] for j in c.jobs("bounce")) == sorted(
@@ -441,12 +459,32 @@ def test_api_server_restart_mid_build_converges(eb_cluster: Cluster, s3_store: S
 
 
 def test_namespaced_operator_ignores_other_namespaces(eb_cluster: Cluster) -> None:
+    from enginebuild_devstack.cluster import ensure_namespace
+
     c = eb_cluster
-    c.http.post(resource_path("v1", "namespaces"), {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team-a"}})
-    c.start_operator("--standalone", "--namespace", "team-a")
-    c.create("outside", c.spec())
-    c.namespace = "team-a"
-    c.create("inside", c.spec())
-    c.wait_job("inside", "export")
-    c.namespace = "default"
-    assert c.jobs("outside") == [] and c.status("outside") == {}
+    team_a = c.namespace + "-a"
+    ensure_namespace(c.http, team_a, {"enginebuild.dev/test-namespace": "true"})
+    try:
+        c.start_operator("--standalone", "--namespace", team_a)
+        c.create("outside", c.spec())
+        c.namespace = team_a
+        c.create("inside", c.spec())
+        c.wait_job("inside", "export")
+        c.namespace = c.home_namespace
+        assert c.jobs("outside") == [] and c.status("outside") == {}
+    finally:
+        c.close()
+        delete_namespace(c.http, team_a)
+
+
+def test_default_deadline_applies_when_the_spec_sets_none(eb_cluster: Cluster) -> None:
+    """The real API server applies a CRD's structural defaults on every read: with a default in the
+    CRD, every EngineBuild looked as if it set activeDeadlineSeconds and the operator's default never
+    applied (the emulator did no defaulting, so no test saw it)."""
+    c = eb_cluster
+    c.start_operator(ENGINEBUILD_DEFAULT_DEADLINE_SECONDS="900")
+    c.create("unset", c.spec())
+    c.create("set", c.spec(batchSize=64, activeDeadlineSeconds=1200))
+    assert "activeDeadlineSeconds" not in c.get("unset")["spec"]  # as the API server returns it
+    assert c.wait_job("unset", "export")["spec"]["activeDeadlineSeconds"] == 900
+    assert c.wait_job("set", "export")["spec"]["activeDeadlineSeconds"] == 1200

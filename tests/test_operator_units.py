@@ -356,10 +356,20 @@ def test_validation_names_fields_and_fixes():
 
 def test_deadline_default_from_config():
     cfg = OperatorConfig(default_deadline_seconds=900)
-    assert deadline_seconds(spec_doc(), SPEC, cfg) == 900
-    written = spec_doc(activeDeadlineSeconds=1200)
-    assert deadline_seconds(written, parse_spec(written), cfg) == 1200
-    assert deadline_seconds(spec_doc(), SPEC, OperatorConfig()) == 7200
+    assert deadline_seconds(SPEC, cfg) == 900
+    assert deadline_seconds(parse_spec(spec_doc(activeDeadlineSeconds=1200)), cfg) == 1200
+    assert deadline_seconds(SPEC, OperatorConfig()) == 7200
+
+
+def test_crd_gives_no_deadline_default():
+    """The API server applies structural defaults on every read: a default here would hide the
+    operator's ENGINEBUILD_DEFAULT_DEADLINE_SECONDS (a defaulted field always looks written)."""
+    import yaml
+
+    from enginebuild_builder.crd import build_crd
+
+    spec = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert "default" not in spec["properties"]["activeDeadlineSeconds"]
 
 
 def test_config_from_env():

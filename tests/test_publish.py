@@ -37,7 +37,7 @@ from enginebuild_builder.storage import (
     S3Uri,
     sha256_file,
 )
-from enginebuild_operator.devstack.seaweedfs import SeaweedFS
+from enginebuild_devstack.seaweedfs import SeaweedFS
 
 KEY = "0123456789abcdef0123456789abcdef"
 MIB = 1024 * 1024

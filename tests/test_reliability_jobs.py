@@ -1,17 +1,20 @@
-"""Each way a build's Job can end, run for real by the local Job runner: the runner honours the
-Jobs' backoffLimit and podFailurePolicy as the Job controller does, so "retried or not" is what
-the rendered Job makes of each exit code, not what a test assumes.
+"""Each way a build's Job can end, run for real: the real Job controller applies the Jobs'
+backoffLimit and podFailurePolicy, the real scheduler places the Pods, and the dev stack's process
+kubelet runs them, so "retried or not" is what the rendered Job makes of each exit code, not what a
+test assumes.
 
 The Jobs' command (`enginebuild`) is a stub placed first on the Pods' PATH. It follows a per-build
 plan (one exit code per attempt, chosen by the spec's calibration seed), prints a recognisable log
 line, writes the builder's termination message (the summary JSON with the error and its log tail),
 and on success publishes the build half to S3 the way the upload stage does. Everything else is
-real: the operator process, its Jobs, the runner's retries, SeaweedFS.
+real: the operator process, its Jobs, the Job controller's retries, an eviction through the API,
+the memory limit (the kubelet's OOM watchdog), SeaweedFS.
 
 Documented behaviour checked (docs/errors.md; operator podFailurePolicy):
 - permanent exit codes (20 accuracy gate, 31 trtexec) fail the Job at once: 1 attempt;
-- retriable ones (40 S3, 33 OOM) and a kernel OOM kill (137) are retried up to spec.backoffLimit;
-- a deleted (evicted) Pod carries DisruptionTarget: ignored, not counted, the Job goes on;
+- retriable ones (40 S3, 33 OOM) and an OOM kill at the memory limit (137) are retried up to
+  spec.backoffLimit;
+- an evicted Pod (the Eviction API) carries DisruptionTarget: ignored, not counted, the Job goes on;
 - every failure ends in its documented reason, with the log tail in the Ready condition's message.
 """
 
@@ -27,9 +30,10 @@ from typing import Any, Iterator
 import pytest
 
 from enginebuild_builder.errors import KINDS
-from enginebuild_operator.devstack.jobrunner import LocalJobRunner
-from enginebuild_operator.devstack.kube_http import resource_path
-from plugins.operator_proc import Cluster, eb_cluster, wait_until  # noqa: F401  (fixture)
+from enginebuild_devstack.kube_http import resource_path
+from enginebuild_devstack.kubelet import ProcessKubelet
+from plugins.kube import start_kubelet
+from plugins.operator_proc import Cluster, eb_cluster, operator_kubeconfig, wait_until  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.slow
 TESTS = Path(__file__).resolve().parent
@@ -66,8 +70,9 @@ if action == 0:
     msg = publish_export(store, uri, key, work) if component == "export" else publish_engine(store, uri, key, work, target)
     term.write_text(msg)
     sys.exit(0)
-if action == 137:
-    os.kill(os.getpid(), 9)  # the kernel's OOM killer: no termination message, only the log
+if action == 137:  # past the Pod's memory limit: the OOM kill leaves no termination message, only the log
+    hog = b"x" * (600 << 20)
+    time.sleep(60)
 from enginebuild_builder.errors import KINDS, kind_for_exit_code
 from enginebuild_builder.report import ErrorInfo, Report, summarize
 kind = kind_for_exit_code(action)
@@ -91,7 +96,7 @@ CASES: dict[str, tuple[int, dict[str, list[Any]], str, int, int]] = {
 
 
 @pytest.fixture
-def runner(eb_cluster: Cluster, tmp_path: Path) -> Iterator[LocalJobRunner]:
+def kubelet(eb_cluster: Cluster, tmp_path: Path) -> Iterator[ProcessKubelet]:
     bin_dir = tmp_path / "stub-bin"
     bin_dir.mkdir()
     stub = bin_dir / "enginebuild"
@@ -103,15 +108,11 @@ def runner(eb_cluster: Cluster, tmp_path: Path) -> Iterator[LocalJobRunner]:
     plan.write_text(json.dumps({str(seed): p for seed, p, *_ in CASES.values()}))
     env = dict(eb_cluster.s3_env, STUB_STATE=str(state), STUB_PLAN=str(plan),
                PATH=os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
-    # Retries at least 1.1 s apart: Pod times have one-second resolution, and the operator reads the
-    # newest Pod's result (a real Job controller waits >= 10 s before a retry).
-    r = LocalJobRunner(eb_cluster.emulator.url, tmp_path / "pods", extra_env=env, backoff_base_s=1.1,
-                       backoff_max_s=1.1)
-    r.start()
+    k = start_kubelet(eb_cluster.kube, tmp_path / "pods", extra_env=env)
     try:
-        yield r
+        yield k
     finally:
-        r.stop()
+        k.stop(deregister=True)
 
 
 def _job(c: Cluster, name: str, suffix: str) -> dict[str, Any] | None:
@@ -119,14 +120,17 @@ def _job(c: Cluster, name: str, suffix: str) -> dict[str, Any] | None:
 
 
 def test_each_job_ending_gets_its_documented_reason_retries_and_log_tail(
-    eb_cluster: Cluster, runner: LocalJobRunner, tmp_path: Path
+    eb_cluster: Cluster, kubelet: ProcessKubelet, tmp_path: Path
 ) -> None:
     c = eb_cluster
     c.start_operator()
     for name, (seed, *_rest) in CASES.items():
-        c.create(name, c.spec(backoffLimit=1, calibration={"source": "synthetic", "seed": seed}))
+        target: dict[str, Any] = {"name": "h100", "gpuProduct": "NVIDIA-H100-80GB-HBM3"}
+        if name == "oom-kill":
+            target["resources"] = {"limits": {"memory": "200Mi"}}
+        c.create(name, c.spec(backoffLimit=1, calibration={"source": "synthetic", "seed": seed}, targets=[target]))
 
-    # Evict the sleeping export Pod of "evicted" (a deleted Pod gets DisruptionTarget).
+    # Evict the sleeping export Pod of "evicted" through the Eviction API (it gets DisruptionTarget).
     job = c.wait_job("evicted", "export")
     def running_pod() -> dict[str, Any] | None:
         pods = c.http.get(resource_path("v1", "pods", c.namespace)).get("items") or []
@@ -134,13 +138,15 @@ def test_each_job_ending_gets_its_documented_reason_retries_and_log_tail(
                      and (p.get("status") or {}).get("phase") == "Running"), None)
     pod = wait_until(running_pod, 60, "the evicted build's export Pod running")
     wait_until(lambda: (tmp_path / "stub-state" / "7-export.attempts").exists(), 30, "the stub started")
-    c.http.delete(resource_path("v1", "pods", c.namespace, pod["metadata"]["name"]))
+    c.http.post(resource_path("v1", "pods", c.namespace, pod["metadata"]["name"], "eviction"),
+                {"apiVersion": "policy/v1", "kind": "Eviction",
+                 "metadata": {"name": pod["metadata"]["name"], "namespace": c.namespace}})
 
     for name, (seed, _plan, reason, export_attempts, engine_attempts) in CASES.items():
         if reason == "Succeeded":
-            c.wait_condition(name, "Ready", "True", "Succeeded", timeout=120)
+            c.wait_condition(name, "Ready", "True", "Succeeded", timeout=180)
         else:
-            cond = c.wait_condition(name, "Ready", "False", reason, timeout=120)
+            cond = c.wait_condition(name, "Ready", "False", reason, timeout=180)
             component = "engine" if engine_attempts else "export"
             attempts = engine_attempts or export_attempts
             # The log tail of the last attempt is in the condition (from the termination message,

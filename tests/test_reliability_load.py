@@ -1,9 +1,9 @@
 """Load: many EngineBuilds at once against ENGINEBUILD_MAX_CONCURRENT_BUILDS=10.
 
-The real operator process, the emulated API server, SeaweedFS. A tiny Job controller in the test
-(tests/plugins/reliability.py: JobController) starts every Job it sees and finishes it shortly after,
-publishing the build half to S3 as the builder would, and samples the number of active Jobs on every
-pass. Must hold: never more than 10 Jobs active at once, every build completes, no Job created twice,
+The real operator process (under the chart's RBAC), the real control plane with its Job controller,
+SeaweedFS. The test plays the kubelet and the builder (tests/plugins/reliability.py: JobController):
+every Pod the Job controller creates is reported Running and ended shortly after, the build half
+published to S3 as the builder would; it samples the number of active Jobs on every pass. Must hold: never more than 10 Jobs active at once, every build completes, no Job created twice,
 and at the end the statuses, the metrics and S3 say the same thing.
 
 CI runs EB_LOAD_BUILDS (default 50) builds; bench/load_concurrency.py runs 200 and records the numbers
@@ -21,7 +21,7 @@ import pytest
 
 from enginebuild_builder.stages import publish
 from enginebuild_builder.storage import S3Store
-from plugins.operator_proc import Cluster, eb_cluster, metric_value, wait_until  # noqa: F401  (fixture)
+from plugins.operator_proc import Cluster, eb_cluster, metric_value, operator_kubeconfig, wait_until  # noqa: F401  (fixtures)
 from plugins.reliability import JobController, LoadResult
 
 pytestmark = pytest.mark.slow

@@ -22,7 +22,7 @@ import yaml
 from enginebuild_builder.errors import KINDS, BuildError, StorageError
 from enginebuild_builder.stages.publish import build_exists, read_stage_manifests
 from enginebuild_builder.storage import MIB, S3Config, S3Store, parse_s3_uri
-from enginebuild_operator.devstack.seaweedfs import SeaweedFS
+from enginebuild_devstack.seaweedfs import SeaweedFS
 
 pytestmark = pytest.mark.slow
 

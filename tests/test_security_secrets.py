@@ -1,8 +1,8 @@
 """Secrets never leak: a whole build flow runs with a recognisable S3 secret key, then every place a
 secret could end up is scanned for it.
 
-Real parts: the operator process, the emulated API server, the local Job runner running the real
-builder (`enginebuild build`: tiny CLIP export on the CPU, the trtexec test double for engines),
+Real parts: the operator process (under the chart's RBAC), the real control plane, the process
+kubelet running the real builder (`enginebuild build`: tiny CLIP export on the CPU, the trtexec test double for engines),
 SeaweedFS whose only identity's secret key is the canary. The S3 credentials live in a Kubernetes
 Secret referenced by `spec.output.secretRef`: the operator reads it for its cache checks, the Jobs
 get it through `envFrom`. Four builds: one that succeeds, one whose Secret holds a wrong key (S3
@@ -29,10 +29,10 @@ from typing import Any, Iterator
 import pytest
 
 from enginebuild_builder.storage import S3Config, S3Store, new_bucket_name, parse_s3_uri
-from enginebuild_operator.devstack.jobrunner import LocalJobRunner
-from enginebuild_operator.devstack.kube_http import resource_path
-from enginebuild_operator.devstack.seaweedfs import SeaweedFS, start_seaweedfs
-from plugins.operator_proc import Cluster, wait_until
+from enginebuild_devstack.kube_http import resource_path
+from enginebuild_devstack.seaweedfs import SeaweedFS, start_seaweedfs
+from plugins.kube import KubeCluster, start_kubelet
+from plugins.operator_proc import Cluster, operator_kubeconfig, wait_until  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -57,13 +57,13 @@ def canary_s3(tmp_path: Path) -> Iterator[SeaweedFS]:
         server.stop()
 
 
-def _secret(name: str, data: dict[str, str]) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": "default"}, "type": "Opaque",
+def _secret(name: str, namespace: str, data: dict[str, str]) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": namespace}, "type": "Opaque",
             "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}}
 
 
 def test_the_secret_key_appears_in_no_log_event_status_metric_job_or_s3_object(
-    kube_emulator: Any, canary_s3: SeaweedFS, tmp_path: Path
+    kube: KubeCluster, kube_ns: str, operator_kubeconfig: Path, canary_s3: SeaweedFS, tmp_path: Path
 ) -> None:
     store = S3Store(S3Config.from_env(canary_s3.env()))
     bucket = new_bucket_name("canary")
@@ -73,20 +73,19 @@ def test_the_secret_key_appears_in_no_log_event_status_metric_job_or_s3_object(
     garbage.write_bytes(os.urandom(2048))
     store.upload_file(garbage, parse_s3_uri(f"s3://{bucket}/models/garbage.pt"))
     # The operator's own environment holds no credentials: only the Secret does.
-    c = Cluster(kube_emulator, {}, bucket, tmp_path)
-    c.install_crd()
+    c = Cluster(kube, kube_ns, {}, bucket, tmp_path, operator_kubeconfig)
+    ns = c.namespace
     endpoint = canary_s3.env()["AWS_ENDPOINT_URL"]
-    c.http.post(resource_path("v1", "secrets", "default"), _secret("s3-creds", {
+    c.http.post(resource_path("v1", "secrets", ns), _secret("s3-creds", ns, {
         "AWS_ACCESS_KEY_ID": "EBCANARYKEY", "AWS_SECRET_ACCESS_KEY": CANARY, "AWS_ENDPOINT_URL": endpoint,
         "AWS_REGION": "us-east-1"}))
-    c.http.post(resource_path("v1", "secrets", "default"), _secret("wrong-creds", {
+    c.http.post(resource_path("v1", "secrets", ns), _secret("wrong-creds", ns, {
         "AWS_ACCESS_KEY_ID": "EBCANARYKEY", "AWS_SECRET_ACCESS_KEY": WRONG_CANARY, "AWS_ENDPOINT_URL": endpoint}))
     env_without_aws = {k: "" for k in os.environ if k.startswith(("AWS_", "S3_"))}
     op = c.start_operator(**env_without_aws)
     pods = tmp_path / "pods"
-    runner = LocalJobRunner(c.emulator.url, pods, backoff_base_s=0.05, extra_env={
+    kubelet = start_kubelet(kube, pods, extra_env={
         "TRTEXEC": str(DOUBLE), "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])})
-    runner.start()
     try:
         base = {
             "model": {"architecture": "tiny-clip", "config": f"s3://{bucket}/models/tiny-clip.json"},
@@ -111,17 +110,17 @@ def test_the_secret_key_appears_in_no_log_event_status_metric_job_or_s3_object(
         assert "AWS_SECRET_ACCESS_KEY" in denied["message"] and "secretRef" in denied["message"], denied
         assert "no-such-prefix" in calib["message"] and "garbage.pt" in ckpt["message"], (calib, ckpt)
     finally:
-        runner.stop()
+        kubelet.stop(deregister=True)
         metrics_text = op.metrics()
         c.close()
 
     haystacks: dict[str, str] = {
         "operator log": op.log_path.read_text(errors="replace"),
         "metrics": metrics_text,
-        "events": json.dumps(c.http.get(resource_path("v1", "events", "default"))),
+        "events": json.dumps(c.http.get(resource_path("v1", "events", ns))),
         "enginebuilds": json.dumps(c.http.get(c.eb_path())),
-        "jobs": json.dumps(c.http.get(resource_path("batch/v1", "jobs", "default"))),
-        "pods": json.dumps(c.http.get(resource_path("v1", "pods", "default"))),
+        "jobs": json.dumps(c.http.get(resource_path("batch/v1", "jobs", ns))),
+        "pods": json.dumps(c.http.get(resource_path("v1", "pods", ns))),
     }
     for path in sorted(pods.rglob("*")):
         if path.is_file() and path.stat().st_size < 50 << 20 and path.suffix not in (".onnx", ".plan"):
@@ -138,7 +137,7 @@ def test_the_secret_key_appears_in_no_log_event_status_metric_job_or_s3_object(
     assert sum(1 for k in haystacks if k.startswith("pod file")) >= 3
     assert '"terminated"' in haystacks["pods"] and "CheckpointUnreadable" in haystacks["pods"]
     # Positive control: the very same scan finds the canary in the Secret, where it belongs.
-    secret_doc = json.dumps(c.http.get(resource_path("v1", "secrets", "default", "s3-creds")))
+    secret_doc = json.dumps(c.http.get(resource_path("v1", "secrets", ns, "s3-creds")))
     assert any(f in secret_doc for f in forms(CANARY))
 
     leaks = [(where, f) for where, text in haystacks.items() for s in (CANARY, WRONG_CANARY) for f in forms(s) if f in text]

@@ -26,7 +26,7 @@ from enginebuild_builder.storage import (
     parse_s3_uri,
     sha256_file,
 )
-from enginebuild_operator.devstack.seaweedfs import SeaweedFS, free_ports
+from enginebuild_devstack.seaweedfs import SeaweedFS, free_ports
 
 MIB = 1024 * 1024
 
@@ -376,7 +376,7 @@ def test_devstack_cli_runs_and_stops(tmp_path: Path) -> None:
     import sys
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "enginebuild_operator.devstack.seaweedfs", "--dir", str(tmp_path / "s3"),
+        [sys.executable, "-m", "enginebuild_devstack.seaweedfs", "--dir", str(tmp_path / "s3"),
          "--bucket", "cli-bucket", "--stop-grace", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )

@@ -1,8 +1,12 @@
-"""The real operator (`enginebuild operator`) as a subprocess against the emulated API server and SeaweedFS.
+"""The real operator (`enginebuild operator`) as a subprocess against the real control plane and SeaweedFS.
 
 Fixtures (import them into a test module, or register `plugins.operator_proc` in conftest):
-- `eb_cluster`: the emulator with the EngineBuild CRD installed, an S3 bucket, helpers to create and read
-  EngineBuilds, list Jobs and play them (operator/devstack/jobplay.py), and `start_operator(**env)`.
+- `operator_kubeconfig` (session): a kubeconfig for the ServiceAccount the chart creates, bound to the
+  ClusterRole the chart renders, with a token minted by the API server. Every operator in the tests
+  runs with it, so the real RBAC authorizer enforces the chart's rules: a 403 fails the test.
+- `eb_cluster`: a fresh namespace with an S3 bucket, helpers to create and read EngineBuilds, list
+  Jobs and play their Pods' ends (devstack/podplay.py: the kubelet's report; the real Job controller
+  does the rest), and `start_operator(**env)`.
 Each operator gets free ports for metrics and liveness, and is stopped by PID at teardown.
 """
 
@@ -15,12 +19,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-import yaml
 
 from enginebuild_builder.constants import GROUP, PLURAL, VERSION
-from enginebuild_operator.devstack.jobplay import create_pod_for_job
-from enginebuild_operator.devstack.kube_http import KubeApiError, KubeHttp, resource_path
-from enginebuild_operator.devstack.stack import OperatorProcess
+from enginebuild_devstack import podplay
+from enginebuild_devstack.kube_http import KubeApiError, KubeHttp, resource_path
+from enginebuild_devstack.kubeconfig import server_of
+from enginebuild_devstack.stack import OperatorProcess
+from enginebuild_devstack.stack import operator_kubeconfig as chart_identity
+from plugins.kube import KubeCluster, other_test_namespaces_gone
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -67,33 +73,49 @@ def _split_labels(text: str) -> list[str]:
     return out
 
 
-class Cluster:
-    """An emulated API server with the CRD, S3, and the operators started for one test."""
+@pytest.fixture(scope="session")
+def operator_kubeconfig(kube: KubeCluster, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The chart's ServiceAccount and RBAC applied, and a kubeconfig with a token for that account."""
+    import yaml
 
-    def __init__(self, emulator: Any, s3_env: dict[str, str], bucket: str, workdir: Path) -> None:
-        self.emulator = emulator
-        self.http = KubeHttp.of(emulator.url)
+    cp = kube.control_plane
+    path = chart_identity(kube.http, server_of(kube.admin_kubeconfig), cp.ca_file if cp else None,
+                               tmp_path_factory.mktemp("operator-identity") / "operator.kubeconfig")
+    if cp is None:  # another cluster: keep its CA settings from the admin kubeconfig
+        admin = yaml.safe_load(kube.admin_kubeconfig.read_text())
+        doc = yaml.safe_load(path.read_text())
+        doc["clusters"][0]["cluster"] = dict(admin["clusters"][0]["cluster"])
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+class Cluster:
+    """One test's namespace on the cluster, its S3 bucket, and the operators started for it."""
+
+    def __init__(self, kube: KubeCluster, namespace: str, s3_env: dict[str, str], bucket: str, workdir: Path,
+                 operator_kubeconfig: Path) -> None:
+        self.kube = kube
+        self.http: KubeHttp = kube.http
         self.s3_env = s3_env
         self.bucket = bucket
         self.workdir = workdir
+        self.operator_kubeconfig = operator_kubeconfig
         self.operators: list[OperatorProcess] = []
-        self.namespace = "default"
-
-    def install_crd(self) -> None:
-        crd = yaml.safe_load((REPO / "crds" / "enginebuild.yaml").read_text())
-        try:
-            self.http.post("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", crd)
-        except KubeApiError as exc:
-            if exc.code != 409:
-                raise
+        self.namespace = namespace
+        self.home_namespace = namespace
 
     def start_operator(self, *args: str, own_s3_credentials: bool = True, **env: str) -> OperatorProcess:
-        """`own_s3_credentials=False`: the operator gets no AWS_* and must use the specs' secretRef."""
-        base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}
-        full = dict(base, KUBECONFIG=str(self.emulator.kubeconfig), **(self.s3_env if own_s3_credentials else {}),
+        """`own_s3_credentials=False`: the operator gets no AWS_* and must use the specs' secretRef.
+        Without arguments the operator watches this test's namespace only; `--all-namespaces` waits
+        until earlier tests' namespaces are gone, so it never sees their objects."""
+        args = args or ("--standalone", "--namespace", self.home_namespace)
+        if "--all-namespaces" in args or "-A" in args:
+            other_test_namespaces_gone(self.http, self.home_namespace)
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_")) and k != "KUBECONFIG"}
+        full = dict(base, KUBECONFIG=str(self.operator_kubeconfig), **(self.s3_env if own_s3_credentials else {}),
                     ENGINEBUILD_RECONCILE_INTERVAL_SECONDS="2", ENGINEBUILD_BUILDER_IMAGE="registry.test/builder:1")
         full.update(env)
-        op = OperatorProcess(full, self.workdir / f"operator-{len(self.operators)}.log", args or ("--standalone",))
+        op = OperatorProcess(full, self.workdir / f"operator-{len(self.operators)}.log", args)
         self.operators.append(op)
         return op.start()
 
@@ -143,7 +165,7 @@ class Cluster:
             logs = "\n".join(op.log_tail(3000) for op in self.operators)
             raise AssertionError(f"{exc}\nstatus: {json.dumps(self.status(name), indent=1)}\noperator log:\n{logs}") from None
 
-    # --- Jobs
+    # --- Jobs and their Pods
     def jobs(self, instance: str | None = None) -> list[dict[str, Any]]:
         items = self.http.get(resource_path("batch/v1", "jobs", self.namespace)).get("items") or []
         return [j for j in items if instance is None
@@ -161,12 +183,17 @@ class Cluster:
             logs = "\n".join(op.log_tail(3000) for op in self.operators)
             raise AssertionError(f"{exc}\nstatus: {json.dumps(self.status(instance), indent=1)}\nlog:\n{logs}") from None
 
-    def start_job(self, name: str, seconds_ago: int = 0) -> None:
-        """The Job's Pod starts; `seconds_ago` back-dates the Job's startTime (wall time -> GPU-seconds)."""
-        create_pod_for_job(self.http, self.namespace, name)
-        if seconds_ago:
-            start = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - seconds_ago))
-            self.http.patch(resource_path("batch/v1", "jobs", self.namespace, name, "status"), {"status": {"startTime": start}})
+    def start_job(self, name: str) -> None:
+        """The kubelet's report that the Job's Pod runs (the Job controller created the Pod)."""
+        podplay.start_job(self.http, self.namespace, name)
+
+    def complete_job(self, name: str, exit_code: int = 0, message: str = "", reason: str | None = None) -> dict[str, Any]:
+        """End the Job's Pod as kubelet reports it; wait until the Job controller acted on it."""
+        return podplay.complete_job(self.http, self.namespace, name, exit_code, message, reason)
+
+    def job_gpu_seconds(self, name: str) -> int:
+        """What one GPU spent on the Job, from the times the Job controller recorded."""
+        return podplay.job_wall_seconds(self.http, self.namespace, name)
 
     def events(self, name: str) -> list[dict[str, Any]]:
         items = self.http.get(resource_path("v1", "events", self.namespace)).get("items") or []
@@ -178,9 +205,26 @@ class Cluster:
 
 
 @pytest.fixture
-def eb_cluster(kube_emulator: Any, s3_env: dict[str, str], s3_bucket: str, tmp_path: Path) -> Iterator[Cluster]:
-    cluster = Cluster(kube_emulator, s3_env, s3_bucket, tmp_path)
-    cluster.install_crd()
+def eb_cluster(kube: KubeCluster, kube_ns: str, operator_kubeconfig: Path, s3_env: dict[str, str], s3_bucket: str,
+               tmp_path: Path) -> Iterator[Cluster]:
+    cluster = Cluster(kube, kube_ns, s3_env, s3_bucket, tmp_path, operator_kubeconfig)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def private_cluster(private_control_plane: Any, s3_env: dict[str, str], s3_bucket: str, tmp_path: Path) -> Iterator[Cluster]:
+    """Like `eb_cluster`, on a control plane of this test's own: kill and restart its parts at will
+    (`cluster.kube.control_plane.restart_apiserver()`, `.restart_etcd()`)."""
+    from enginebuild_devstack.cluster import ensure_namespace
+
+    kube = KubeCluster(private_control_plane.admin_kubeconfig, private_control_plane)
+    identity = chart_identity(kube.http, private_control_plane.url, private_control_plane.ca_file,
+                                   tmp_path / "operator.kubeconfig")
+    ensure_namespace(kube.http, "builds")
+    cluster = Cluster(kube, "builds", s3_env, s3_bucket, tmp_path, identity)
     try:
         yield cluster
     finally:

@@ -85,15 +85,16 @@ class LoadResult:
 
 
 class JobController:
-    """A tiny stand-in for the Job controller + kubelet + builder: every Job it sees is started, and
-    finished `run_s` later with the build half published to S3 and the summary as termination
-    message. Each pass also samples how many Jobs are active (created, not finished, not deleted)."""
+    """Plays the kubelet (and the builder) for every Pod the real Job controller creates: it reports
+    the Pod Running, and `run_s` later ends it with exit 0, the build half published to S3 and the
+    summary as termination message; the Job controller then completes the Job. Each pass also samples
+    how many Jobs are active (created, not finished, not deleted); the Job watch gives the exact peak."""
 
     def __init__(self, http: Any, namespace: str, store: S3Store, uri: str, workdir: Path, run_s: float = 0.3,
                  workers: int = 4) -> None:
         self.http, self.namespace, self.store, self.uri, self.workdir = http, namespace, store, uri, workdir
         self.run_s = run_s
-        self.started: dict[str, float] = {}
+        self.started: dict[str, float] = {}  # Job name -> when its Pod was reported Running
         self.finishing: set[str] = set()
         self.max_active = 0  # by polling the Job list
         self.samples = 0
@@ -104,11 +105,11 @@ class JobController:
         self.errors: list[str] = []
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=workers)
-        self._thread = threading.Thread(target=self._loop, name="load-job-controller", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="load-kubelet", daemon=True)
         self._t0 = time.monotonic()
 
     def start(self) -> "JobController":
-        from enginebuild_operator.devstack.kube_http import resource_path
+        from enginebuild_devstack.kube_http import resource_path
 
         rv = self.http.get(resource_path("batch/v1", "jobs", self.namespace))["metadata"]["resourceVersion"]
         self._watcher = threading.Thread(target=self._watch, args=(rv,), name="load-job-watch", daemon=True)
@@ -125,8 +126,8 @@ class JobController:
         """Exact concurrency: replay every Job event in the API server's order; a Job is active from
         its ADDED event until the event that shows it finished or being deleted. Polling could miss a
         peak between two samples; the event stream cannot."""
-        from enginebuild_operator.devstack.jobplay import job_finished
-        from enginebuild_operator.devstack.kube_http import resource_path
+        from enginebuild_devstack.kube_http import resource_path
+        from enginebuild_devstack.podplay import job_finished
 
         active: set[str] = set()
         while not self._stop.is_set():
@@ -152,38 +153,49 @@ class JobController:
                 time.sleep(0.1)
 
     def _loop(self) -> None:
-        from enginebuild_operator.devstack.jobplay import create_pod_for_job, job_finished
-        from enginebuild_operator.devstack.kube_http import resource_path
+        from enginebuild_devstack import podstatus
+        from enginebuild_devstack.kube_http import resource_path
+        from enginebuild_devstack.kube_time import now_rfc3339
+        from enginebuild_devstack.podplay import job_finished
 
         while not self._stop.is_set():
             try:
-                items = self.http.get(resource_path("batch/v1", "jobs", self.namespace)).get("items") or []
+                jobs = self.http.get(resource_path("batch/v1", "jobs", self.namespace)).get("items") or []
+                pods = self.http.get(resource_path("v1", "pods", self.namespace)).get("items") or []
             except Exception as exc:  # noqa: BLE001 - an API hiccup is retried on the next pass
                 self.errors.append(repr(exc))
                 time.sleep(0.1)
                 continue
-            active = [j for j in items if not j["metadata"].get("deletionTimestamp") and not job_finished(j)]
+            active = {j["metadata"]["name"]: j for j in jobs
+                      if not j["metadata"].get("deletionTimestamp") and not job_finished(j)}
             self.samples += 1
             if not self.timeline or self.timeline[-1][1] != len(active):
                 self.timeline.append((round(time.monotonic() - self._t0, 3), len(active)))
             self.max_active = max(self.max_active, len(active))
             now = time.monotonic()
-            for job in active:
-                name = job["metadata"]["name"]
-                if name not in self.started:
-                    self.seen.append(name)
-                    self.started[name] = now
+            for pod in pods:
+                job_name = (pod["metadata"].get("labels") or {}).get("batch.kubernetes.io/job-name", "")
+                phase = (pod.get("status") or {}).get("phase")
+                if job_name not in active or phase not in ("Pending", "Running", None):
+                    continue
+                if job_name not in self.started:
+                    self.seen.append(job_name)
+                    self.started[job_name] = now
+                    container = pod["spec"]["containers"][0]["name"]
                     try:
-                        create_pod_for_job(self.http, self.namespace, name)
+                        self.http.patch(resource_path("v1", "pods", self.namespace, pod["metadata"]["name"], "status"),
+                                        {"status": podstatus.running(container, now_rfc3339())}, kind="strategic")
                     except Exception as exc:  # noqa: BLE001
-                        self.errors.append(f"start {name}: {exc!r}")
-                elif now - self.started[name] >= self.run_s and name not in self.finishing:
-                    self.finishing.add(name)
-                    self._pool.submit(self._finish, job)
+                        self.errors.append(f"start {job_name}: {exc!r}")
+                elif now - self.started[job_name] >= self.run_s and job_name not in self.finishing:
+                    self.finishing.add(job_name)
+                    self._pool.submit(self._finish, active[job_name], pod)
             time.sleep(0.05)
 
-    def _finish(self, job: dict[str, Any]) -> None:
-        from enginebuild_operator.devstack.jobplay import complete_job
+    def _finish(self, job: dict[str, Any], pod: dict[str, Any]) -> None:
+        from enginebuild_devstack import podstatus
+        from enginebuild_devstack.kube_http import resource_path
+        from enginebuild_devstack.kube_time import now_rfc3339
 
         meta = job["metadata"]
         name, key = meta["name"], meta["annotations"]["enginebuild.io/build-key"]
@@ -192,7 +204,10 @@ class JobController:
             work = self.workdir / name
             msg = (publish_engine(self.store, self.uri, key, work, target) if target
                    else publish_export(self.store, self.uri, key, work))
-            complete_job(self.http, self.namespace, name, 0, msg)
+            started = (pod.get("status") or {}).get("startTime") or now_rfc3339()
+            status = podstatus.terminated(pod["spec"]["containers"][0]["name"], 0, msg, started)
+            self.http.patch(resource_path("v1", "pods", self.namespace, pod["metadata"]["name"], "status"),
+                            {"status": status}, kind="strategic")
         except Exception as exc:  # noqa: BLE001
             self.errors.append(f"finish {name}: {exc!r}")
             self.finishing.discard(name)

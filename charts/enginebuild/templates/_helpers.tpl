@@ -38,6 +38,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 {{- end -}}
 
+{{/* The kopf peering object's name: peering.name, else the release's full name (one per release). */}}
+{{- define "enginebuild.peeringName" -}}
+{{- default (include "enginebuild.fullname" .) .Values.peering.name -}}
+{{- end -}}
+
 {{/* True (non-empty) when the operator watches the whole cluster. */}}
 {{- define "enginebuild.clusterWide" -}}
 {{- if not .Values.watchNamespaces -}}true{{- end -}}

@@ -1,7 +1,7 @@
 """`enginebuild demo`: the whole product on this machine, with no cluster and no GPU.
 
-It starts the dev-only LocalStack (emulated Kubernetes API, SeaweedFS, the operator, the local Job
-runner, optionally Prometheus; all on 127.0.0.1), writes a tiny open_clip checkpoint to S3, applies
+It starts the dev-only LocalStack (a real Kubernetes control plane built from upstream, SeaweedFS,
+the operator, the process kubelet, optionally Prometheus; all on 127.0.0.1), writes a tiny open_clip checkpoint to S3, applies
 examples/demo-tiny-clip.yaml, follows the build live and prints what a user would look at: the
 `kubectl get eb` table, the S3 artefacts and the operator's metrics. Engines need `trtexec`
 (TensorRT, i.e. an NVIDIA GPU): without it the demo's build has no targets and says so, and the
@@ -38,7 +38,7 @@ from enginebuild_builder.storage import parse_s3_uri
 from .prometheus import find_prometheus
 from .stack import LocalStack, StackError, condition
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "demo-tiny-clip.yaml"
 MODEL_CONFIG = REPO / "examples" / "models" / "tiny-clip.json"
 FOLLOW_TIMEOUT_S = 15 * 60
@@ -102,8 +102,9 @@ def stack_for(doc: dict[str, Any], workdir: Path, **kwargs: Any) -> LocalStack:
     """A LocalStack with the bucket and the S3 Secret that the EngineBuild `doc` refers to."""
     output = doc["spec"]["output"]
     secret = (output.get("secretRef") or {}).get("name") or "enginebuild-demo-s3"
+    products = tuple(t["gpuProduct"] for t in doc["spec"].get("targets") or [] if t.get("gpuProduct"))
     return LocalStack(workdir, bucket=parse_s3_uri(output["uri"]).bucket, secret_name=secret,
-                      namespace=doc["metadata"].get("namespace", "default"), **kwargs)
+                      namespace=doc["metadata"].get("namespace", "default"), gpu_products=products, **kwargs)
 
 
 # ---------------------------------------------------------------- following the build
@@ -135,7 +136,7 @@ class Progress:
             message = (c.get("message") or "").splitlines()[0] if c.get("message") else ""
             conds.add_row(c.get("type", ""), Text(c.get("status", ""), style=colour.get(c.get("status", ""), "")),
                           c.get("reason", ""), message)
-        jobs = Table(title="Jobs (run as local processes)", title_justify="left")
+        jobs = Table(title="Jobs (their Pods run as local processes)", title_justify="left")
         for col in ("job", "active", "succeeded", "failed", "elapsed"):
             jobs.add_column(col)
         for j in self.jobs:
@@ -361,9 +362,7 @@ def _keep_running(stack: LocalStack, console: Console) -> None:
         f"The stack keeps running. In another shell:\n\n"
         f"  export KUBECONFIG={kubeconfig}\n"
         f"  kubectl get eb -w\n"
-        f"  kubectl --kubeconfig {kubeconfig} get eb -w\n"
-        f"  kubectl get jobs,pods\n\n"
-        f"(kubectl needs --validate=false for apply/create: the emulated API server has no OpenAPI.)\n"
+        f"  kubectl get jobs,pods,nodes\n\n"
         f"Operator metrics: {stack.operator.metrics_url if stack.operator else '-'}\n"
         + (f"Prometheus: {stack.prometheus.url}\n" if stack.prometheus else "")
         + f"Data: {stack.workdir}\n\nCtrl-C stops everything.", title="--keep"))

@@ -2,12 +2,15 @@
 tests start it through this one class, so the tests prove exactly what the demo shows.
 
 Parts, in start order (each stopped by its PID, in reverse order, whatever happens):
-1. the emulated Kubernetes API server (a process; kube_emulator.py) with the EngineBuild CRD;
+1. a real Kubernetes control plane (controlplane.py: etcd, kube-apiserver, kube-controller-manager,
+   kube-scheduler, built from upstream) with the EngineBuild CRD;
 2. SeaweedFS (a real S3 server; seaweedfs.py), a bucket and a Secret holding its credentials: the
    operator reads it for cache checks, the Jobs get it through `envFrom`, as in a cluster;
-3. the operator itself, `enginebuild operator` as a subprocess with a KUBECONFIG, like its Deployment;
-4. the local Job runner (jobrunner.py, in this process): the stand-in for the Job controller and
-   kubelet, running each Job's `enginebuild build ...` as a local process from this interpreter's bin/;
+3. the operator itself, `enginebuild operator` as a subprocess, like its Deployment: with the
+   ServiceAccount and RBAC the Helm chart renders and a token the API server minted for it;
+4. the process kubelet (kubelet.py, in this process): a CPU node and a GPU node per GPU product the
+   EngineBuilds name; it runs each Pod the scheduler binds there as a local process from this
+   interpreter's bin/ (the one part of the cluster that is played, for want of a container runtime);
 5. optionally Prometheus (prometheus.py) scraping the operator's metrics port every second.
 """
 
@@ -29,19 +32,23 @@ from typing import Any, Callable
 
 import yaml
 
-from .processes import terminate
 from enginebuild_builder.constants import GROUP, PLURAL, VERSION
 from enginebuild_builder.storage import S3Config, S3Store, parse_s3_uri
 
-from .jobrunner import LocalJobRunner
-from .kube_emulator import EmulatorProcess, start_emulator
+from .chart import NAMESPACE as OPERATOR_NAMESPACE
+from .chart import rbac_docs
+from .cluster import apply_crd, apply_rbac, ensure_namespace, service_account_token
+from .controlplane import ControlPlane
 from .kube_http import KubeApiError, KubeHttp, resource_path
+from .kubeconfig import write_kubeconfig
+from .kubelet import NodeSpec, ProcessKubelet
+from .processes import terminate
 from .prometheus import Prometheus
 from .seaweedfs import SeaweedFS, free_ports, start_seaweedfs
 
 log = logging.getLogger("enginebuild.devstack.stack")
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 CRD_PATH = REPO / "crds" / "enginebuild.yaml"
 ALERTS_PATH = REPO / "charts" / "enginebuild" / "files" / "alerts.rules.yaml"
 DEV_BUILDER_IMAGE = "local/enginebuild-builder:devstack"
@@ -130,6 +137,16 @@ class OperatorProcess:
         terminate(self.proc, grace_s)
 
 
+def operator_kubeconfig(admin: KubeHttp, server: str, ca_file: Path | None, path: Path) -> Path:
+    """Apply the chart's ServiceAccount and RBAC; a kubeconfig for that account with a minted token.
+    The operator then has exactly the rights a Helm install gives it: a missing rule is a 403."""
+    ensure_namespace(admin, OPERATOR_NAMESPACE)
+    docs = rbac_docs()
+    apply_rbac(admin, docs, OPERATOR_NAMESPACE)
+    account = next(d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount")
+    return write_kubeconfig(path, server, service_account_token(admin, OPERATOR_NAMESPACE, account), ca_file)
+
+
 @dataclass(eq=False)
 class LocalStack:
     """Start with `.start()`, stop with `.stop()` (idempotent; safe after a partial start)."""
@@ -138,38 +155,50 @@ class LocalStack:
     bucket: str = "enginebuild-demo"
     secret_name: str = "enginebuild-demo-s3"
     namespace: str = "default"
-    # Extra env for every Job's process (e.g. TRTEXEC for the engine Jobs).
+    # GPU products to give a node each (the EngineBuilds' targets' gpuProduct); a CPU node is always there.
+    gpu_products: tuple[str, ...] = ()
+    # Extra env for every Pod's process (e.g. TRTEXEC for the engine Jobs).
     job_env: dict[str, str] = field(default_factory=dict)
     with_prometheus: bool = False
     reconcile_interval_s: float = 2.0
     s3_stop_grace_s: float = 2.0
     operator_env: dict[str, str] = field(default_factory=dict)
-    emulator: EmulatorProcess | None = None
+    control_plane: ControlPlane | None = None
     s3: SeaweedFS | None = None
     operator: OperatorProcess | None = None
-    runner: LocalJobRunner | None = None
+    kubelet: ProcessKubelet | None = None
     prometheus: Prometheus | None = None
     on_step: Callable[[str], None] = field(default=lambda _msg: None, repr=False)
+
+    @property
+    def nodes(self) -> list[NodeSpec]:
+        return [NodeSpec.cpu()] + [NodeSpec.gpu(p) for p in dict.fromkeys(self.gpu_products)]
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> "LocalStack":
         self.workdir = Path(self.workdir).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
-        if (self.workdir / "kube" / "kube-state.json").exists():
+        if (self.workdir / "kube" / "etcd").exists():
             raise StackError(f"{self.workdir} holds a previous stack's state; pass an empty or new --workdir")
         try:
-            self.on_step("emulated Kubernetes API server")
-            self.emulator = start_emulator(self.workdir / "kube")
-            self.install_crd()
+            self.on_step("Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler)")
+            self.control_plane = ControlPlane(self.workdir / "kube")
+            for node in self.nodes:
+                self.control_plane.add_node_identity(node.name)
+            self.control_plane.start()
+            apply_crd(self.http, CRD_PATH)
+            ensure_namespace(self.http, self.namespace)
             self.on_step("SeaweedFS (S3)")
             self.s3 = start_seaweedfs(self.workdir / "s3", stop_grace_s=self.s3_stop_grace_s)
             self.store().create_bucket(self.bucket)
             self.create_s3_secret()
-            self.on_step("operator")
+            self.on_step("operator (with the chart's ServiceAccount and RBAC)")
             self.operator = self.start_operator()
-            self.on_step("local Job runner")
-            self.runner = LocalJobRunner(self.emulator.url, self.workdir / "pods", extra_env=self.job_env,
-                                         backoff_base_s=0.5).start()
+            self.on_step("process kubelet (" + ", ".join(n.name for n in self.nodes) + ")")
+            cp = self.control_plane
+            self.kubelet = ProcessKubelet(self.nodes, {n.name: cp.node_kubeconfig(n.name) for n in self.nodes},
+                                          self.workdir / "pods", extra_env=self.job_env,
+                                          admin=cp.admin_kubeconfig).start()
             if self.with_prometheus:
                 self.on_step("Prometheus")
                 self.prometheus = Prometheus(self.workdir / "prometheus", [f"127.0.0.1:{self.operator.metrics_port}"],
@@ -182,20 +211,18 @@ class LocalStack:
     def stop(self) -> None:
         """Everything this stack started, newest first, each by its PID."""
         for what, stop in (("prometheus", lambda: self.prometheus and self.prometheus.stop()),
-                           ("job runner", lambda: self.runner and self.runner.stop()),
+                           ("kubelet", lambda: self.kubelet and self.kubelet.stop()),
                            ("operator", lambda: self.operator and self.operator.stop()),
                            ("seaweedfs", lambda: self.s3 and self.s3.stop()),
-                           ("emulator", lambda: self.emulator and self.emulator.stop())):
+                           ("control plane", lambda: self.control_plane and self.control_plane.stop())):
             try:
                 stop()
             except Exception as exc:  # noqa: BLE001 - keep stopping the rest
                 log.warning("stopping the %s failed: %s", what, exc)
 
     def pids(self) -> dict[str, int]:
-        """PIDs of the processes this stack started (the pods' processes are the runner's)."""
-        out: dict[str, int] = {}
-        if self.emulator:
-            out["kube-emulator"] = self.emulator.pid
+        """PIDs of the processes this stack started (the Pods' processes are the kubelet's)."""
+        out: dict[str, int] = dict(self.control_plane.pids()) if self.control_plane else {}
         if self.s3 and self.s3.pid:
             out["seaweedfs"] = self.s3.pid
         if self.operator and self.operator.pid:
@@ -213,20 +240,14 @@ class LocalStack:
     # ------------------------------------------------------------ parts
     @property
     def http(self) -> KubeHttp:
-        if self.emulator is None:
-            raise StackError("the stack is not started")
-        return KubeHttp.of(self.emulator.url)
+        return KubeHttp.of(self.kubeconfig)
 
     @property
     def kubeconfig(self) -> Path:
-        if self.emulator is None:
+        """The admin kubeconfig (kubectl, Helm)."""
+        if self.control_plane is None:
             raise StackError("the stack is not started")
-        return self.emulator.kubeconfig
-
-    def install_crd(self, path: Path = CRD_PATH) -> None:
-        for doc in yaml.safe_load_all(path.read_text()):
-            if doc:
-                self.create_or_keep("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", doc)
+        return self.control_plane.admin_kubeconfig
 
     def create_or_keep(self, path: str, body: dict[str, Any]) -> None:
         try:
@@ -251,14 +272,16 @@ class LocalStack:
             "metadata": {"name": self.secret_name, "namespace": self.namespace}, "data": data})
 
     def start_operator(self, *args: str) -> OperatorProcess:
-        if self.emulator is None:
+        if self.control_plane is None:
             raise StackError("the stack is not started")
+        cp = self.control_plane
+        identity = operator_kubeconfig(self.http, cp.url, cp.ca_file, self.workdir / "operator.kubeconfig")
         env = without_cloud_env(dict(os.environ))
         env.update({
-            "KUBECONFIG": str(self.emulator.kubeconfig),
+            "KUBECONFIG": str(identity),
             "ENGINEBUILD_BUILDER_IMAGE": DEV_BUILDER_IMAGE,
             "ENGINEBUILD_RECONCILE_INTERVAL_SECONDS": str(self.reconcile_interval_s),
-            # The local Job runner runs every Job on this machine: local paths in specs do resolve.
+            # The process kubelet runs every Pod on this machine: local paths in specs do resolve.
             "ENGINEBUILD_ALLOW_LOCAL_PATHS": "true",
             **self.operator_env,
         })
@@ -298,10 +321,7 @@ class LocalStack:
 
     def table(self, namespace: str | None = None) -> dict[str, Any]:
         """`kubectl get eb` as the API server renders it: the CRD's printer columns (a meta.k8s.io Table)."""
-        request = urllib.request.Request(self.http.base_url + self.eb_path(namespace=namespace),
-                                         headers={"Accept": TABLE_ACCEPT})
-        with urllib.request.urlopen(request, timeout=10) as r:
-            return json.loads(r.read())
+        return self.http.request("GET", self.eb_path(namespace=namespace), accept=TABLE_ACCEPT)
 
     def artefacts(self, output_uri: str) -> list[tuple[str, int]]:
         """(key, size) of every object under an EngineBuild's output URI."""

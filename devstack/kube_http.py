@@ -1,9 +1,8 @@
-"""DEV ONLY: a tiny synchronous Kubernetes API client for the Job runner and the test helpers.
+"""DEV ONLY: a tiny synchronous Kubernetes API client for the process kubelet and the test helpers.
 
-The runner and `jobplay` must work against the emulator (a bare URL) and against a real cluster
-(a kubeconfig with TLS and tokens, via the kubernetes package's configured ApiClient), with raw
-JSON in and out: they write status subresources and read watch streams line by line, which is
-clumsy with the generated typed client. This module is that common denominator.
+They need raw JSON in and out on any cluster (a kubeconfig with TLS and tokens, through the
+kubernetes package's configured ApiClient): they write status subresources with strategic-merge
+patches and read watch streams line by line, which is clumsy with the generated typed client.
 """
 
 from __future__ import annotations
@@ -56,10 +55,10 @@ class KubeHttp:
 
     # ------------------------------------------------------------ transport
     def _open(self, method: str, path: str, body: Any, content_type: str, query: dict[str, str] | None,
-              timeout: float | None) -> Any:
+              timeout: float | None, accept: str = "application/json") -> Any:
         url = self.base_url + path + ("?" + urllib.parse.urlencode(query) if query else "")
         data = None if body is None else json.dumps(body).encode()
-        headers = {"Accept": "application/json"}
+        headers = {"Accept": accept}
         if data is not None:
             headers["Content-Type"] = content_type
         if self._client is not None:
@@ -79,8 +78,8 @@ class KubeHttp:
             raise KubeApiError(exc.code, _decode(exc.read())) from None
 
     def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
-                query: dict[str, str] | None = None) -> Any:
-        response = self._open(method, path, body, content_type, query, self.timeout)
+                query: dict[str, str] | None = None, accept: str = "application/json") -> Any:
+        response = self._open(method, path, body, content_type, query, self.timeout, accept)
         try:
             return _decode(response.read())
         finally:

@@ -5,7 +5,7 @@ can be killed mid-upload; SeaweedFS is that, as one static binary. Every port is
 bound to 127.0.0.1 only (without `-ip` weed binds 0.0.0.0), and the process is stopped by its PID,
 never by name. Stopping gracefully can take ~29 s; tests pass a short grace (data loss is fine).
 
-Manual use: `python -m enginebuild_operator.devstack.seaweedfs --dir /tmp/s3` prints the endpoint
+Manual use: `python -m enginebuild_devstack.seaweedfs --dir /tmp/s3` prints the endpoint
 and the variables to export, and runs until Ctrl+C.
 """
 

@@ -1,0 +1,141 @@
+"""DEV ONLY: small, idempotent set-up steps on any cluster (the dev stack's, or a real one):
+CRDs that are established before use, namespaces whose default ServiceAccount exists, kopf's
+peering objects, and an identity for the operator built from the RBAC the chart renders."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from .kube_http import KubeApiError, KubeHttp, resource_path
+
+Obj = dict[str, Any]
+CRD_PATH = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+
+
+def _retry_404(fn: Any, timeout_s: float = 30.0) -> Any:
+    """A new CRD's resource is served a moment after the CRD is created: retry 404s briefly."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return fn()
+        except KubeApiError as exc:
+            if exc.code != 404 or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def create_or_update(http: KubeHttp, path: str, body: Obj) -> Obj:
+    """POST, or on 409 replace the existing object's spec-like content (metadata kept)."""
+    try:
+        return _retry_404(lambda: http.post(path, body))
+    except KubeApiError as exc:
+        if exc.code != 409:
+            raise
+    name = body["metadata"]["name"]
+    current = http.get(f"{path}/{name}")
+    merged = dict(body, metadata=dict(current["metadata"], labels=body["metadata"].get("labels") or
+                                      current["metadata"].get("labels") or {}))
+    return http.put(f"{path}/{name}", merged)
+
+
+def apply_crd(http: KubeHttp, crd: Obj | Path, timeout_s: float = 30.0) -> Obj:
+    """Create or update a CRD and wait until it is Established (served)."""
+    doc = yaml.safe_load(Path(crd).read_text()) if isinstance(crd, Path) else crd
+    create_or_update(http, CRD_PATH, doc)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        current = http.get(f"{CRD_PATH}/{doc['metadata']['name']}")
+        conds = {c["type"]: c["status"] for c in (current.get("status") or {}).get("conditions") or []}
+        if conds.get("Established") == "True":
+            return current
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"CRD {doc['metadata']['name']} not Established after {timeout_s} s: {conds}")
+        time.sleep(0.1)
+
+
+def ensure_namespace(http: KubeHttp, name: str, labels: dict[str, str] | None = None,
+                     timeout_s: float = 30.0) -> None:
+    """Create `name` (if missing) and wait for its `default` ServiceAccount: Pods that name no
+    ServiceAccount are refused until the ServiceAccount controller made it."""
+    try:
+        http.post(resource_path("v1", "namespaces"), {"apiVersion": "v1", "kind": "Namespace",
+                                                      "metadata": {"name": name, "labels": labels or {}}})
+    except KubeApiError as exc:
+        if exc.code != 409:
+            raise
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            http.get(resource_path("v1", "serviceaccounts", name, "default"))
+            return
+        except KubeApiError as exc:
+            if exc.code != 404 or time.monotonic() > deadline:
+                raise
+        time.sleep(0.1)
+
+
+def kopf_peering_crds() -> list[Obj]:
+    """The CRDs kopf's peering needs (as in kopf's docs): cluster-wide and namespaced."""
+    crds = []
+    for kind, plural, scope in (("ClusterKopfPeering", "clusterkopfpeerings", "Cluster"),
+                                ("KopfPeering", "kopfpeerings", "Namespaced")):
+        crds.append({
+            "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "metadata": {"name": f"{plural}.kopf.dev"},
+            "spec": {"group": "kopf.dev", "scope": scope,
+                     "names": {"kind": kind, "plural": plural, "singular": kind.lower()},
+                     "versions": [{"name": "v1", "served": True, "storage": True, "schema": {"openAPIV3Schema": {
+                         "type": "object", "x-kubernetes-preserve-unknown-fields": True}}}]},
+        })
+    return crds
+
+
+def install_kopf_peering(api: Any, peering: str = "default", namespaces: Iterable[str] = ()) -> None:
+    """kopf's peering CRDs plus the ClusterKopfPeering `peering` and a KopfPeering `peering` in each
+    of `namespaces`. Existing ones are kept."""
+    http = KubeHttp.of(api)
+    for crd in kopf_peering_crds():
+        try:
+            apply_crd(http, crd)
+        except KubeApiError as exc:
+            if exc.code != 409:
+                raise
+    posts = [("/apis/kopf.dev/v1/clusterkopfpeerings",
+              {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": peering}})]
+    posts += [(f"/apis/kopf.dev/v1/namespaces/{ns}/kopfpeerings",
+               {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": peering}}) for ns in namespaces]
+    for path, body in posts:
+        try:
+            _retry_404(lambda p=path, b=body: http.post(p, b))
+        except KubeApiError as exc:
+            if exc.code != 409:
+                raise
+
+
+def _plural(kind: str) -> str:
+    return {"ServiceAccount": "serviceaccounts", "ClusterRole": "clusterroles", "ClusterRoleBinding": "clusterrolebindings",
+            "Role": "roles", "RoleBinding": "rolebindings"}[kind]
+
+
+def apply_rbac(http: KubeHttp, docs: Iterable[Obj], namespace: str) -> None:
+    """Create or update ServiceAccounts, (Cluster)Roles and their bindings, as rendered by the chart."""
+    for doc in docs:
+        kind = doc["kind"]
+        api_version = doc["apiVersion"]
+        namespaced = kind in ("ServiceAccount", "Role", "RoleBinding")
+        ns = doc["metadata"].get("namespace") or namespace if namespaced else None
+        if namespaced:
+            doc = dict(doc, metadata=dict(doc["metadata"], namespace=ns))
+        create_or_update(http, resource_path(api_version, _plural(kind), ns), doc)
+
+
+def service_account_token(http: KubeHttp, namespace: str, name: str, seconds: int = 24 * 3600) -> str:
+    """A token for the ServiceAccount, minted by the API server (TokenRequest, like `kubectl create token`)."""
+    answer = http.post(resource_path("v1", "serviceaccounts", namespace, name, "token"),
+                       {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                        "spec": {"expirationSeconds": seconds}})
+    return str(answer["status"]["token"])

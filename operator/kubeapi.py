@@ -108,16 +108,19 @@ class KubeApi:
 
     def enginebuild_uid(self, namespace: str, name: str) -> str | None:
         """The uid of an EngineBuild, None when it does not exist (a reference of it is then stale).
-        Other errors (403 for a namespace the operator may not read) raise: the caller treats the
-        reference as live."""
-        try:
-            resp = self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
-                                                            _preload_content=False)
-        except Exception as exc:
-            if _status_code(exc) == 404:
-                return None
-            raise
-        return (json.loads(resp.data).get("metadata") or {}).get("uid")
+
+        A LIST with a name field selector rather than a GET: the operator's role grants list/watch
+        (kopf needs them) and nothing more on EngineBuilds. Errors (403 for a namespace the operator
+        may not read) raise: the caller then treats the reference as live."""
+        resp = self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL,
+                                                         field_selector=f"metadata.name={name}",
+                                                         _preload_content=False)
+        items = json.loads(resp.data).get("items") or []
+        for item in items:  # a selector-blind server answers with every EngineBuild: keep the named one
+            meta = item.get("metadata") or {}
+            if meta.get("name") == name:
+                return meta.get("uid")
+        return None
 
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         self.custom.patch_namespaced_custom_object_status(

@@ -149,6 +149,24 @@ class Percentiles(_Model):
     p99: float | None = None
 
 
+class TensorInfo(_Model):
+    """One input or output of an engine, as the ONNX it was built from declares it (a strongly typed
+    build keeps the ONNX's I/O types and shapes). Serving configs (Triton's config.pbtxt) are written
+    from this, so they describe the plan that was built, not what the spec asked for."""
+
+    name: str
+    dtype: str  # numpy name: float16, float32, int64
+    shape: list[int]  # -1 for a symbolic axis (the batch axis of a dynamic-batch engine)
+
+
+class BatchProfile(_Model):
+    """The optimization profile of a dynamic batch axis, as given to trtexec (min <= opt <= max)."""
+
+    min: int
+    opt: int
+    max: int
+
+
 class EngineReport(_Model):
     target: str
     encoder: Literal["image", "text"]
@@ -171,6 +189,9 @@ class EngineReport(_Model):
     times: Artifact | None = None  # --exportTimes JSON (with benchmark.profile)
     engine_size_mib_logged: float | None = None  # "Created engine with size" as trtexec logged it
     timing_cache_reused: bool | None = None  # True: the build read an existing timing cache
+    inputs: list[TensorInfo] | None = None  # the engine's inputs (from its ONNX); None: not recorded
+    outputs: list[TensorInfo] | None = None  # the engine's outputs (from its ONNX); None: not recorded
+    batch_profile: BatchProfile | None = None  # set when the batch axis is dynamic; None: static batch
 
 
 class EngineComparison(_Model):

@@ -843,9 +843,10 @@ class S3Store:
         except Exception as exc:  # noqa: BLE001
             raise self._fail(exc, "DELETE", uri) from None
 
-    def delete_prefix(self, uri: S3Uri) -> int:
-        """Delete every object under a prefix (batches of 1000); returns how many."""
-        keys = [o.uri.key for o in self.list(uri)]
+    def delete_prefix(self, uri: S3Uri, *, keep: Callable[[str], bool] | None = None) -> int:
+        """Delete every object under a prefix (batches of 1000), except keys `keep` accepts; returns how
+        many were deleted."""
+        keys = [o.uri.key for o in self.list(uri) if keep is None or not keep(o.uri.key)]
         for i in range(0, len(keys), 1000):
             batch = keys[i : i + 1000]
             try:

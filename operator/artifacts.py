@@ -1,4 +1,5 @@
-"""The operator's view of the artefact store: build keys, cache checks, the top manifest, deletion.
+"""The operator's view of the artefact store: build keys, cache checks, the top manifest, references
+and deletion.
 
 The operator reaches S3 with the credentials of the EngineBuild's own `spec.output.secretRef` (read
 from the Secret, kept in memory only, never logged), falling back to its own environment (IRSA, or
@@ -19,12 +20,14 @@ from typing import Any, Callable, Mapping
 from kubernetes.client.exceptions import ApiException
 
 from enginebuild_builder import buildkey
-from enginebuild_builder.constants import REPORT_FILE, REPORT_SCHEMA_VERSION
+from enginebuild_builder.constants import MANIFEST_FILE, REPORT_FILE, REPORT_SCHEMA_VERSION
 from enginebuild_builder.errors import StorageAccessDenied
 from enginebuild_builder.report import Report, parse_report
 from enginebuild_builder.spec import EngineBuildSpec
+from enginebuild_builder.stages import references
 from enginebuild_builder.storage import S3Config, S3Store, parse_s3_uri
 
+from .deletion import DeletionPlan, stale_refs
 from .s3settings import SecretView, store_env
 
 # A Secret's data keys that configure S3 (KServe-style); anything else in the Secret is ignored.
@@ -237,6 +240,54 @@ def finalize(store: S3Store, spec: EngineBuildSpec, build_key: str, image: str) 
     return publish.finalize_build(store, spec.output.uri, build_key, merged, **kwargs)
 
 
-def delete_build(store: S3Store, spec: EngineBuildSpec, build_key: str) -> Any:
+def holder(namespace: str, name: str, uid: str) -> references.Holder:
+    return references.Holder(namespace=namespace, name=name, uid=uid)
+
+
+def adopt(store: S3Store, spec: EngineBuildSpec, build_key: str, who: references.Holder) -> None:
+    """Write `who`'s reference on the build (before it reads the manifest or starts Jobs)."""
     assert spec.output is not None
-    return _publish().delete_build(store, spec.output.uri, build_key)
+    references.adopt(store, spec.output.uri, build_key, who)
+
+
+def recheck(store: S3Store, spec: EngineBuildSpec, build_key: str, who: references.Holder) -> bool:
+    """The periodic check of a finished build: True while its manifest exists. `who`'s reference is
+    written again when it is missing (a build from before references, or one removed by hand), so a
+    build someone serves is never without one. One or two requests: a HEAD of the manifest only,
+    not of every object (`build_exists` does that on the cache check)."""
+    assert spec.output is not None
+    if not references.has_ref(store, spec.output.uri, build_key, who):
+        references.adopt(store, spec.output.uri, build_key, who)
+    return store.head(_publish().build_uri(spec.output.uri, build_key).child(MANIFEST_FILE)) is not None
+
+
+def release_previous(store: S3Store, artifacts: str, who: references.Holder) -> references.Release | None:
+    """A spec change moved `who` to another build: drop its reference on the one `artifacts` names
+    (nothing is deleted: a spec change is not a deletion). None when `artifacts` names no build."""
+    from .deletion import split_artifacts_uri
+
+    found = split_artifacts_uri(artifacts)
+    if found is None:
+        return None
+    return references.release(store, found[0], found[1], who, policy="Release")
+
+
+def release(store: S3Store, plan: DeletionPlan, who: references.Holder,
+            lookup_uid: Callable[[str, str], str | None]) -> references.Release:
+    """Apply the deletion policy to the build `plan` names (references.release: the build is deleted
+    only when no live EngineBuild references it). `lookup_uid(namespace, name)` returns the uid of
+    that EngineBuild, None when it is gone; when it raises, the reference counts as live."""
+    assert plan.output_uri is not None and plan.build_key is not None
+
+    def stale(refs: Any) -> list[references.RefRecord]:
+        uids: dict[tuple[str, str], str | None] = {}
+        for ref in refs:
+            if (ref.namespace, ref.name) in uids:
+                continue
+            try:
+                uids[(ref.namespace, ref.name)] = lookup_uid(ref.namespace, ref.name)
+            except Exception:  # noqa: BLE001 - unknown: the reference keeps the build
+                continue
+        return stale_refs(refs, uids)
+
+    return references.release(store, plan.output_uri, plan.build_key, who, policy=plan.policy, stale=stale)

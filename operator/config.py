@@ -30,6 +30,8 @@ class OperatorConfig:
     bind_address: str = "0.0.0.0"
     # Fallback wake-up of each build's reconcile loop (events wake it sooner).
     reconcile_interval_seconds: float = 30.0
+    # How often a succeeded build checks that its manifest still exists (0: never); see handlers._recheck.
+    artifacts_recheck_seconds: int = 300
     peering_name: str = "enginebuild"
     peering_mandatory: bool = False
     # Replicas with the same priority all pause (kopf); a random one per process makes exactly one act.
@@ -176,6 +178,7 @@ def load_config(env: Mapping[str, str] | None = None) -> OperatorConfig:
         health_port=_int(env, "ENGINEBUILD_HEALTH_PORT", 8080, 1, 65535) or 8080,
         bind_address=env.get("ENGINEBUILD_BIND_ADDRESS", "").strip() or "0.0.0.0",
         reconcile_interval_seconds=interval_s,
+        artifacts_recheck_seconds=_int(env, "ENGINEBUILD_ARTIFACTS_RECHECK_SECONDS", 300, 0, 7 * 24 * 3600) or 0,
         peering_name=env.get("ENGINEBUILD_PEERING_NAME", "").strip() or "enginebuild",
         peering_mandatory=_bool(env, "ENGINEBUILD_PEERING_MANDATORY", False),
         peering_priority=_int(env, "ENGINEBUILD_PEERING_PRIORITY", None, 0, 2**31 - 1),

@@ -28,8 +28,9 @@ from enginebuild_builder.errors import BuildError, StorageAccessDenied
 from enginebuild_builder.report import ReportContractError, ReportUnreadable
 from enginebuild_builder.spec import EngineBuildSpec
 from enginebuild_builder.status_model import EngineBuildStatus
+from enginebuild_builder.storage import parse_s3_uri
 
-from . import artifacts, jobs, metrics, reconcile, results
+from . import artifacts, deletion, jobs, metrics, reconcile, results
 from .conditions import KSTATUS_TYPES, ConditionSet, with_kstatus
 from .config import OperatorConfig, load_config
 from .queue import BuildId, BuildQueue
@@ -161,6 +162,13 @@ class BuildState:
     created: dict[str, float] = field(default_factory=dict)
     retry_delay: float = 1.0
     was_queued: bool = False
+    # The build key whose reference (references.py) this daemon has written; once per key and daemon.
+    adopted_for: str | None = None
+    # Monotonic time of the next periodic check that a succeeded build's manifest still exists.
+    next_recheck: float = 0.0
+    # Builds (artifactsUri) this EngineBuild moved away from: their reference goes after the status
+    # write that records the new build.
+    release_after_write: list[str] = field(default_factory=list)
 
 
 def _store(namespace: str, spec: EngineBuildSpec) -> Any:
@@ -174,6 +182,72 @@ def _secret(namespace: str, spec: EngineBuildSpec) -> Any:
     rt = runtime()
     secret = spec.output.secret_ref.name if spec.output and spec.output.secret_ref else None
     return rt.stores.secret(namespace, secret, rt.kube.read_secret if rt.config.read_secrets else None)
+
+
+async def _adopt(namespace: str, name: str, uid: str, spec: EngineBuildSpec, key: str, state: BuildState) -> None:
+    """Write this EngineBuild's reference on the build, once per key and daemon (idempotent PUT).
+
+    Ordered after the status write that names the build (`status.artifactsUri`: what deletion
+    releases) and before anything relies on the build (reading the manifest as a cache hit, creating
+    Jobs): a deletion of another EngineBuild that lists the references after this PUT keeps the build;
+    one that listed before it puts the manifest back or is seen as a cache miss (references.py).
+    """
+    if state.adopted_for == key:
+        return
+    if state.status.get("artifactsUri") != state.written.get("artifactsUri") or key != state.written.get("buildKey"):
+        # Like every status write, with kstatus's conditions; state.status stays the pass's working copy.
+        status = {**state.status, "conditions": with_kstatus(state.status.get("conditions") or [],
+                                                             state.status.get("observedGeneration"))}
+        clean = _sanitize(status)
+        await asyncio.to_thread(runtime().kube.patch_status, namespace, name, clean)
+        state.written = clean
+    store = await asyncio.to_thread(_store, namespace, spec)
+    await asyncio.to_thread(artifacts.adopt, store, spec, key, artifacts.holder(namespace, name, uid))
+    state.adopted_for = key
+
+
+async def _release_previous(namespace: str, name: str, uid: str, spec: EngineBuildSpec, state: BuildState) -> None:
+    """Drop the reference on builds a spec change moved away from (after the status names the new one).
+    Best effort: a reference left behind only keeps that build until this EngineBuild is deleted."""
+    while state.release_after_write:
+        old = state.release_after_write.pop()
+        try:
+            store = await asyncio.to_thread(_store, namespace, spec)
+            await asyncio.to_thread(artifacts.release_previous, store, old, artifacts.holder(namespace, name, uid))
+        except BuildError as exc:
+            log.warning("%s/%s: could not release the reference on %s (it keeps that build until this "
+                        "EngineBuild is deleted): %s", namespace, name, old,
+                        reconcile.redact(str(exc), runtime().stores.secrets()))
+
+
+async def _recheck(namespace: str, name: str, uid: str, spec: EngineBuildSpec, key: str, state: BuildState,
+                   cs: ConditionSet, observed: list[reconcile.ObservedJob]) -> bool:
+    """Every ENGINEBUILD_ARTIFACTS_RECHECK_SECONDS, a succeeded build checks that its manifest still
+    exists (and that its reference does). Gone: ArtifactsMissing, and the same key is built again
+    (its old Jobs are deleted first: their results describe objects that no longer exist). Returns
+    True when the build was restarted. S3 trouble changes nothing: checked again next time."""
+    interval = runtime().config.artifacts_recheck_seconds
+    now = time.monotonic()
+    if not interval or now < state.next_recheck or not reconcile.is_succeeded(state.status, key):
+        return False
+    state.next_recheck = now + interval
+    try:
+        store = await asyncio.to_thread(_store, namespace, spec)
+        present = await asyncio.to_thread(artifacts.recheck, store, spec, key, artifacts.holder(namespace, name, uid))
+    except BuildError as exc:
+        log.warning("%s/%s: could not check the artefacts of %s: %s", namespace, name, key,
+                    reconcile.redact(str(exc), runtime().stores.secrets()))
+        return False
+    if present:
+        return False
+    message = reconcile.mark_artifacts_missing(state.status, cs)
+    for job in observed:
+        await asyncio.to_thread(runtime().kube.delete_job, namespace, job.name)
+        state.deleted_uids.add(job.uid or "")
+    state.cache_checked_for = None
+    state.adopted_for = None
+    log.warning("%s/%s: %s", namespace, name, message)
+    return True
 
 
 def _emit_events(body: kopf.Body, cs: ConditionSet) -> None:
@@ -286,7 +360,10 @@ async def reconcile_once(
             metrics.BUILDS.labels(result="cancelled", reason="SpecChanged").inc()
             kopf.info(body, reason="SpecChanged", message=f"spec changed: build {old_key} cancelled, starting {key}")
             await _release(build)
-        state.status = status = reconcile.fresh_status(status, key, generation, artifacts.artifacts_uri(spec, key))
+        old_uri, new_uri = status.get("artifactsUri"), artifacts.artifacts_uri(spec, key)
+        if old_uri and old_uri != new_uri:
+            state.release_after_write.append(old_uri)
+        state.status = status = reconcile.fresh_status(status, key, generation, new_uri)
         cs = ConditionSet(status["conditions"], generation)
         reconcile.mark_valid(cs)
         for ctype in ("Exported", "AccuracyPassed", "EnginesBuilt", "Published", "FP8Faster"):
@@ -307,6 +384,14 @@ async def reconcile_once(
         if p.step in (Step.WAIT, Step.DONE):
             if p.step == Step.DONE and rt.queue.holds(build):
                 await _release(build)
+            if state.adopted_for != key:  # e.g. a build running or finished before an operator restart
+                try:
+                    await _adopt(namespace, name, uid, spec, key, state)
+                except BuildError as exc:
+                    log.warning("%s/%s: could not write the reference on %s (retried next pass): %s", namespace,
+                                name, key, reconcile.redact(str(exc), rt.stores.secrets()))
+            if p.step == Step.DONE and await _recheck(namespace, name, uid, spec, key, state, cs, observed):
+                continue  # the same key again: cache check, then Jobs (the flips are Warning Events)
             break
         if p.step == Step.DELETE_STALE:
             uids = {j.name: j.uid for j in observed}
@@ -336,6 +421,7 @@ async def reconcile_once(
                 await _finish_failed(body, namespace, name, state, failed, _observed(index, build, state))
         elif p.step == Step.CHECK_CACHE:
             try:
+                await _adopt(namespace, name, uid, spec, key, state)  # before reading the manifest
                 store = await asyncio.to_thread(_store, namespace, spec)
                 hit = await asyncio.to_thread(artifacts.build_exists, store, spec, key)
                 report = await asyncio.to_thread(artifacts.report_of, store, hit, status["artifactsUri"]) if hit else None
@@ -379,6 +465,7 @@ async def reconcile_once(
             metrics.BUILD_DEADLINE.labels(namespace, name).set(deadline)
         elif p.step == Step.CREATE_JOBS:
             try:
+                await _adopt(namespace, name, uid, spec, key, state)  # before any Job publishes
                 secret = await asyncio.to_thread(_secret, namespace, spec)
             except BuildError as exc:
                 return await _storage_problem(body, namespace, name, state, cs, generation, exc)
@@ -430,6 +517,7 @@ async def reconcile_once(
     status["conditions"] = cs.conditions
     _emit_events(body, cs)
     await _write(namespace, name, state)
+    await _release_previous(namespace, name, uid, spec, state)
     state.retry_delay = 1.0
     return delay
 
@@ -654,31 +742,50 @@ async def _wait(wake: asyncio.Event, stopped: kopf.DaemonStopped, timeout: float
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
-async def on_delete(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, namespace: str, name: str,
+async def on_delete(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, namespace: str, name: str, uid: str,
                     build_jobs: kopf.Index, logger: kopf.Logger, **_: Any) -> None:
-    """Finalizer: remove the Jobs, and the S3 artefacts with `deletionPolicy: Delete`; forget metrics."""
+    """Finalizer: remove the Jobs, apply `deletionPolicy` to the build in S3, forget metrics.
+
+    The build is the one `status.artifactsUri` names (deletion.plan_deletion); `Delete` removes it only
+    when no other EngineBuild references it, `Retain` pins it (references.py). S3 unreachable keeps
+    the finalizer and retries; a permanent S3 error (credentials, bucket) lets the EngineBuild go with
+    a Warning Event naming what was left where.
+    """
     rt = runtime()
     build = (namespace, name)
     existing = list(build_jobs.get(build, []))  # an error must keep the finalizer (kopf retries), not skip Jobs
     for job in existing:
         await asyncio.to_thread(runtime().kube.delete_job, namespace, job.name)
     raw = json.loads(json.dumps(dict(spec or {})))
-    key = (status or {}).get("buildKey")
-    if raw.get("deletionPolicy") == "Delete" and key:
-        try:
-            parsed = validate(raw, name, rt.config)
-        except InvalidSpec:
-            parsed = None
-        if parsed is not None:
-            try:
-                store = await asyncio.to_thread(_store, namespace, parsed)
-                await asyncio.to_thread(artifacts.delete_build, store, parsed, key)
-                kopf.info(body, reason="ArtifactsDeleted", message=f"deleted {artifacts.artifacts_uri(parsed, key)}")
-            except BuildError as exc:
-                if exc.retriable:
-                    raise kopf.TemporaryError(f"could not delete the artefacts: {exc}", delay=10) from None
-                raise kopf.PermanentError(f"could not delete the artefacts: {exc}") from None
     st = dict(status or {})
+    key = st.get("buildKey")
+    try:
+        parsed, invalid = validate(raw, name, rt.config), None
+    except InvalidSpec as exc:
+        parsed, invalid = None, str(exc)
+    plan = deletion.plan_deletion(raw, st, parsed, invalid)
+    for note in plan.notes:
+        kopf.warn(body, reason="DeletionPolicy", message=note[:1000])
+    if plan.has_build:
+        where = f"{plan.output_uri}/{plan.build_key}/"
+        try:
+            store = await asyncio.to_thread(
+                rt.stores.get, namespace, plan.secret_name, rt.kube.read_secret if rt.config.read_secrets else None)
+            outcome = await asyncio.to_thread(artifacts.release, store, plan, artifacts.holder(namespace, name, uid),
+                                              rt.kube.enginebuild_uid)
+        except BuildError as exc:
+            message = reconcile.redact(str(exc), rt.stores.secrets())
+            if exc.retriable:
+                raise kopf.TemporaryError(f"could not apply deletionPolicy {plan.policy} to {where}: {message}",
+                                          delay=10) from None
+            kopf.warn(body, reason="ArtifactsNotDeleted" if plan.policy == "Delete" else "ArtifactsNotPinned",
+                      message=f"deletionPolicy {plan.policy} could not be applied to {where}, which is left as "
+                              f"it is: {message}"[:1000])
+            raise kopf.PermanentError(f"could not apply deletionPolicy {plan.policy} to {where}: {message}") from None
+        reason = {"deleted": "ArtifactsDeleted", "kept": "ArtifactsKept", "retained": "ArtifactsRetained"}.get(
+            outcome.outcome, "ArtifactsReleased")
+        kopf.info(body, reason=reason, message=outcome.describe(parse_s3_uri(where))[:1000])
+        logger.info("%s", outcome.describe(parse_s3_uri(where)))
     was_running = bool(key) and not reconcile.is_terminal(st, key) and any(
         j.get("state") in ("Pending", "Running") for j in st.get("jobs") or [])
     await _release(build)

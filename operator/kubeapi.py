@@ -109,6 +109,22 @@ class KubeApi:
         return SecretView(data={k: base64.b64decode(v).decode() for k, v in data.items()},
                           annotations={str(k): str(v) for k, v in annotations.items()})
 
+    def enginebuild_uid(self, namespace: str, name: str) -> str | None:
+        """The uid of an EngineBuild, None when it does not exist (a reference of it is then stale).
+
+        A LIST with a name field selector rather than a GET: the operator's role grants list/watch
+        (kopf needs them) and nothing more on EngineBuilds. Errors (403 for a namespace the operator
+        may not read) raise: the caller then treats the reference as live."""
+        resp = self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL,
+                                                         field_selector=f"metadata.name={name}",
+                                                         _preload_content=False)
+        items = json.loads(resp.data).get("items") or []
+        for item in items:  # a selector-blind server answers with every EngineBuild: keep the named one
+            meta = item.get("metadata") or {}
+            if meta.get("name") == name:
+                return meta.get("uid")
+        return None
+
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         self.custom.patch_namespaced_custom_object_status(
             GROUP, VERSION, namespace, PLURAL, name, {"status": status}, _preload_content=False

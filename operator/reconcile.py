@@ -44,6 +44,7 @@ R_EVICTED = "PodEvicted"
 # The builder's result (summary or report) exists but this operator cannot use it (builder/report.py).
 R_REPORT_VERSION = ReportVersionUnsupported.reason
 R_REPORT_UNREADABLE = ReportUnreadable.reason
+R_ARTIFACTS_MISSING = "ArtifactsMissing"
 
 ALL_FAILURE_REASONS: tuple[str, ...] = tuple(
     sorted({k.reason for k in KINDS.values()} | {R_DEADLINE, R_BACKOFF, R_JOB_DELETED, R_INVALID, "JobFailed", R_EVICTED,
@@ -438,6 +439,36 @@ def apply_success(status: dict[str, Any], cs: ConditionSet, now: str, cached: bo
     cs.remove("Queued")
     status["cached"] = cached
     status["completionTime"] = status.get("completionTime") or now
+
+
+def is_succeeded(status: Mapping[str, Any], build_key: str) -> bool:
+    """The build of this key finished with Succeeded=True (built or a cache hit): it claims its
+    artefacts exist, which the periodic re-check verifies."""
+    if status.get("buildKey") != build_key:
+        return False
+    return any(c.get("type") == "Succeeded" and c.get("status") == "True" for c in status.get("conditions") or [])
+
+
+def mark_artifacts_missing(status: dict[str, Any], cs: ConditionSet) -> str:
+    """A succeeded build whose manifest is gone: say so, and start the same key again (the next
+    pass checks the cache, then creates Jobs). Returns the message (also the Event's).
+
+    Why rebuild rather than only mark: an EngineBuild declares that these engines exist; Ready=True
+    over missing objects is the one state it must never report, and a rebuild of the same key builds
+    the same inputs into the same place. If someone rebuilt it meanwhile, the cache check finds it
+    and no Job runs.
+    """
+    where = f"{status['artifactsUri']}manifest.json" if status.get("artifactsUri") else "the build's manifest.json"
+    message = (f"{where} is gone (deleted by hand, by a bucket lifecycle rule, or with another "
+               "EngineBuild's deletion): building it again")
+    status.update({"cached": None, "onnx": [], "accuracy": [], "engines": [], "summary": None, "gpuSeconds": 0,
+                   "jobs": [], "startTime": None, "completionTime": None, "warnings": []})
+    for ctype in ("Exported", "AccuracyPassed", "EnginesBuilt", "FP8Faster"):
+        cs.remove(ctype)
+    cs.set("Published", False, R_ARTIFACTS_MISSING, message)
+    cs.set("Succeeded", "Unknown", R_ARTIFACTS_MISSING, message)
+    cs.set("Ready", False, R_ARTIFACTS_MISSING, message)
+    return message
 
 
 def apply_failure(status: dict[str, Any], cs: ConditionSet, stage: str, reason: str, message: str, now: str) -> None:

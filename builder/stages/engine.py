@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 from ..constants import TRTEXEC_ALLOWED_EXTRA_FLAGS
 from ..errors import BenchmarkFailed, BuildError, EngineBuildFailed, OutOfMemory, TrtexecNotFound
-from ..report import Artifact, EngineComparison, EngineReport, Percentiles, Report
+from ..report import Artifact, BatchProfile, EngineComparison, EngineReport, Percentiles, Report, TensorInfo
 from ..spec import EngineBuildSpec, TargetSpec
 from ..trtexec_report import TrtexecLog, load_json, parse_banner, parse_log, top_layers
 
@@ -148,6 +148,15 @@ class Shapes:
     def spec(self, batch: int) -> str:
         return f"{self.input_name}:" + "x".join(str(d) for d in (batch, *self.dims))
 
+    def profile(self) -> BatchProfile | None:
+        """The batch range the engine accepts, as the build flags set it (None: a static batch).
+        With only `--shapes` (no spec.dynamicBatch) min, opt and max are all the benchmark batch."""
+        if not self.dynamic:
+            return None
+        if self.min_batch is None:
+            return BatchProfile(min=self.batch, opt=self.batch, max=self.batch)
+        return BatchProfile(min=self.min_batch, opt=self.opt_batch or self.batch, max=self.max_batch or self.batch)
+
 
 def _flag_name(arg: str) -> str:
     return arg.split("=", 1)[0]
@@ -265,32 +274,45 @@ def _artifact(path: Path, workdir: Path) -> Artifact:
     return Artifact(path=path.relative_to(workdir).as_posix(), bytes=path.stat().st_size, sha256=digest.hexdigest())
 
 
-def _onnx_batch_axis(path: Path, input_name: str) -> tuple[bool, list[int | str]] | None:
-    """(dynamic batch?, dims) of the ONNX input, read from the file itself: the export half decides
-    whether the batch axis is symbolic, and trtexec's shape flags must agree with it. External
-    weight files are not read; None when the onnx package is missing (then spec.dynamicBatch decides)."""
+def _onnx_interface(path: Path) -> tuple[list[TensorInfo], list[TensorInfo]] | None:
+    """(inputs, outputs) of the ONNX graph: names, numpy dtypes, shapes with -1 for symbolic axes.
+
+    Read from the file itself: the export half decides whether the batch axis is symbolic (trtexec's
+    shape flags must agree with it), and a strongly typed engine has exactly the ONNX's I/O, which the
+    serving config (Triton) must name. External weight files are not read; None when the onnx
+    package is missing (then spec.dynamicBatch decides the batch axis and no I/O is recorded).
+    """
     try:
         import onnx
+        from onnx import helper
     except ImportError:
         return None
     model = onnx.load(str(path), load_external_data=False)
-    for value in model.graph.input:
-        if value.name == input_name:
-            dims: list[int | str] = [
-                d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
-                for d in value.type.tensor_type.shape.dim
-            ]
-            return (not dims or not isinstance(dims[0], int)), dims
-    names = [v.name for v in model.graph.input]
-    raise EngineBuildFailed(f"{path} has no input named {input_name!r} (inputs: {names})", field="report.encoders")
+    weights = {init.name for init in model.graph.initializer}  # old IRs also list weights as inputs
+
+    def info(value: Any) -> TensorInfo:
+        tensor = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
+        return TensorInfo(name=value.name, dtype=helper.tensor_dtype_to_np_dtype(tensor.elem_type).name, shape=dims)
+
+    inputs = [info(v) for v in model.graph.input if v.name not in weights]
+    return inputs, [info(v) for v in model.graph.output]
 
 
-def _shapes(spec: EngineBuildSpec, onnx_path: Path, input_name: str, input_shape: list[int]) -> Shapes:
-    found = _onnx_batch_axis(onnx_path, input_name)
-    dynamic = found[0] if found is not None else spec.dynamic_batch is not None
+def _shapes(spec: EngineBuildSpec, onnx_path: Path, input_name: str, input_shape: list[int],
+            interface: tuple[list[TensorInfo], list[TensorInfo]] | None) -> Shapes:
+    found = None
+    if interface is not None:
+        match = [t for t in interface[0] if t.name == input_name]
+        if not match:
+            names = [t.name for t in interface[0]]
+            raise EngineBuildFailed(f"{onnx_path} has no input named {input_name!r} (inputs: {names})",
+                                    field="report.encoders")
+        found = match[0].shape
+    dynamic = (not found or found[0] == -1) if found is not None else spec.dynamic_batch is not None
     dims = tuple(int(d) for d in input_shape[1:])
     if not dynamic:
-        batch = int(found[1][0]) if found and found[1] and isinstance(found[1][0], int) else spec.batch_size
+        batch = int(found[0]) if found else spec.batch_size
         return Shapes(input_name, dims, batch, dynamic=False)
     db = spec.dynamic_batch
     return Shapes(
@@ -319,6 +341,7 @@ def _build_one(
     timing_cache: Path | None,
     info: TrtexecInfo,
     warnings: list[str],
+    interface: tuple[list[TensorInfo], list[TensorInfo]] | None = None,
 ) -> EngineReport:
     out_dir = workdir / "engines" / target.name / encoder / precision
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -396,6 +419,9 @@ def _build_one(
         top_layers=layers,
         engine_size_mib_logged=built.engine_size_mib_logged,
         timing_cache_reused=(cache_existed if timing_cache is not None else None),
+        inputs=interface[0] if interface is not None else None,
+        outputs=interface[1] if interface is not None else None,
+        batch_profile=shapes.profile(),
     )
 
 
@@ -444,7 +470,8 @@ def run_engines(
                     f"{onnx_path} is missing (report.encoders.{encoder}.onnx.{precision}.path)",
                     field="report.encoders",
                 )
-            shapes = _shapes(spec, onnx_path, enc.input_name, enc.input_shape)
+            interface = _onnx_interface(onnx_path)
+            shapes = _shapes(spec, onnx_path, enc.input_name, enc.input_shape, interface)
             if not shapes.dynamic and shapes.batch != spec.batch_size:
                 warning = (
                     f"{encoder} ONNX has a static batch of {shapes.batch}, not spec.batchSize={spec.batch_size}: "
@@ -453,7 +480,8 @@ def run_engines(
                 if warning not in report.warnings:
                     report.warnings.append(warning)
             entry = _build_one(
-                spec, workdir, target, encoder, precision, onnx_path, shapes, timing_cache, info, report.warnings
+                spec, workdir, target, encoder, precision, onnx_path, shapes, timing_cache, info, report.warnings,
+                interface,
             )
             report.engines = [
                 e for e in report.engines

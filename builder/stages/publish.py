@@ -172,20 +172,28 @@ def publish_files(
     files: Sequence[PublishItem],
     stage: str,
     *,
+    copies: Sequence[tuple[str, str]] = (),
     progress: ProgressCallback | None = None,
 ) -> StageManifest:
-    """Upload `files` (each verified) under `<prefix>/<key>/`, then write `stages/<stage>.json`.
+    """Upload `files` (each verified) under `<prefix>/<key>/`, make the server-side `copies`
+    (source key, destination key; both relative to the build), then write `stages/<stage>.json`.
 
     Give each writer its own stage name (e.g. `export`, `engine-<target>`): Jobs for different
-    targets publish in parallel without touching each other's stage manifest.
+    targets publish in parallel without touching each other's stage manifest. A copy's source must
+    be a key this call publishes, so the stage manifest (written last) only ever lists bytes this
+    stage verified; copying instead of uploading again keeps a second view of a large engine cheap.
     """
     _name(stage, "stage")
     root = build_uri(output_uri, key)
     workdir = Path(workdir)
     resolved = [_resolve_item(item, workdir) for item in files]  # validate all before uploading any
-    dests = [d for _, d, _ in resolved]
+    dests = [d for _, d, _ in resolved] + [dst for _, dst in copies]
     if len(set(dests)) != len(dests):
         raise InvalidS3Uri(f"stage {stage!r} publishes the same key twice: {sorted(dests)}", field="files")
+    for src, dst in copies:
+        join_key("x", dst)
+        if src not in dests[: len(resolved)]:
+            raise InvalidS3Uri(f"copy source {src!r} is not published by stage {stage!r}", field="copies")
     entries: list[ObjectEntry] = []
     for local, dest, expected in resolved:
         if expected and sha256_file(local) != expected:
@@ -194,6 +202,10 @@ def publish_files(
                                  progress=progress)
         entries.append(ObjectEntry(key=dest, size=info.size, sha256=info.sha256 or ""))
         log.info("published %s (%d bytes)", root.child(dest), info.size)
+    for src, dst in copies:
+        info = store.copy(root.child(src), root.child(dst))
+        entries.append(ObjectEntry(key=dst, size=info.size, sha256=info.sha256 or ""))
+        log.info("published %s (copy of %s, %d bytes)", root.child(dst), src, info.size)
     manifest = StageManifest(build_key=key, stage=stage, created_at=_now(), objects=entries)
     store.put_bytes(root.child(STAGES_DIR, f"{stage}.json"), manifest.model_dump_json(indent=2).encode())
     return manifest
@@ -354,13 +366,28 @@ class TensorSpec(_Model):
         return mapped
 
 
-def triton_config(model_name: str, max_batch_size: int, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> str:
-    """config.pbtxt text for a TensorRT plan model (Triton's model-configuration protobuf, text form)."""
+def triton_config(
+    model_name: str,
+    max_batch_size: int,
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
+    *,
+    preferred_batch_sizes: Sequence[int] = (),
+    comments: Sequence[str] = (),
+) -> str:
+    """config.pbtxt text for a TensorRT plan model (Triton's model-configuration protobuf, text form).
+
+    `preferred_batch_sizes` turns on Triton's dynamic batcher (only with `max_batch_size` > 0);
+    `comments` become `#` lines at the top (the text format allows them; Triton ignores them).
+    """
     _name(model_name, "model name")
     if max_batch_size < 0:
         raise ValueError("max_batch_size must be >= 0 (0 = the engine has no batch dimension)")
     if not inputs or not outputs:
         raise ValueError("a Triton model needs at least one input and one output")
+    if preferred_batch_sizes and (max_batch_size == 0 or any(not 0 < b <= max_batch_size for b in preferred_batch_sizes)):
+        raise ValueError(f"preferred batch sizes {list(preferred_batch_sizes)} must lie in 1..max_batch_size "
+                         f"({max_batch_size}); a model without a batch dimension has no dynamic batcher")
 
     def block(kind: str, tensors: Sequence[TensorSpec]) -> list[str]:
         lines = [f"{kind} ["]
@@ -378,12 +405,15 @@ def triton_config(model_name: str, max_batch_size: int, inputs: Sequence[TensorS
         return lines
 
     lines = [
+        *(f"# {c}".rstrip() for text in comments for c in text.splitlines()),
         f"name: {_pbtxt_str(model_name)}",
         'platform: "tensorrt_plan"',
         f"max_batch_size: {max_batch_size}",
         *block("input", inputs),
         *block("output", outputs),
     ]
+    if preferred_batch_sizes:
+        lines += ["dynamic_batching {", f"  preferred_batch_size: [ {', '.join(map(str, preferred_batch_sizes))} ]", "}"]
     return "\n".join(lines) + "\n"
 
 

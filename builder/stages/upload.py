@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..report import Artifact, Report
 from ..storage import S3Store
+from . import triton
 from .publish import build_uri, engine_key, onnx_key, publish_files
 
 EXPORT_STAGE = "export"
@@ -51,20 +52,24 @@ def _engine_items(report: Report, targets: set[str]) -> list[tuple[Artifact, str
 
 def publish_stage(store: S3Store, output_uri: str, key: str, workdir: Path, report: Report, stage: str,
                   *, export: bool, targets: set[str]) -> str:
-    """Publish this Job's artefacts and its report; returns the build's artifacts URI.
+    """Publish this Job's artefacts, the Triton model-repository view of its engines and its report;
+    returns the build's artifacts URI.
 
     Artefact URIs are set in the report before it is written, so the published report says where
-    everything landed.
+    everything landed. The view goes into the same stage manifest as the engines, so a build whose
+    manifest exists always has it (docs/storage.md).
     """
     root = build_uri(output_uri, key)
     items = (_export_items(report) if export else []) + _engine_items(report, targets)
     for artifact, dest in items:
         artifact.uri = str(root.child(*dest.split("/")))
     report.artifacts_uri = str(root)
+    view_files, copies = triton.view_items([e for e in report.engines if e.target in targets], workdir, key)
     report_name = stage_report_name(stage)
     report.write(workdir / report_name)
-    files: list[tuple[str, str]] = [(a.path, dest) for a, dest in items] + [(report_name, report_name)]
-    publish_files(store, output_uri, key, workdir, files, stage)
+    files: list[tuple[str, str]] = ([(a.path, dest) for a, dest in items] + view_files
+                                    + [(report_name, report_name)])
+    publish_files(store, output_uri, key, workdir, files, stage, copies=copies)
     return str(root)
 
 

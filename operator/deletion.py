@@ -1,0 +1,111 @@
+"""What deleting an EngineBuild does to its build in S3, decided from its spec and status (no I/O here).
+
+The build an EngineBuild holds is the one its status names (`status.artifactsUri`,
+`s3://<output>/<build-key>/`), not one recomputed from the spec at deletion time: the spec may have
+changed since, or no longer validate. So `deletionPolicy: Delete` with a spec that no longer
+validates still deletes (the policy and the Secret's name are read from the raw spec), and says so
+in an Event; it never turns into a silent Retain. Only when nothing usable is recorded is nothing
+deleted, and the Event says why. Whether anything is deleted at all is decided in S3 by the
+references (enginebuild_builder.stages.references): the build goes only when no other EngineBuild
+holds it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from enginebuild_builder.spec import EngineBuildSpec
+from enginebuild_builder.stages.references import RefRecord
+from enginebuild_builder.storage import InvalidS3Uri, parse_s3_uri
+
+POLICIES = ("Retain", "Delete")
+DEFAULT_POLICY: Literal["Retain"] = "Retain"
+_KEY = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass(frozen=True)
+class DeletionPlan:
+    policy: Literal["Retain", "Delete"]
+    output_uri: str | None  # s3://bucket/prefix (without the key); None: no build recorded
+    build_key: str | None
+    secret_name: str | None  # spec.output.secretRef.name: the credentials to reach the build
+    notes: tuple[str, ...] = ()  # what an Event must say (invalid spec, nothing recorded, ...)
+
+    @property
+    def has_build(self) -> bool:
+        return self.output_uri is not None and self.build_key is not None
+
+
+def split_artifacts_uri(uri: Any) -> tuple[str, str] | None:
+    """`s3://bucket/prefix/<key>/` -> (`s3://bucket/prefix`, key); None for anything else."""
+    if not isinstance(uri, str) or not uri.startswith("s3://"):
+        return None
+    base, _, key = uri.rstrip("/").rpartition("/")
+    if not _KEY.match(key):
+        return None
+    try:
+        parse_s3_uri(base, field="status.artifactsUri")
+    except InvalidS3Uri:
+        return None
+    return base, key
+
+
+def _raw_secret_name(raw_spec: Mapping[str, Any]) -> str | None:
+    output = raw_spec.get("output")
+    ref = output.get("secretRef") if isinstance(output, Mapping) else None
+    name = ref.get("name") if isinstance(ref, Mapping) else None
+    return name if isinstance(name, str) and name else None
+
+
+def plan_deletion(raw_spec: Mapping[str, Any], status: Mapping[str, Any], spec: EngineBuildSpec | None,
+                  invalid: str | None = None) -> DeletionPlan:
+    """The policy, the build and the credentials to use. `spec` is the validated spec, or None with
+    `invalid` the validation message when it does not validate."""
+    notes: list[str] = []
+    if spec is not None:
+        policy: Literal["Retain", "Delete"] = spec.deletion_policy
+        secret = spec.output.secret_ref.name if spec.output and spec.output.secret_ref else None
+    else:
+        raw_policy = raw_spec.get("deletionPolicy", DEFAULT_POLICY)
+        if raw_policy in POLICIES:
+            policy = raw_policy
+        else:
+            policy = DEFAULT_POLICY
+            notes.append(f"spec.deletionPolicy {raw_policy!r} is neither Retain nor Delete: the build is retained")
+        secret = _raw_secret_name(raw_spec)
+        first = (invalid or "").strip().splitlines()[0][:300] if invalid else "unknown problem"
+        notes.append(f"the spec does not validate ({first}); deletionPolicy {policy} is applied to the build "
+                     "recorded in status.artifactsUri" + (f" with the Secret {secret}" if secret else
+                                                          " with the operator's own S3 credentials"))
+    found = split_artifacts_uri(status.get("artifactsUri"))
+    if found is None and spec is not None and spec.output and isinstance(status.get("buildKey"), str) \
+            and _KEY.match(status["buildKey"]):
+        found = (spec.output.uri.rstrip("/"), status["buildKey"])
+    if found is None:
+        if status.get("artifactsUri"):
+            notes.append(f"status.artifactsUri {status.get('artifactsUri')!r} names no build "
+                         "(s3://<bucket>/<prefix>/<32-hex build key>/): nothing in S3 was touched")
+        elif policy == "Delete":
+            notes.append("no build is recorded in status.artifactsUri: nothing in S3 to delete")
+        return DeletionPlan(policy, None, None, secret, tuple(notes))
+    return DeletionPlan(policy, found[0], found[1], secret, tuple(notes))
+
+
+def stale_refs(refs: Sequence[RefRecord], uids: Mapping[tuple[str, str], str | None]) -> list[RefRecord]:
+    """The references whose EngineBuild no longer exists: looked up (`uids[(namespace, name)]`) and
+    found absent (None) or re-created (another uid). A reference not looked up (the API call failed,
+    a namespace the operator may not read) is assumed live; a retained one is never stale."""
+    out = []
+    for ref in refs:
+        if ref.retained or (ref.namespace, ref.name) not in uids:
+            continue
+        current = uids[(ref.namespace, ref.name)]
+        if current is None or current != ref.uid:
+            out.append(ref)
+    return out
+
+
+__all__ = ["DeletionPlan", "plan_deletion", "split_artifacts_uri", "stale_refs"]

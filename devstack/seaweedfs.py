@@ -139,6 +139,12 @@ class SeaweedFS:
             "-webdav=false",
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
+            # Every bucket is a collection with volumes of its own; `weed mini` derives the volume count
+            # from the free disk space, and a test session creates hundreds of buckets: without a fixed
+            # count the server ends in "No writable volumes and no free volume" when the disk fills up
+            # with other work. Volumes are sparse files; the count only caps bookkeeping.
+            "-volume.max=2000",
+            "-master.volumeSizeLimitMB=256",
             f"-s3.config={self.data_dir / 's3.json'}",
         ]
         cmd += [f"-{flag}={self.ports[flag]}" for flag in PORT_FLAGS]

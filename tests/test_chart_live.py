@@ -215,8 +215,8 @@ def test_chart_installed_with_helm_and_operator_started_from_its_deployment(
 
 
 def _deployed(release: dict[str, Any]) -> bool:
-    """Helm's own verdict on a release (its JSON: info.status)."""
-    return (release.get("info") or {}).get("status") == "deployed"
+    """Helm's own verdict on a release (helm-python-sdk's release document: `status`)."""
+    return release.get("status") == "deployed"
 
 
 def test_helm_upgrade_second_release_aggregated_roles_and_uninstall(bare_control_plane: ControlPlane,
@@ -230,7 +230,7 @@ def test_helm_upgrade_second_release_aggregated_roles_and_uninstall(bare_control
     cp = bare_control_plane
     http = KubeHttp.of(cp.admin_kubeconfig)
     kubectl = Kubectl(cp.admin_kubeconfig, tmp_path / "kubectl-cache")
-    config = helm.Config(kubeconfig_path=str(cp.admin_kubeconfig))
+    config = helm.Config(kubeconfig_path=str(cp.admin_kubeconfig), namespace=NAMESPACE)
     assert _deployed(config.install(str(CHART), "eb", {}, namespace=NAMESPACE, create_namespace=True))
     crd_path = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
     for crd in ("enginebuilds.enginebuild.io", "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"):
@@ -249,8 +249,8 @@ def test_helm_upgrade_second_release_aggregated_roles_and_uninstall(bare_control
 
     # A second release in another namespace, watching only team-b, installs beside the first.
     kubectl("create", "namespace", "team-b")
-    second = config.install(str(CHART), "eb2", {"watchNamespaces": ["team-b"]}, namespace="team-b-system",
-                            create_namespace=True)
+    second = helm.Config(kubeconfig_path=str(cp.admin_kubeconfig), namespace="team-b-system").install(
+        str(CHART), "eb2", {"watchNamespaces": ["team-b"]}, namespace="team-b-system", create_namespace=True)
     assert _deployed(second)
     assert http.get(resource_path("kopf.dev/v1", "kopfpeerings", "team-b", "eb2-enginebuild"))
 

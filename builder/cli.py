@@ -66,7 +66,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep", action="store_true", help="leave the stack running; prints a kubeconfig")
     p.add_argument("--workdir", default=None, help="where the stack keeps its data (default: a temp dir)")
     p.add_argument("--prometheus", action="store_true", help="also start Prometheus if installed")
-    p.set_defaults(func=_run("enginebuild_devstack.demo", "main"))
+    p.set_defaults(func=_run_demo)
 
 
 def _add_crd(sub: argparse._SubParsersAction) -> None:
@@ -82,6 +82,19 @@ def _run(module: str, attr: str) -> Callable[[argparse.Namespace], int]:
         return int(getattr(importlib.import_module(module), attr)(args) or 0)
 
     return call
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    """The demo lives in the dev-only stack, a distribution of its own that images never install."""
+    try:
+        import enginebuild_devstack.demo as demo
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not exc.name.startswith("enginebuild_devstack"):
+            raise
+        print("enginebuild demo needs the dev stack, which this installation does not have: from a checkout, "
+              "run `bash .ci/demo.sh` (or `pip install -e devstack`)", file=sys.stderr)
+        return 2
+    return int(demo.main(args) or 0)
 
 
 def _version() -> str:

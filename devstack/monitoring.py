@@ -27,7 +27,7 @@ import yaml
 
 from .binaries import MONITORING_CRDS, Binaries
 from .cluster import apply_crd
-from .controlplane import Component
+from .controlplane import Component, environ_without_cluster
 from .kube_http import KubeApiError, KubeHttp, resource_path
 from .seaweedfs import free_ports
 
@@ -56,9 +56,10 @@ class PrometheusOperator:
     def start(self) -> "PrometheusOperator":
         assert self.binaries.prometheus_operator is not None
         (self.port,) = free_ports(1)
-        argv = [str(self.binaries.prometheus_operator), f"--kubeconfig={self.kubeconfig}",
-                f"--web.listen-address=127.0.0.1:{self.port}", "--log-level=info"]
-        self.component = Component("prometheus-operator", argv, self.workdir / "prometheus-operator.log").start()
+        argv = [str(self.binaries.prometheus_operator), f"--web.listen-address=127.0.0.1:{self.port}",
+                "--log-level=info"]
+        env = dict(environ_without_cluster(), KUBECONFIG=str(self.kubeconfig))   # it reads $KUBECONFIG
+        self.component = Component("prometheus-operator", argv, self.workdir / "prometheus-operator.log", env).start()
         return self
 
     def stop(self) -> None:

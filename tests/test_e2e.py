@@ -139,6 +139,12 @@ def test_objects_and_manifest_in_s3(built: tuple[LocalStack, dict[str, Any]]) ->
     prefix = status["artifactsUri"].split("/", 3)[3]
     for obj in manifest.objects:
         assert in_s3[prefix + obj.key] == obj.size, obj.key
+    # The Triton/KServe model repository of the target, produced by the engine Job, in the manifest.
+    keys = {o.key for o in manifest.objects}
+    for encoder in ("image", "text"):
+        for precision in ("fp8", "fp16"):
+            model = f"triton/h100/clip-{encoder}-{precision}"
+            assert {f"{model}/config.pbtxt", f"{model}/1/model.plan"} <= keys, sorted(keys)
     for e in status["engines"]:
         key = e["uri"].split("/", 3)[3]
         assert in_s3[key] == e["bytes"]

@@ -22,7 +22,7 @@ from enginebuild_builder.report import (
 )
 from enginebuild_builder.spec import parse_spec
 from enginebuild_builder.stages import publish
-from enginebuild_builder.storage import S3Store
+from enginebuild_builder.storage import S3Store, parse_s3_uri
 from enginebuild_operator import artifacts
 from enginebuild_devstack.kube_http import resource_path
 from plugins.kube import delete_namespace
@@ -488,3 +488,47 @@ def test_default_deadline_applies_when_the_spec_sets_none(eb_cluster: Cluster) -
     assert "activeDeadlineSeconds" not in c.get("unset")["spec"]  # as the API server returns it
     assert c.wait_job("unset", "export")["spec"]["activeDeadlineSeconds"] == 900
     assert c.wait_job("set", "export")["spec"]["activeDeadlineSeconds"] == 1200
+
+
+def test_deleting_one_of_two_builds_that_share_artefacts_keeps_them(eb_cluster: Cluster, s3_store: S3Store,
+                                                                    tmp_path: Path) -> None:
+    """Two EngineBuilds with deletionPolicy Delete share one content-addressed build (the second is a
+    cache hit). Deleting the first must not remove what the second still serves; deleting the last
+    holder removes it."""
+    c = eb_cluster
+    c.start_operator()
+    uri = f"s3://{c.bucket}/engines"
+    c.create("first", c.spec(deletionPolicy="Delete"))
+    key = run_build(c, s3_store, "first", tmp_path)
+    c.wait_condition("first", "Ready", "True", "Succeeded")
+    c.create("second", c.spec(deletionPolicy="Delete"))
+    c.wait_condition("second", "Ready", "True", "CacheHit")
+    refs = parse_s3_uri(f"{publish.build_uri(uri, key)}refs/")
+    wait_until(lambda: len(s3_store.list(refs)) == 2, 30, "a reference per holder")
+    before = {o.uri.key for o in s3_store.list(publish.build_uri(uri, key))}
+    c.http.delete(c.eb_path("first"))
+    wait_until(lambda: c.get("first") is None, 60, "the first EngineBuild gone")
+    assert any(e["reason"] == "ArtifactsKept" for e in c.events("first")), c.events("first")
+    after = {o.uri.key for o in s3_store.list(publish.build_uri(uri, key))}
+    assert {k for k in before if "/refs/" not in k} <= after  # every engine and the manifest still there
+    assert publish.build_exists(s3_store, uri, key) is not None
+    assert c.condition("second", "Ready")["status"] == "True"
+    c.http.delete(c.eb_path("second"))
+    wait_until(lambda: c.get("second") is None, 60, "the second EngineBuild gone")
+    wait_until(lambda: s3_store.list(publish.build_uri(uri, key)) == [], 30, "the build's objects deleted")
+
+
+def test_a_ready_build_whose_manifest_vanished_is_rebuilt(eb_cluster: Cluster, s3_store: S3Store, tmp_path: Path) -> None:
+    c = eb_cluster
+    c.start_operator(ENGINEBUILD_ARTIFACTS_RECHECK_SECONDS="2")
+    uri = f"s3://{c.bucket}/engines"
+    c.create("vanish", c.spec())
+    key = run_build(c, s3_store, "vanish", tmp_path)
+    c.wait_condition("vanish", "Ready", "True", "Succeeded")
+    s3_store.delete(publish.build_uri(uri, key).child("manifest.json"))
+    c.wait_condition("vanish", "Ready", "False", "ArtifactsMissing", timeout=60)
+    export = c.wait_job("vanish", "export", timeout=60)
+    assert export["metadata"]["annotations"]["enginebuild.io/build-key"] == key
+    run_build(c, s3_store, "vanish", tmp_path / "again")
+    c.wait_condition("vanish", "Ready", "True", "Succeeded", timeout=60)
+    assert publish.build_exists(s3_store, uri, key) is not None

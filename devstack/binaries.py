@@ -177,7 +177,9 @@ def ensure(build: bool = True) -> Binaries:
                     etcd_dir / "etcd", kube_v, etcd_v, promop_dir / "prometheus-operator", promop_dir / "crds")
 
 
-MONITORING_CRDS = ("servicemonitors", "prometheusrules", "prometheuses")
+# Every CRD the Prometheus Operator's controllers watch (each refuses to start until all its informers sync).
+MONITORING_CRDS = ("servicemonitors", "podmonitors", "probes", "scrapeconfigs", "prometheusrules", "prometheuses",
+                   "prometheusagents", "alertmanagers", "alertmanagerconfigs", "thanosrulers")
 
 
 def _copy_monitoring_crds(go: str, module: Path, dest: Path) -> None:

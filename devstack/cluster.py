@@ -42,9 +42,17 @@ def create_or_update(http: KubeHttp, path: str, body: Obj) -> Obj:
     return http.put(f"{path}/{name}", merged)
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML reads a bare `=` as YAML 1.1's "value" tag, which it cannot construct; Kubernetes
+    (YAML 1.2) reads it as the string "=" (the Prometheus Operator's CRDs have such enum values)."""
+
+
+_YamlLoader.add_constructor("tag:yaml.org,2002:value", lambda loader, node: loader.construct_scalar(node))
+
+
 def apply_crd(http: KubeHttp, crd: Obj | Path, timeout_s: float = 30.0) -> Obj:
     """Create or update a CRD and wait until it is Established (served)."""
-    doc = yaml.safe_load(Path(crd).read_text()) if isinstance(crd, Path) else crd
+    doc = yaml.load(Path(crd).read_text(), Loader=_YamlLoader) if isinstance(crd, Path) else crd
     create_or_update(http, CRD_PATH, doc)
     deadline = time.monotonic() + timeout_s
     while True:

@@ -6,9 +6,11 @@ writes the generated `prometheus.yaml.gz` into the Secret `prometheus-<name>` an
 ConfigMaps `prometheus-<name>-rulefiles-<n>`, and a config reloader feeds them to Prometheus. Here the
 operator (built from its Go module, `binaries.py`) runs against the dev stack's API server; this
 module reads what it generated and gives it to Debian's Prometheus, which discovers the targets
-through the real API server (kubernetes_sd, role endpointslice) and applies the operator's own
-relabelling. What is played: the EndpointSlices and Pods of the operator processes (no endpointslice
-controller or pod network here: every process listens on 127.0.0.1).
+with the Prometheus Operator's own relabelling. What is played: the discovery of the operator's
+endpoints (Kubernetes refuses loopback addresses in Endpoints and EndpointSlices, and every process
+here listens on 127.0.0.1: `discovered_target` writes the __meta labels Prometheus's kubernetes_sd
+would attach, read from the real Service and Pod objects, into a file_sd), and the operator Pods'
+Running status (no Deployment controller or container runtime here).
 """
 
 from __future__ import annotations
@@ -115,40 +117,94 @@ def generated_config(http: KubeHttp, namespace: str, name: str, timeout_s: float
     return config, rules
 
 
-def localise(config: str, rules_dir: Path) -> str:
-    """Point the generated config's rule_files (`/etc/prometheus/rules/...`) at `rules_dir`."""
+def localise(config: str, rules_dir: Path, name: str = "k8s") -> str:
+    """What the prometheus-config-reloader sidecar does before Prometheus reads the generated file:
+    expand `$(VAR)` from its environment (`SHARD`, the shard of this replica, and `POD_NAME`), and
+    here also point rule_files (`/etc/prometheus/rules/...`) at `rules_dir`."""
+    env = {"SHARD": "0", "POD_NAME": f"prometheus-{name}-0"}
+    config = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), config)
     doc = yaml.safe_load(config)
     doc["rule_files"] = [str(rules_dir / "*.yaml")]
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-def pod_and_slice(service: Obj, pod_name: str, port: int, labels: dict[str, str], node: str = "") -> tuple[Obj, Obj]:
-    """The Pod object and EndpointSlice the Deployment controller and endpointslice controller would
-    make for one operator process listening on 127.0.0.1:`port` (pod networking played)."""
+def _sanitize(name: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9_]", "_", name)
+
+
+def _object_meta(prefix: str, meta: Obj) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for kind in ("label", "annotation"):
+        for k, v in ((meta.get(f"{kind}s") or {}).items()):
+            out[f"{prefix}_{kind}_{_sanitize(k)}"] = str(v)
+            out[f"{prefix}_{kind}present_{_sanitize(k)}"] = "true"
+    return out
+
+
+def discovered_target(service: Obj, pod: Obj, port: int) -> dict[str, Any]:
+    """One target group as Prometheus's kubernetes_sd (roles endpoints and endpointslice) would
+    produce it for `pod` behind `service`, listening on 127.0.0.1:`port`: every __meta label the
+    Prometheus Operator's relabelling reads. Kubernetes refuses loopback addresses in Endpoints and
+    EndpointSlices, so on this machine (every process on 127.0.0.1) the discovery is played."""
     ns = service["metadata"]["namespace"]
     port_name = next(p.get("name", "") for p in service["spec"]["ports"])
-    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod_name, "namespace": ns, "labels": labels},
-           "spec": {"containers": [{"name": "operator", "image": "devstack/operator",
-                                    "ports": [{"name": port_name, "containerPort": port}]}]}}
-    if node:
-        pod["spec"]["nodeName"] = node
-    slice_ = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
-              "metadata": {"name": f"{service['metadata']['name']}-{pod_name}"[:63], "namespace": ns,
-                           "labels": {"kubernetes.io/service-name": service["metadata"]["name"],
-                                      "endpointslice.kubernetes.io/managed-by": "devstack.enginebuild.dev"}},
-              "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": True},
-                             "targetRef": {"kind": "Pod", "name": pod_name, "namespace": ns}}],
-              "ports": [{"name": port_name, "port": port, "protocol": "TCP"}]}
-    return pod, slice_
+    container = (pod["spec"].get("containers") or [{}])[0]
+    labels: dict[str, str] = {
+        "__meta_kubernetes_namespace": ns,
+        "__meta_kubernetes_service_name": service["metadata"]["name"],
+        "__meta_kubernetes_pod_name": pod["metadata"]["name"],
+        "__meta_kubernetes_pod_ip": "127.0.0.1",
+        "__meta_kubernetes_pod_ready": "true",
+        "__meta_kubernetes_pod_phase": "Running",
+        "__meta_kubernetes_pod_uid": pod["metadata"].get("uid", ""),
+        "__meta_kubernetes_pod_node_name": pod["spec"].get("nodeName", ""),
+        "__meta_kubernetes_pod_container_name": container.get("name", ""),
+        "__meta_kubernetes_pod_container_port_name": port_name,
+        "__meta_kubernetes_pod_container_port_number": str(port),
+        "__meta_kubernetes_pod_container_port_protocol": "TCP",
+        # role endpoints
+        "__meta_kubernetes_endpoints_name": service["metadata"]["name"],
+        "__meta_kubernetes_endpoint_port_name": port_name,
+        "__meta_kubernetes_endpoint_port_protocol": "TCP",
+        "__meta_kubernetes_endpoint_ready": "true",
+        "__meta_kubernetes_endpoint_address_target_kind": "Pod",
+        "__meta_kubernetes_endpoint_address_target_name": pod["metadata"]["name"],
+        # role endpointslice
+        "__meta_kubernetes_endpointslice_name": service["metadata"]["name"],
+        "__meta_kubernetes_endpointslice_address_type": "IPv4",
+        "__meta_kubernetes_endpointslice_address_target_kind": "Pod",
+        "__meta_kubernetes_endpointslice_address_target_name": pod["metadata"]["name"],
+        "__meta_kubernetes_endpointslice_endpoint_conditions_ready": "true",
+        "__meta_kubernetes_endpointslice_endpoint_conditions_serving": "true",
+        "__meta_kubernetes_endpointslice_endpoint_conditions_terminating": "false",
+        "__meta_kubernetes_endpointslice_port": str(port),
+        "__meta_kubernetes_endpointslice_port_name": port_name,
+        "__meta_kubernetes_endpointslice_port_protocol": "TCP",
+    }
+    labels.update(_object_meta("__meta_kubernetes_service", service["metadata"]))
+    labels.update(_object_meta("__meta_kubernetes_pod", pod["metadata"]))
+    return {"targets": [f"127.0.0.1:{port}"], "labels": labels}
 
 
-def publish_process(http: KubeHttp, service: Obj, pod_name: str, port: int, labels: dict[str, str]) -> None:
-    """Make one local operator process discoverable behind `service`, as a cluster would."""
-    pod, slice_ = pod_and_slice(service, pod_name, port, labels)
-    ns = service["metadata"]["namespace"]
-    created = http.post(resource_path("v1", "pods", ns), pod)
-    http.patch(resource_path("v1", "pods", ns, pod_name, "status"),
-               {"metadata": {"uid": created["metadata"]["uid"]},
-                "status": {"phase": "Running", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}],
-                           "conditions": [{"type": "Ready", "status": "True"}]}}, kind="strategic")
-    http.post(resource_path("discovery.k8s.io/v1", "endpointslices", ns), slice_)
+def with_played_discovery(config: str, sd_file: Path) -> str:
+    """The Prometheus Operator's configuration with each kubernetes_sd_configs replaced by a file_sd
+    reading `sd_file` (discovered_target groups); its relabelling stays exactly as generated."""
+    doc = yaml.safe_load(config)
+    for job in doc.get("scrape_configs") or []:
+        if job.pop("kubernetes_sd_configs", None) is not None:
+            job["file_sd_configs"] = [{"files": [str(sd_file)], "refresh_interval": "1s"}]
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def publish_process(http: KubeHttp, namespace: str, pod_name: str, port: int, labels: dict[str, str],
+                    container: str = "operator") -> Obj:
+    """The Pod object the Deployment controller would make for one operator process (run locally,
+    listening on 127.0.0.1:`port`), reported Running as its kubelet would. Returns the Pod."""
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod_name, "namespace": namespace, "labels": labels},
+           "spec": {"containers": [{"name": container, "image": "devstack/operator",
+                                    "ports": [{"name": "metrics", "containerPort": port}]}]}}
+    created = http.post(resource_path("v1", "pods", namespace), pod)
+    return http.patch(resource_path("v1", "pods", namespace, pod_name, "status"),
+                      {"metadata": {"uid": created["metadata"]["uid"]},
+                       "status": {"phase": "Running", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}],
+                                  "conditions": [{"type": "Ready", "status": "True"}]}}, kind="strategic")

@@ -7,12 +7,15 @@ Two operator replicas (kopf peering: one acts, one stands by) and two EngineBuil
 two namespaces. Then: every series carries the EngineBuild's own `namespace` (honorLabels; no
 `exported_namespace`), one series per build and per replica as the dashboard expects, every dashboard
 query and every alert rule evaluates without error, and the backlog alert stays silent while the
-standby exports zeros. Played: the operator Pods and their EndpointSlices (the operators run as local
-processes on 127.0.0.1; no Deployment controller, endpointslice controller or pod network here).
+standby exports zeros. Played: the discovery of the operator's endpoints (Kubernetes refuses loopback
+addresses in Endpoints and EndpointSlices; devstack/monitoring.py writes the labels kubernetes_sd would
+attach, from the real Service and Pod objects) and the operator Pods' Running status (the operators
+run as local processes on 127.0.0.1; no Deployment controller or container runtime here).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -29,7 +32,8 @@ from enginebuild_devstack.cluster import ensure_namespace, service_account_token
 from enginebuild_devstack.kube_http import KubeHttp, resource_path
 from enginebuild_devstack.kubeconfig import write_kubeconfig
 from enginebuild_devstack.monitoring import (
-    PrometheusOperator, generated_config, install_monitoring_crds, localise, prometheus_resource, publish_process,
+    PrometheusOperator, discovered_target, generated_config, install_monitoring_crds, localise, prometheus_resource,
+    publish_process, with_played_discovery,
 )
 from enginebuild_devstack.podplay import complete_job
 from enginebuild_devstack.prometheus import Prometheus
@@ -115,20 +119,24 @@ def test_prometheus_operator_scrapes_two_replicas_and_the_rules_hold(
         env.update({k: v for k, v in seaweedfs.env().items() if k.startswith("AWS_") and "ENDPOINT" not in k})
         service = http.get(resource_path("v1", "services", release_ns, f"{RELEASE}-enginebuild-metrics"))
         labels = deployment["spec"]["template"]["metadata"]["labels"]
-        operators = []
+        operators, groups = [], []
         base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_", "ENGINEBUILD_"))}
         for i, priority in enumerate(("100", "50")):
             op = OperatorProcess(dict(base, **env, KUBECONFIG=str(identity), ENGINEBUILD_PEERING_PRIORITY=priority,
                                       ENGINEBUILD_RECONCILE_INTERVAL_SECONDS="2"),
                                  tmp_path / f"operator-{i}.log", tuple(container.get("args") or ()))
             operators.append(op.start())
-            publish_process(http, service, f"{RELEASE}-enginebuild-{i}", op.metrics_port, labels)
+            pod = publish_process(http, release_ns, f"{RELEASE}-enginebuild-{i}", op.metrics_port, labels)
+            groups.append(discovered_target(service, pod, op.metrics_port))
+        sd_file = tmp_path / "targets.json"
+        sd_file.write_text(json.dumps(groups))
 
         rules_dir = tmp_path / "rules"
         rules_dir.mkdir()
         for name, text in rules.items():
             (rules_dir / name).write_text(text)
-        prom = Prometheus(tmp_path / "prometheus", [], config_text=localise(scrape_config, rules_dir)).start()
+        config_text = with_played_discovery(localise(scrape_config, rules_dir), sd_file)
+        prom = Prometheus(tmp_path / "prometheus", [], config_text=config_text).start()
         try:
             # Two EngineBuilds of the same name in two namespaces, both built (the kubelet's reports played).
             uri = f"s3://{s3_bucket}/engines"
@@ -142,12 +150,16 @@ def test_prometheus_operator_scrapes_two_replicas_and_the_rules_hold(
             for ns in (team_a, team_b):
                 _play_build(http, ns, s3_store, uri, tmp_path / ns)
             for ns in (team_a, team_b):
-                wait_for(lambda n=ns: _ready(http, n), timeout=120, what=f"{n}/vit-l-14 Ready")
+                wait_for(lambda n=ns: _ready(http, n), timeout=120, what=f"{ns}/vit-l-14 Ready")
 
             def scraped() -> list[dict[str, Any]] | None:
                 series = prom.query("enginebuild_accuracy_min_cosine_required")
                 return series if {s["metric"].get("namespace") for s in series} >= {team_a, team_b} else None
-            series = wait_for(scraped, timeout=60, what="both builds' series, with their own namespaces")
+            try:
+                series = wait_for(scraped, timeout=60, what="both builds' series, with their own namespaces")
+            except AssertionError as exc:
+                targets = prom._api("/api/v1/targets")
+                raise AssertionError(f"{exc}\ntargets: {json.dumps(targets)[:3000]}\nconfig:\n{config_text[:3000]}") from None
             assert not [s for s in series if "exported_namespace" in s["metric"]], series
             assert {s["metric"].get("service") for s in series} == {f"{RELEASE}-enginebuild-metrics"}
             assert {s["metric"].get("pod") for s in series} <= {f"{RELEASE}-enginebuild-0", f"{RELEASE}-enginebuild-1"}

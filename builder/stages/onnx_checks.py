@@ -303,11 +303,9 @@ def to_ort_runnable(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     return m, rewritten
 
 
-def save_model(model: onnx.ModelProto, path: Path) -> None:
-    """Save inline below the 2 GiB protobuf limit, else with one external data file beside it."""
-    if model.ByteSize() < 1_900_000_000:
-        onnx.save_model(model, str(path))
-    else:
-        onnx.save_model(
-            model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=f"{path.name}_data"
-        )
+def save_model(model: onnx.ModelProto, path: Path, base_dir: Path | None = None) -> list[Path]:
+    """Save inline below the inline limit, else with one external data file beside it (onnx_io.save:
+    sizes come from the weights' byte counts, never from `ByteSize()`, which fails above 2 GiB)."""
+    from . import onnx_io
+
+    return onnx_io.save(model, path, base_dir)

@@ -14,6 +14,7 @@ import gc
 import logging
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -22,10 +23,10 @@ import onnx
 import torch
 
 from ..errors import AccuracyGateFailed, OutOfMemory, QuantizationError
-from ..report import Accuracy, Artifact, EncoderReport, OnnxPair, Report
+from ..report import Accuracy, Artifact, EncoderReport, ExternalData, OnnxPair, Report
 from ..spec import EngineBuildSpec
 from ..toolinfo import peak_gpu_bytes, peak_host_bytes, tool_versions
-from . import onnx_checks, onnx_export, validate
+from . import onnx_checks, onnx_export, onnx_io, validate
 from .attention import split_attention
 from .calibration import load_calibration
 from .model_loading import LoadedModel, load_model, sha256_file
@@ -71,11 +72,22 @@ def _image_size(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def _artifact(path: Path, workdir: Path) -> Artifact:
-    return Artifact(path=path.relative_to(workdir).as_posix(), bytes=onnx_export.file_size(path), sha256=sha256_file(path))
+    """The ONNX file and, when its weights live beside it, its external data file (both hashed,
+    both published and fetched together)."""
+    files = onnx_io.files(path)
+    if len(files) > 2:
+        raise QuantizationError(f"{path.name} references {len(files) - 1} external data files; one is expected")
+    with ThreadPoolExecutor(max_workers=len(files)) as pool:  # hashlib releases the GIL: hash both at once
+        digests = list(pool.map(sha256_file, files))
+    sizes = [p.stat().st_size for p in files]
+    data = None
+    if len(files) == 2:
+        data = ExternalData(path=files[1].relative_to(workdir).as_posix(), bytes=sizes[1], sha256=digests[1])
+    return Artifact(path=path.relative_to(workdir).as_posix(), bytes=sum(sizes), sha256=digests[0], external_data=data)
 
 
 def _input_signature(path: Path) -> tuple[str, list[int], str]:
-    model = onnx.load(str(path), load_external_data=False)
+    model = onnx_io.load_graph(path)
     inp = model.graph.input[0]
     dims = [d.dim_value if d.HasField("dim_value") else -1 for d in inp.type.tensor_type.shape.dim]
     dtype = onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type).name

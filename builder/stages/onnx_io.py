@@ -130,10 +130,11 @@ def _inside(base: Path, location: str) -> Path:
 
 
 def save(model: onnx.ModelProto, path: Path, base_dir: Path | None = None, *, move: bool = False,
-         inline_limit: int = INLINE_LIMIT_BYTES) -> list[Path]:
+         inline_limit: int | None = None) -> list[Path]:
     """Write `model` to `path`, plus `data_path(path)` when its weights exceed `inline_limit`.
 
-    `model` may hold its weights in memory, reference external data files under `base_dir` (a graph
+    `inline_limit` defaults to INLINE_LIMIT_BYTES (read at call time: tests lower it to put a tiny
+    model's weights in a data file). `model` may hold its weights in memory, reference external data files under `base_dir` (a graph
     loaded with `load_graph`), or both. External weights are streamed into the one data file in
     chunks; with `move`, a single source data file holding every external tensor is renamed instead
     (the caller owns it, e.g. an exporter's temporary folder). In-memory weights move out as they
@@ -142,6 +143,7 @@ def save(model: onnx.ModelProto, path: Path, base_dir: Path | None = None, *, mo
     """
     path = Path(path)
     dest = data_path(path)
+    inline_limit = INLINE_LIMIT_BYTES if inline_limit is None else inline_limit
     locations = external_locations(model)
     if locations and base_dir is None:
         raise ValueError(f"{path.name}: the model references external data {locations[:3]}; pass its base_dir")

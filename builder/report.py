@@ -55,7 +55,7 @@ class Accuracy(_Model):
     samples: int
     min_cosine_required: float
     passed: bool
-    evaluated_on: Literal["onnxruntime-cpu"] = "onnxruntime-cpu"
+    evaluated_on: Literal["onnxruntime-cpu", "onnxruntime-cuda"] = "onnxruntime-cpu"
     reference: str = "pytorch-fp16"  # the unquantized model the FP8 ONNX is compared with
 
 

@@ -12,7 +12,6 @@ import contextlib
 import copy
 import gc
 import logging
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,7 +25,7 @@ from ..errors import AccuracyGateFailed, OutOfMemory, QuantizationError
 from ..report import Accuracy, Artifact, EncoderReport, ExternalData, OnnxPair, Report
 from ..spec import EngineBuildSpec
 from ..toolinfo import peak_gpu_bytes, peak_host_bytes, tool_versions
-from . import onnx_checks, onnx_export, onnx_io, validate
+from . import onnx_checks, onnx_export, onnx_io, ort_runner, validate
 from .attention import split_attention
 from .calibration import load_calibration
 from .model_loading import LoadedModel, load_model, sha256_file
@@ -266,9 +265,11 @@ def _run(
             log.info("%s FP8 ONNX: %s (%d bytes)", enc, paths[enc][1], onnx_export.file_size(paths[enc][1]))
     del model
     gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the gate may run on this GPU (onnxruntime-gpu)
 
     with _stage(report, "validate"):
-        _validate(spec, workdir, paths, encoders, held, references, counts, reference_kind, report)
+        _validate(spec, workdir, paths, encoders, held, references, counts, reference_kind, report, device)
 
 
 def _validate(
@@ -281,72 +282,77 @@ def _validate(
     counts: dict[str, LayerCount],
     reference_kind: str,
     report: Report,
+    device: str = "cpu",
+    gate: ort_runner.GateOptions = ort_runner.GateOptions(),
 ) -> None:
+    """ONNX checks and the accuracy gate on each FP8 file. Graphs are loaded without their external
+    data and rewritten for ONNX Runtime in place, so the weights exist once: in ORT's session."""
     fp8_out: dict[str, np.ndarray] = {}
     accuracies: dict[str, validate.EncoderAccuracy] = {}
     allowed = tuple(f"{p}" for p in FINAL_PROJECTION_PARAMS)
     problems: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="enginebuild-ort-") as tmp:
-        for enc in encoders:
-            fp16_path, fp8_path = paths[enc]
-            fp8_model = onnx.load(str(fp8_path), load_external_data=True)
-            opset = onnx_checks.opset_of(fp8_model)
-            if opset < spec.export.opset:
-                problems.append(f"{enc}: FP8 ONNX has opset {opset}, spec.export.opset asks >= {spec.export.opset}")
-            folding = onnx_checks.verify_weight_folding(fp8_model, allowed)
-            conflicts = onnx_checks.type_mismatches(fp8_model)
-            if conflicts:  # TensorRT strong typing would reject these nodes; say so before the engine stage
-                report.warnings.append(
-                    f"{enc} FP8 ONNX mixes FP32/FP16 inputs on {len(conflicts)} node(s): {'; '.join(conflicts[:3])}"
-                )
-            if spec.quantization.split_attention_projections:
-                problems.extend(f"{enc}: {v}" for v in folding.violations[: onnx_checks.MAX_LISTED])
-            elif folding.violations:
-                # Opted out of the split: attention in_proj weights stay FP16 by request, not by accident.
-                report.warnings.append(
-                    f"{enc} FP8 ONNX keeps {len(folding.violations)} weight(s) in FP16 "
-                    "(quantization.splitAttentionProjections is off)"
-                )
-            ort_model, _ = onnx_checks.to_ort_runnable(fp8_model)
-            del fp8_model
-            ort_path = Path(tmp) / f"{enc}.fp8.ort.onnx"
-            onnx_checks.save_model(ort_model, ort_path)
-            del ort_model
-            inputs = held[enc]
-            assert inputs is not None
-            log.info("%s: running the FP8 ONNX on ONNX Runtime CPU over %d held-out inputs", enc, len(inputs))
-            fp8_out[enc] = validate.run_onnx(ort_path, inputs.numpy(), spec.batch_size)
-            accuracies[enc] = validate.cosine_stats(fp8_out[enc], references[enc])
-            name, shape, dtype = _input_signature(fp8_path)
-            c = counts[enc]
-            fp16_art, fp8_art = _artifact(fp16_path, workdir), _artifact(fp8_path, workdir)
-            acc = accuracies[enc]
-            report.encoders[enc] = EncoderReport(
-                input_name=name,
-                input_shape=shape,
-                input_dtype=dtype,
-                onnx=OnnxPair(fp16=fp16_art, fp8=fp8_art),
-                size_reduction=round(1.0 - fp8_art.bytes / fp16_art.bytes, 6),
-                linear_layers=c.linear,
-                quantized_linear_layers=c.quantized,
-                parameters=c.parameters,
-                unquantized_layers=list(c.unquantized),
-                opset=opset,
-                fp8_weight_tensors=folding.fp8_weights,
-                accuracy=Accuracy(
-                    cosine_min=acc.cosine_min,
-                    cosine_mean=acc.cosine_mean,
-                    samples=acc.samples,
-                    min_cosine_required=spec.accuracy.min_cosine,
-                    passed=bool(acc.cosine_min >= spec.accuracy.min_cosine),  # NaN compares False
-                    reference=reference_kind,
-                ),
+    for enc in encoders:
+        fp16_path, fp8_path = paths[enc]
+        fp8_model = onnx_io.load_graph(fp8_path)
+        opset = onnx_checks.opset_of(fp8_model)
+        if opset < spec.export.opset:
+            problems.append(f"{enc}: FP8 ONNX has opset {opset}, spec.export.opset asks >= {spec.export.opset}")
+        folding = onnx_checks.verify_weight_folding(fp8_model, allowed)
+        conflicts = onnx_checks.type_mismatches(fp8_model)
+        if conflicts:  # TensorRT strong typing would reject these nodes; say so before the engine stage
+            report.warnings.append(
+                f"{enc} FP8 ONNX mixes FP32/FP16 inputs on {len(conflicts)} node(s): {'; '.join(conflicts[:3])}"
             )
-            log.info(
-                "%s: FP16 %d B, FP8 %d B (%.1f %% smaller); cosine min %.6f mean %.6f",
-                enc, fp16_art.bytes, fp8_art.bytes, 100 * (1 - fp8_art.bytes / fp16_art.bytes),
-                acc.cosine_min, acc.cosine_mean,
+        if spec.quantization.split_attention_projections:
+            problems.extend(f"{enc}: {v}" for v in folding.violations[: onnx_checks.MAX_LISTED])
+        elif folding.violations:
+            # Opted out of the split: attention in_proj weights stay FP16 by request, not by accident.
+            report.warnings.append(
+                f"{enc} FP8 ONNX keeps {len(folding.violations)} weight(s) in FP16 "
+                "(quantization.splitAttentionProjections is off)"
             )
+        inputs = held[enc]
+        assert inputs is not None
+        log.info("%s: running the FP8 ONNX on ONNX Runtime over %d held-out inputs", enc, len(inputs))
+        run = ort_runner.evaluate(fp8_model, fp8_path, inputs.numpy(), device, gate)
+        del fp8_model
+        log.info("%s: gate ran on %s in %.1f s (%d chunk(s), %d side by side, batch axis %s, %d padded rows)",
+                 enc, run.provider, run.seconds, run.chunks, run.concurrency,
+                 "freed" if run.batch_freed else "static", run.padded_rows)
+        fp8_out[enc] = run.outputs
+        report.timings_s["gate"] = round(report.timings_s.get("gate", 0.0) + run.seconds, 3)
+        accuracies[enc] = validate.cosine_stats(fp8_out[enc], references[enc])
+        name, shape, dtype = _input_signature(fp8_path)
+        c = counts[enc]
+        fp16_art, fp8_art = _artifact(fp16_path, workdir), _artifact(fp8_path, workdir)
+        acc = accuracies[enc]
+        report.encoders[enc] = EncoderReport(
+            input_name=name,
+            input_shape=shape,
+            input_dtype=dtype,
+            onnx=OnnxPair(fp16=fp16_art, fp8=fp8_art),
+            size_reduction=round(1.0 - fp8_art.bytes / fp16_art.bytes, 6),
+            linear_layers=c.linear,
+            quantized_linear_layers=c.quantized,
+            parameters=c.parameters,
+            unquantized_layers=list(c.unquantized),
+            opset=opset,
+            fp8_weight_tensors=folding.fp8_weights,
+            accuracy=Accuracy(
+                cosine_min=acc.cosine_min,
+                cosine_mean=acc.cosine_mean,
+                samples=acc.samples,
+                min_cosine_required=spec.accuracy.min_cosine,
+                passed=bool(acc.cosine_min >= spec.accuracy.min_cosine),  # NaN compares False
+                evaluated_on=f"onnxruntime-{run.provider}",
+                reference=reference_kind,
+            ),
+        )
+        log.info(
+            "%s: FP16 %d B, FP8 %d B (%.1f %% smaller); cosine min %.6f mean %.6f",
+            enc, fp16_art.bytes, fp8_art.bytes, 100 * (1 - fp8_art.bytes / fp16_art.bytes),
+            acc.cosine_min, acc.cosine_mean,
+        )
     if "image" in fp8_out and "text" in fp8_out:
         top1 = validate.top1_agreement(fp8_out["image"], fp8_out["text"], references["image"], references["text"])
         for enc in ("image", "text"):

@@ -30,7 +30,8 @@ PLANS: dict[str, list[tuple[str, list[str]]]] = {
         ("warm", ["--mode", "warm"]),
         ("vit-l-14.ours", ["--mode", "ours", "--arch", "ViT-L-14"]),
         ("vit-l-14.plain", ["--mode", "plain", "--arch", "ViT-L-14", "--no-plain-accuracy"]),
-        ("vit-l-14.gate", ["--mode", "gate", "--arch", "ViT-L-14"]),
+        ("vit-l-14.gate", ["--mode", "gate", "--arch", "ViT-L-14",
+                           "--gate-variants", "default,single_run_profiled,optimized,concurrency8"]),
     ],
     "sizes": [
         ("vit-b-32.ours", ["--mode", "ours", "--arch", "ViT-B-32"]),

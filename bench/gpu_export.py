@@ -292,8 +292,10 @@ def run_gate(args: argparse.Namespace) -> dict:
 
     variants = [("default", ort_runner.GateOptions()), ("single_run_profiled", None),
                 ("optimized", ort_runner.GateOptions(optimized=True)),
+                ("concurrency8", ort_runner.GateOptions(concurrency=8)),
                 ("static_padded", ort_runner.GateOptions(free_batch=False)), ("reference", None)]
-    for name, opts in variants:
+    wanted = args.gate_variants.split(",")
+    for name, opts in [v for v in variants if v[0] in wanted]:
         for enc, (fp8, x, batch) in inputs.items():
             t = time.perf_counter()
             if opts is not None:
@@ -383,6 +385,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=["all", "warm", "plain", "ours", "gate", "table"], default="all")
     ap.add_argument("--encoders", default="image,text", help="towers to build (ours, gate)")
+    ap.add_argument("--gate-variants", default="default,single_run_profiled,optimized,concurrency8,static_padded,reference",
+                    help="gate mode: which ways of running the gate to time, in this order")
     ap.add_argument("--no-plain-accuracy", dest="plain_accuracy", action="store_false",
                     help="skip the plain recipe's untimed ORT accuracy check (saves device time)")
     ap.add_argument("--arch", default="ViT-L-14")

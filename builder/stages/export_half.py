@@ -13,7 +13,8 @@ import copy
 import gc
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -251,25 +252,61 @@ def _run(
         log.info("%s encoder: %d of %d projection layers quantized (FP16: %s)", enc, c.quantized, c.linear,
                  ", ".join(c.unquantized) or "none")
 
-    with _stage(report, "export_fp8"):
-        export_dtype = torch.float32
-        if reference_kind == "pytorch-fp16":  # FP16 kernels exist on this device: trace in FP16
-            model = _half_for_export(model)
-            export_dtype = torch.float16
-        for enc in encoders:
-            example = onnx_export.example_input(enc, batch, loaded.image_size, loaded.context_length, device,
-                                                export_dtype)
-            repaired = onnx_export.export_fp8(onnx_export.wrap(model, enc), enc, example, paths[enc][1], opset, dynamic)
-            if repaired:
-                log.info("%s FP8 ONNX: %d FP32 casts in front of FP16 ops made FP16", enc, repaired)
-            log.info("%s FP8 ONNX: %s (%d bytes)", enc, paths[enc][1], onnx_export.file_size(paths[enc][1]))
-    del model
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()  # the gate may run on this GPU (onnxruntime-gpu)
+    # Each tower's checks and gate start in a worker thread as soon as its FP8 file exists: the gate
+    # is CPU-bound in ONNX Runtime (which releases the GIL) while the next export mostly waits on
+    # the GPU and one Python thread, so the image gate overlaps the text export.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gate") as gate_pool:
+        checked: dict[str, Future[_Checked]] = {}
+        with _stage(report, "export_fp8"):
+            export_dtype = torch.float32
+            if reference_kind == "pytorch-fp16":  # FP16 kernels exist on this device: trace in FP16
+                model = _half_for_export(model)
+                export_dtype = torch.float16
+            for enc in encoders:
+                example = onnx_export.example_input(enc, batch, loaded.image_size, loaded.context_length, device,
+                                                    export_dtype)
+                repaired = onnx_export.export_fp8(onnx_export.wrap(model, enc), enc, example, paths[enc][1], opset,
+                                                  dynamic)
+                if repaired:
+                    log.info("%s FP8 ONNX: %d FP32 casts in front of FP16 ops made FP16", enc, repaired)
+                log.info("%s FP8 ONNX: %s (%d bytes)", enc, paths[enc][1], onnx_export.file_size(paths[enc][1]))
+                inputs = held[enc]
+                assert inputs is not None
+                checked[enc] = gate_pool.submit(_check_and_gate, spec, enc, paths[enc][1], inputs.numpy(), device)
+        del model
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()  # the gate may run on this GPU (onnxruntime-gpu)
 
-    with _stage(report, "validate"):
-        _validate(spec, workdir, paths, encoders, held, references, counts, reference_kind, report, device)
+        with _stage(report, "validate"):
+            results = {enc: checked[enc].result() for enc in encoders}
+            _validate(spec, workdir, paths, encoders, results, references, counts, reference_kind, report)
+
+
+@dataclass
+class _Checked:
+    """What the ONNX checks and the gate found for one tower's FP8 file."""
+
+    opset: int
+    folding: onnx_checks.FoldingReport
+    conflicts: list[str]
+    run: ort_runner.GateRun
+
+
+def _check_and_gate(spec: EngineBuildSpec, enc: str, fp8_path: Path, inputs: np.ndarray, device: str,
+                    gate: ort_runner.GateOptions = ort_runner.GateOptions()) -> _Checked:
+    """ONNX checks and the accuracy gate on one FP8 file. The graph is loaded without its external data
+    and rewritten for ONNX Runtime in place, so the weights exist once: in ORT's session."""
+    fp8_model = onnx_io.load_graph(fp8_path)
+    opset = onnx_checks.opset_of(fp8_model)
+    folding = onnx_checks.verify_weight_folding(fp8_model, tuple(FINAL_PROJECTION_PARAMS))
+    conflicts = onnx_checks.type_mismatches(fp8_model)
+    log.info("%s: running the FP8 ONNX on ONNX Runtime over %d held-out inputs", enc, len(inputs))
+    run = ort_runner.evaluate(fp8_model, fp8_path, inputs, device, gate, spec.accuracy.min_cosine)
+    log.info("%s: gate ran on %s in %.1f s (%d chunk(s), %d side by side, batch axis %s, %d padded rows)",
+             enc, run.provider, run.seconds, run.chunks, run.concurrency,
+             "freed" if run.batch_freed else "static", run.padded_rows)
+    return _Checked(opset, folding, conflicts, run)
 
 
 def _validate(
@@ -277,28 +314,22 @@ def _validate(
     workdir: Path,
     paths: dict[str, tuple[Path, Path]],
     encoders: list[str],
-    held: dict[str, torch.Tensor | None],
+    results: dict[str, _Checked],
     references: dict[str, np.ndarray],
     counts: dict[str, LayerCount],
     reference_kind: str,
     report: Report,
-    device: str = "cpu",
-    gate: ort_runner.GateOptions = ort_runner.GateOptions(),
 ) -> None:
-    """ONNX checks and the accuracy gate on each FP8 file. Graphs are loaded without their external
-    data and rewritten for ONNX Runtime in place, so the weights exist once: in ORT's session."""
+    """The checks' and the gate's verdicts per tower into the report; raises after filling it."""
     fp8_out: dict[str, np.ndarray] = {}
     accuracies: dict[str, validate.EncoderAccuracy] = {}
-    allowed = tuple(f"{p}" for p in FINAL_PROJECTION_PARAMS)
     problems: list[str] = []
     for enc in encoders:
         fp16_path, fp8_path = paths[enc]
-        fp8_model = onnx_io.load_graph(fp8_path)
-        opset = onnx_checks.opset_of(fp8_model)
+        found = results[enc]
+        opset, folding, conflicts, run = found.opset, found.folding, found.conflicts, found.run
         if opset < spec.export.opset:
             problems.append(f"{enc}: FP8 ONNX has opset {opset}, spec.export.opset asks >= {spec.export.opset}")
-        folding = onnx_checks.verify_weight_folding(fp8_model, allowed)
-        conflicts = onnx_checks.type_mismatches(fp8_model)
         if conflicts:  # TensorRT strong typing would reject these nodes; say so before the engine stage
             report.warnings.append(
                 f"{enc} FP8 ONNX mixes FP32/FP16 inputs on {len(conflicts)} node(s): {'; '.join(conflicts[:3])}"
@@ -311,14 +342,6 @@ def _validate(
                 f"{enc} FP8 ONNX keeps {len(folding.violations)} weight(s) in FP16 "
                 "(quantization.splitAttentionProjections is off)"
             )
-        inputs = held[enc]
-        assert inputs is not None
-        log.info("%s: running the FP8 ONNX on ONNX Runtime over %d held-out inputs", enc, len(inputs))
-        run = ort_runner.evaluate(fp8_model, fp8_path, inputs.numpy(), device, gate)
-        del fp8_model
-        log.info("%s: gate ran on %s in %.1f s (%d chunk(s), %d side by side, batch axis %s, %d padded rows)",
-                 enc, run.provider, run.seconds, run.chunks, run.concurrency,
-                 "freed" if run.batch_freed else "static", run.padded_rows)
         fp8_out[enc] = run.outputs
         report.timings_s["gate"] = round(report.timings_s.get("gate", 0.0) + run.seconds, 3)
         accuracies[enc] = validate.cosine_stats(fp8_out[enc], references[enc])

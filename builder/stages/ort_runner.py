@@ -44,8 +44,12 @@ CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 # and ViT-B-32 outputs differ from the unoptimized graph unless both are disabled).
 ROUNDING_PASSES = ("ConstantFolding", "MatMulAddFusion")
 PROBE_ROWS = 2
-PROBE_MIN_COSINE = 0.9999  # a mis-shaped row gives cosines far below; batch-size rounding stays above
-PROBE_NORM_TOLERANCE = 1e-3
+# How far a row may move when it runs in another batch size, as a share of the gate's own margin
+# (1 - minCosine). Not zero: on 16 cores the GEMM splits its work by batch size, and FP8 rounding
+# turns the last-bit differences into occasional one-step flips (ViT-L-14 on the H200); a row mixed
+# with others, or shaped for another batch, moves by the size of the differences between inputs.
+PROBE_SHARE_OF_MARGIN = 0.1
+PROBE_MIN_TOLERANCE = 1e-4
 MAX_CONCURRENCY = 8
 _DTYPES = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(int64)": np.int64,
            "tensor(int32)": np.int32}
@@ -168,20 +172,25 @@ def _run_chunks(sess, inputs: np.ndarray, chunk: int, static: int | None, concur
     return np.concatenate(outs).astype(np.float32), padded
 
 
-def _rows_agree(probe: np.ndarray, full: np.ndarray) -> bool:
+def _rows_agree(probe: np.ndarray, full: np.ndarray, min_cosine: float) -> tuple[bool, float]:
+    """Whether the probe's rows match the full run's (cosine and norm within a tenth of the gate's
+    margin); also returns the lowest cosine seen."""
     a, b = probe.astype(np.float64), full.astype(np.float64)
     na, nb = np.linalg.norm(a, axis=-1), np.linalg.norm(b, axis=-1)
     if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))) or np.any(nb == 0):
-        return bool(np.array_equal(a, b))
+        return bool(np.array_equal(a, b)), float("nan")
     cos = np.sum(a * b, axis=-1) / np.maximum(na * nb, 1e-30)
-    return bool(np.all(cos >= PROBE_MIN_COSINE) and np.all(np.abs(na / nb - 1) <= PROBE_NORM_TOLERANCE))
+    tol = max(PROBE_MIN_TOLERANCE, PROBE_SHARE_OF_MARGIN * (1.0 - min_cosine))
+    ok = bool(np.all(cos >= 1.0 - tol) and np.all(np.abs(na / nb - 1) <= 10 * tol))
+    return ok, float(cos.min())
 
 
 def evaluate(graph: onnx.ModelProto, fp8_path: Path, inputs: np.ndarray, device: str,
-             options: GateOptions = GateOptions()) -> GateRun:
+             options: GateOptions = GateOptions(), min_cosine: float = 0.99) -> GateRun:
     """Run the FP8 ONNX at `fp8_path` (its graph already loaded as `graph`, consumed here) over `inputs`.
 
-    The ORT copy is removed afterwards, whatever happens.
+    `min_cosine` is the gate's threshold: the batch probe's tolerance is a tenth of its margin. The
+    ORT copy is removed afterwards, whatever happens.
     """
     started = time.perf_counter()
     static = onnx_checks.static_batch(graph)
@@ -195,13 +204,15 @@ def evaluate(graph: onnx.ModelProto, fp8_path: Path, inputs: np.ndarray, device:
             chunk = min(static or n, max(1, -(-n // concurrency)))
             try:
                 out, padded = _run_chunks(sess, inputs, chunk, None, concurrency)
-                agree = len(out) == n and (
-                    n < PROBE_ROWS or _rows_agree(_run_chunks(sess, inputs[:PROBE_ROWS], PROBE_ROWS, None, 1)[0],
-                                                  out[:PROBE_ROWS]))
-                why = "rows changed with the batch they ran in"
+                agree, probe_cos = len(out) == n, float("nan")
+                if agree and n >= PROBE_ROWS:
+                    probe, _ = _run_chunks(sess, inputs[:PROBE_ROWS], PROBE_ROWS, None, 1)
+                    agree, probe_cos = _rows_agree(probe, out[:PROBE_ROWS], min_cosine)
+                why = f"rows changed with the batch they ran in (probe cosine {probe_cos:.6f})"
             except Exception as exc:  # noqa: BLE001 (a shape the rewrite missed fails here, not silently)
                 agree, why = False, f"onnxruntime failed ({str(exc).splitlines()[0][:200]})"
             if agree:
+                log.info("%s: batch probe cosine %.6f", fp8_path.name, probe_cos)
                 return GateRun(out, provider, True, -(-n // chunk), concurrency, padded, time.perf_counter() - started)
             log.warning("%s: %s after freeing the batch axis: running the static graph, padded", fp8_path.name, why)
             del sess

@@ -11,7 +11,7 @@ OUT/logs.txt. Working folders (ONNX files) live under --work and are deleted aft
 Plans (one device call each; docs/benchmarks.md has the numbers and the commands):
   vit-l  warm-up (ModelOpt's CUDA extension JIT-compiled once: the cold cost), ours on ViT-L-14 both
          towers, the plain ModelOpt recipe on ViT-L-14, then the gate's variants on our FP8 files.
-  sizes  ours on ViT-B-32 (both towers), ViT-bigG-14 (image tower), ViT-H-14 (both towers).
+  sizes  ours on ViT-bigG-14 (image tower), ViT-B-32 (both towers), ViT-H-14 (both towers).
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ PLANS: dict[str, list[tuple[str, list[str]]]] = {
                            "--gate-variants", "default,single_run_profiled,optimized,concurrency8"]),
     ],
     "sizes": [
-        ("vit-b-32.ours", ["--mode", "ours", "--arch", "ViT-B-32"]),
         ("vit-bigg-14-image.ours", ["--mode", "ours", "--arch", "ViT-bigG-14", "--encoders", "image"]),
+        ("vit-b-32.ours", ["--mode", "ours", "--arch", "ViT-B-32"]),
         ("vit-h-14.ours", ["--mode", "ours", "--arch", "ViT-H-14"]),
     ],
 }

@@ -117,9 +117,11 @@ class _ExportedFiles:
 
 
 @contextlib.contextmanager
-def _files_on_disk(folder: Path) -> Iterator[bool]:
-    """Make ModelOpt export into `folder` (its temporary folder, on the workdir's filesystem, so the
-    result is renamed into place rather than copied) and leave the files there; yields False where
+def _files_on_disk(scratch: Path) -> Iterator[bool]:
+    """During a ModelOpt export: its temporary files go to `scratch` (on the workdir's filesystem, so
+    the result is renamed into place, not copied; deleted by the caller with whatever ModelOpt's
+    helpers leave there: its large-model shape inference leaves a copy of every weight), and the
+    exported files stay on disk instead of coming back base64-encoded in memory. Yields False where
     ModelOpt's internals changed and the files come back in memory instead."""
     try:
         from modelopt.torch._deploy.utils import torch_onnx
@@ -127,7 +129,7 @@ def _files_on_disk(folder: Path) -> Iterator[bool]:
         torch_onnx = None
     original = getattr(torch_onnx, "OnnxBytes", None)
     saved_tempdir = tempfile.tempdir
-    tempfile.tempdir = str(folder)
+    tempfile.tempdir = str(scratch)
     if original is not None:
         torch_onnx.OnnxBytes = _ExportedFiles
     try:
@@ -139,11 +141,11 @@ def _files_on_disk(folder: Path) -> Iterator[bool]:
 
 
 def _modelopt_export(quant_wrapper: nn.Module, example: torch.Tensor, name: str, axes: dict, opset: int,
-                     log_sink: io.StringIO, workdir: Path) -> Path:
-    """Run ModelOpt's exporter; returns the folder holding `<name>.onnx` (+ its data file), ours to delete."""
+                     log_sink: io.StringIO, scratch: Path) -> Path:
+    """Run ModelOpt's exporter; returns the folder (inside `scratch`) holding `<name>.onnx` (+ its data)."""
     from modelopt.torch._deploy.utils import OnnxBytes, get_onnx_bytes_and_metadata
 
-    with _files_on_disk(workdir) as on_disk, contextlib.redirect_stdout(log_sink):
+    with _files_on_disk(scratch) as on_disk, contextlib.redirect_stdout(log_sink):
         raw, _meta = get_onnx_bytes_and_metadata(
             quant_wrapper, (example,), model_name=name, dynamic_axes=axes,
             onnx_opset=opset, weights_dtype="fp16", remove_exported_model=not on_disk,
@@ -151,7 +153,7 @@ def _modelopt_export(quant_wrapper: nn.Module, example: torch.Tensor, name: str,
     if on_disk:
         return Path(json.loads(raw)["onnx_load_path"]).parent
     files = OnnxBytes.from_bytes(raw)  # fallback: ModelOpt handed the files back in memory
-    folder = Path(tempfile.mkdtemp(prefix=".modelopt-", dir=workdir))
+    folder = Path(tempfile.mkdtemp(prefix="returned-", dir=scratch))
     for file_name, data in files.onnx_model.items():
         (folder / file_name).write_bytes(data)
     return folder
@@ -169,19 +171,20 @@ def export_fp8(quant_wrapper: nn.Module, encoder: str, example: torch.Tensor, pa
     # ModelOpt names a single tensor output "out"; it is renamed after export.
     axes = _dynamic_axes(encoder, "out", dynamic)
     log_sink = io.StringIO()
-    with _export_mode():
-        try:
-            folder = _modelopt_export(quant_wrapper, example, path.stem, axes, opset, log_sink, path.parent)
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception as exc:
-            raise QuantizationError(
-                f"FP8 ONNX export of the {encoder} encoder failed: {exc}", log_tail=log_sink.getvalue()[-2000:]
-            ) from exc
-    for line in log_sink.getvalue().splitlines():
-        if line.strip():
-            log.debug("modelopt: %s", line)
+    scratch = Path(tempfile.mkdtemp(prefix=".modelopt-", dir=path.parent))
     try:
+        with _export_mode():
+            try:
+                folder = _modelopt_export(quant_wrapper, example, path.stem, axes, opset, log_sink, scratch)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as exc:
+                raise QuantizationError(
+                    f"FP8 ONNX export of the {encoder} encoder failed: {exc}", log_tail=log_sink.getvalue()[-2000:]
+                ) from exc
+        for line in log_sink.getvalue().splitlines():
+            if line.strip():
+                log.debug("modelopt: %s", line)
         main_files = sorted(folder.glob("*.onnx"))
         if len(main_files) != 1:
             raise QuantizationError(f"ModelOpt returned {len(main_files)} .onnx files for the {encoder} encoder, not 1")
@@ -192,7 +195,7 @@ def export_fp8(quant_wrapper: nn.Module, encoder: str, example: torch.Tensor, pa
             onnx_checks.rename_output(model, outputs[0], OUTPUT_NAME)
         onnx_io.save(model, path, folder, move=True)
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)  # ModelOpt's folders and whatever its helpers left
     return repaired
 
 

@@ -133,13 +133,13 @@ def save(model: onnx.ModelProto, path: Path, base_dir: Path | None = None, *, mo
          inline_limit: int | None = None) -> list[Path]:
     """Write `model` to `path`, plus `data_path(path)` when its weights exceed `inline_limit`.
 
-    `inline_limit` defaults to INLINE_LIMIT_BYTES (read at call time: tests lower it to put a tiny
-    model's weights in a data file). `model` may hold its weights in memory, reference external data files under `base_dir` (a graph
+    `model` may hold its weights in memory, reference external data files under `base_dir` (a graph
     loaded with `load_graph`), or both. External weights are streamed into the one data file in
     chunks; with `move`, a single source data file holding every external tensor is renamed instead
     (the caller owns it, e.g. an exporter's temporary folder). In-memory weights move out as they
     are written, so the proto never grows past protobuf's limit. The model is modified in place
-    (its tensors point at the new file). Returns the files written: the graph first.
+    (its tensors point at the new file). `inline_limit` defaults to INLINE_LIMIT_BYTES, read at call
+    time (tests lower it to give a tiny model a data file). Returns the files written, graph first.
     """
     path = Path(path)
     dest = data_path(path)
@@ -219,6 +219,7 @@ def _move(src: Path, dest: Path) -> None:
         os.replace(src, dest)
     except OSError:  # another filesystem
         shutil.move(str(src), str(dest))
+    os.chmod(dest, 0o644)  # exporters write 0600 temporaries: give it the mode of the files beside it
 
 
 def files(path: Path) -> list[Path]:

@@ -122,7 +122,8 @@ def test_the_build_reports_where_and_how_long_the_gate_ran(exported) -> None:
     for encoder in ("image", "text"):
         assert report.encoders[encoder].accuracy.evaluated_on == "onnxruntime-cpu"
         assert report.encoders[encoder].accuracy.samples == 6
-    assert 0 < report.timings_s["gate"] <= report.timings_s["validate"]
+    # the image gate runs beside the text export: it fits in export_fp8 + validate, not in validate alone
+    assert 0 < report.timings_s["gate"] <= report.timings_s["export_fp8"] + report.timings_s["validate"]
 
 
 # ---- graphs whose batch cannot (or must not) be freed: the gate falls back to the static graph ----

@@ -12,6 +12,9 @@ runs, each in its own process so peak host memory (ru_maxrss) is per recipe:
   3. `ours`  - `enginebuild build --stages export` when builder/pipeline.py exists, else
                `run_export` directly: attention split, FP8 on both towers, FP16 baseline,
                ORT validation of the FP8 files (validation is inside our timed total).
+  4. `gate`  - (only with --mode gate) the accuracy gate's ways of running, timed on ours' FP8 files.
+--encoders picks the towers (ViT-bigG-14: image), --no-plain-accuracy skips plain's untimed ORT check.
+bench/export_sizes.py runs these steps for several models within one device call's deadline.
 Writes OUT_DIR/results.json and prints a Markdown table for docs/benchmarks.md.
 The builder package is not installed on the GPU box: `enginebuild_builder` is aliased to ./builder.
 """

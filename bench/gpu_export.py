@@ -12,6 +12,9 @@ runs, each in its own process so peak host memory (ru_maxrss) is per recipe:
   3. `ours`  - `enginebuild build --stages export` when builder/pipeline.py exists, else
                `run_export` directly: attention split, FP8 on both towers, FP16 baseline,
                ORT validation of the FP8 files (validation is inside our timed total).
+  4. `gate`  - (only with --mode gate) the accuracy gate's ways of running, timed on ours' FP8 files.
+--encoders picks the towers (ViT-bigG-14: image), --no-plain-accuracy skips plain's untimed ORT check.
+bench/export_sizes.py runs these steps for several models within one device call's deadline.
 Writes OUT_DIR/results.json and prints a Markdown table for docs/benchmarks.md.
 The builder package is not installed on the GPU box: `enginebuild_builder` is aliased to ./builder.
 """
@@ -50,7 +53,7 @@ def alias_package() -> None:
 def _spec_doc(args: argparse.Namespace) -> dict:
     return {
         "model": {"architecture": args.arch, **({"config": args.config} if args.config else {})},
-        "encoders": ["image", "text"],
+        "encoders": args.encoders.split(","),
         "batchSize": args.batch,
         "calibration": {"source": "synthetic", "samples": args.calib_samples},
         "accuracy": {"samples": args.accuracy_samples, "minCosine": args.min_cosine},
@@ -83,8 +86,11 @@ def run_ours(args: argparse.Namespace) -> dict:
         from enginebuild_builder.cli import main
 
         via = "enginebuild build --stages export"
-        rc = main(["build", "--spec", str(spec_path), "--workdir", str(work), "--device", args.device,
-                   "--stages", "export"])
+        try:
+            rc = main(["build", "--spec", str(spec_path), "--workdir", str(work), "--device", args.device,
+                       "--stages", "export"])
+        except Exception as exc:  # noqa: BLE001 (the report holds the error; the numbers still count)
+            rc = getattr(exc, "exit_code", 1)
         total = time.perf_counter() - t
         report = json.loads((work / "report.json").read_text())
     else:
@@ -110,14 +116,22 @@ def run_ours(args: argparse.Namespace) -> dict:
     for name, e in report["encoders"].items():
         enc[name] = {
             "fp16_bytes": e["onnx"]["fp16"]["bytes"], "fp8_bytes": e["onnx"]["fp8"]["bytes"],
+            "fp16_external_data": bool(e["onnx"]["fp16"].get("external_data")),
+            "fp8_external_data": bool(e["onnx"]["fp8"].get("external_data")),
             "reduction": e["size_reduction"], "linear": e["linear_layers"], "quantized": e["quantized_linear_layers"],
+            "parameters": e["parameters"],
             "cosine_min": e["accuracy"]["cosine_min"] if e.get("accuracy") else None,
             "cosine_mean": e["accuracy"]["cosine_mean"] if e.get("accuracy") else None,
             "top1": e["accuracy"]["top1_agreement"] if e.get("accuracy") else None,
+            "evaluated_on": e["accuracy"]["evaluated_on"] if e.get("accuracy") else None,
         }
     return {"via": via, "rc": rc, "total_s": total, "timings_s": report["timings_s"],
             "peak_memory_bytes": report["peak_memory_bytes"], "encoders": enc, "tool_versions": report["tool_versions"],
-            "warnings": report["warnings"]}
+            "warnings": report["warnings"], "error": report.get("error")}
+
+
+class _Skipped(Exception):
+    """The plain recipe's untimed accuracy check was not asked for."""
 
 
 def run_plain(args: argparse.Namespace) -> dict:
@@ -170,7 +184,7 @@ def run_plain(args: argparse.Namespace) -> dict:
 
     # Untimed: FP16 reference embeddings of this very model on held-out inputs (for the accuracy row).
     held = {"image": synthetic_images(args.accuracy_samples, loaded.image_size, 1_000_003),
-            "text": synthetic_texts(args.accuracy_samples, loaded, 1_000_003)}
+            "text": synthetic_texts(args.accuracy_samples, loaded, 1_000_003)} if args.plain_accuracy else {}
     ref16 = copy.deepcopy(model).half()
     refs = {enc: validate.reference_embeddings(wrap(ref16, enc), held[enc], 64, dev) for enc in held}
     del ref16
@@ -202,7 +216,10 @@ def run_plain(args: argparse.Namespace) -> dict:
 
     # Untimed: the plain FP8 files through our ORT gate (on a type-repaired copy: ORT refuses them as is).
     enc_out: dict[str, dict] = {}
+    accuracy_note = "not measured (--no-plain-accuracy)"
     try:
+        if not args.plain_accuracy:
+            raise _Skipped
         fp8 = {}
         with tempfile.TemporaryDirectory() as tmp:
             for enc in ("image", "text"):
@@ -218,6 +235,8 @@ def run_plain(args: argparse.Namespace) -> dict:
             acc = validate.cosine_stats(fp8[enc], refs[enc])
             enc_out[enc] = {"cosine_min": acc.cosine_min, "cosine_mean": acc.cosine_mean, "top1": top1}
         accuracy_note = "ORT CPU on a type-repaired copy, untimed"
+    except _Skipped:
+        pass
     except Exception as exc:  # report, do not hide: the table says why accuracy is missing
         accuracy_note = f"failed: {type(exc).__name__}: {exc}"[:400]
     encoders = {}
@@ -230,6 +249,88 @@ def run_plain(args: argparse.Namespace) -> dict:
         }
     return {"total_s": total, "timings_s": timings, "peak_memory_bytes": peak, "encoders": encoders,
             "accuracy_note": accuracy_note}
+
+
+def run_gate(args: argparse.Namespace) -> dict:
+    """The accuracy gate's ways of running, timed on the FP8 files an `ours` run left in OUT/ours/onnx:
+    ort_runner's defaults and variants, and the reference path (the gate before issue 14: a full copy,
+    static batch padded, one run), each compared with the default's outputs. The single-run variant
+    runs with ORT's profiler on, for the per-operator split. Results are written after every run
+    (OUT/gate.json), so a timeout keeps what was measured."""
+    alias_package()
+    import collections
+    import json as _json
+    import tempfile
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from enginebuild_builder.stages import onnx_checks, onnx_io, ort_runner, validate
+
+    onnx_dir = Path(args.out) / "ours" / "onnx"
+    rng = np.random.default_rng(1_000_003)
+    out: dict = {"cores": ort_runner.cpu_cores(), "onnxruntime": ort.__version__,
+                 "providers": ort.get_available_providers(), "samples": args.accuracy_samples, "encoders": {}}
+    inputs: dict[str, tuple[Path, np.ndarray, int]] = {}
+    for enc in args.encoders.split(","):
+        fp8 = onnx_dir / f"{enc}.fp8.onnx"
+        if fp8.exists():
+            shape = [d.dim_value for d in onnx_io.load_graph(fp8).graph.input[0].type.tensor_type.shape.dim]
+            n = args.accuracy_samples
+            x = (rng.standard_normal([n, *shape[1:]]).astype(np.float16) if enc == "image"
+                 else rng.integers(1, 49000, [n, *shape[1:]]).astype(np.int64))
+            inputs[enc] = (fp8, x, shape[0])
+            out["encoders"][enc] = {}
+    baseline: dict[str, np.ndarray] = {}
+
+    def record(enc: str, name: str, seconds: float, outputs: np.ndarray, **extra: object) -> None:
+        if enc not in baseline:
+            baseline[enc] = outputs
+        cos = validate.cosine_stats(outputs, baseline[enc])
+        out["encoders"][enc][name] = {"s": round(seconds, 3), "cos_vs_default_min": cos.cosine_min,
+                                      "max_abs_diff_vs_default": float(np.abs(outputs - baseline[enc]).max()), **extra}
+        print(enc, name, out["encoders"][enc][name], flush=True)
+        (Path(args.out) / "gate.json").write_text(_json.dumps(out, indent=2, default=str))
+
+    variants = [("default", ort_runner.GateOptions()), ("single_run_profiled", None),
+                ("optimized", ort_runner.GateOptions(optimized=True)),
+                ("concurrency8", ort_runner.GateOptions(concurrency=8)),
+                ("static_padded", ort_runner.GateOptions(free_batch=False)), ("reference", None)]
+    wanted = args.gate_variants.split(",")
+    for name, opts in [v for v in variants if v[0] in wanted]:
+        for enc, (fp8, x, batch) in inputs.items():
+            t = time.perf_counter()
+            if opts is not None:
+                run = ort_runner.evaluate(onnx_io.load_graph(fp8), fp8, x, "cpu", opts)
+                record(enc, name, run.seconds, run.outputs, freed=run.batch_freed, chunks=run.chunks,
+                       concurrency=run.concurrency, padded=run.padded_rows)
+            elif name == "reference":
+                with tempfile.TemporaryDirectory() as tmp:
+                    copy, _ = onnx_checks.to_ort_runnable(onnx.load(str(fp8)))
+                    onnx_checks.save_model(copy, Path(tmp) / "ref.onnx")
+                    del copy
+                    y = validate.run_onnx(Path(tmp) / "ref.onnx", x, batch)
+                record(enc, name, time.perf_counter() - t, y, padded=-(-len(x) // batch) * batch - len(x))
+            else:  # one unpadded run, profiler on: where the time goes
+                path, _ = ort_runner.write_ort_copy(onnx_io.load_graph(fp8), fp8, free_batch=True)
+                try:
+                    so = ort_runner.session_options(ort_runner.GateOptions())
+                    so.enable_profiling = True
+                    so.profile_file_prefix = str(Path(args.out) / f"ortprof-{enc}")
+                    sess = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+                    y = sess.run(None, {sess.get_inputs()[0].name: x})[0].astype(np.float32)
+                    events = _json.loads(Path(sess.end_profiling()).read_text())
+                finally:
+                    path.unlink(missing_ok=True)
+                by_op: collections.Counter = collections.Counter()
+                for e in events:
+                    if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time"):
+                        by_op[e["args"]["op_name"]] += e["dur"]
+                total_us = sum(by_op.values()) or 1
+                record(enc, name, time.perf_counter() - t, y, kernel_s=total_us / 1e6,
+                       op_share={k: round(v / total_us, 4) for k, v in by_op.most_common(8)})
+    return out
 
 
 def _child(mode: str, args: argparse.Namespace) -> dict:
@@ -285,7 +386,12 @@ def table(res: dict) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", choices=["all", "warm", "plain", "ours", "table"], default="all")
+    ap.add_argument("--mode", choices=["all", "warm", "plain", "ours", "gate", "table"], default="all")
+    ap.add_argument("--encoders", default="image,text", help="towers to build (ours, gate)")
+    ap.add_argument("--gate-variants", default="default,single_run_profiled,optimized,concurrency8,static_padded,reference",
+                    help="gate mode: which ways of running the gate to time, in this order")
+    ap.add_argument("--no-plain-accuracy", dest="plain_accuracy", action="store_false",
+                    help="skip the plain recipe's untimed ORT accuracy check (saves device time)")
     ap.add_argument("--arch", default="ViT-L-14")
     ap.add_argument("--config", default=None, help="open_clip model-config JSON (smoke tests on a tiny CLIP)")
     ap.add_argument("--batch", type=int, default=128)
@@ -305,7 +411,7 @@ def main() -> int:
         print(table(res))
         return 0
     if args.mode != "all":
-        fn = {"warm": run_warm, "plain": run_plain, "ours": run_ours}[args.mode]
+        fn = {"warm": run_warm, "plain": run_plain, "ours": run_ours, "gate": run_gate}[args.mode]
         res = fn(args)
         (Path(args.out) / f"{args.mode}.json").write_text(json.dumps(res, indent=2, default=str))
         return 0

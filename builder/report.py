@@ -101,11 +101,26 @@ class _Model(BaseModel):
         return data
 
 
-class Artifact(_Model):
-    path: str  # relative to the workdir
+class ExternalData(_Model):
+    """An ONNX model's external data file (models above 2 GiB): published and fetched with it."""
+
+    path: str  # relative to the workdir, beside the .onnx file (`onnx/image.fp16.onnx_data`)
     bytes: int
     sha256: str
+    uri: str | None = None
+
+
+class Artifact(_Model):
+    path: str  # relative to the workdir
+    bytes: int  # the file; for an ONNX model with external data, the .onnx file plus that file
+    sha256: str  # of the file at `path`
     uri: str | None = None  # set once published to S3
+    external_data: ExternalData | None = None  # ONNX models whose weights live beside the graph
+
+    @property
+    def file_bytes(self) -> int:
+        """Bytes of the file at `path` alone (what S3 holds under its key)."""
+        return self.bytes - (self.external_data.bytes if self.external_data else 0)
 
 
 class OnnxPair(_Model):
@@ -120,7 +135,7 @@ class Accuracy(_Model):
     samples: int
     min_cosine_required: float
     passed: bool
-    evaluated_on: Literal["onnxruntime-cpu"] = "onnxruntime-cpu"
+    evaluated_on: Literal["onnxruntime-cpu", "onnxruntime-cuda"] = "onnxruntime-cpu"
     reference: str = "pytorch-fp16"  # the unquantized model the FP8 ONNX is compared with
 
 

@@ -299,6 +299,25 @@ def _onnx_interface(path: Path) -> tuple[list[TensorInfo], list[TensorInfo]] | N
     return inputs, [info(v) for v in model.graph.output]
 
 
+def _check_external_data(onnx_path: Path, artifact: Artifact) -> None:
+    """A model above 2 GiB keeps its weights in `<name>.onnx_data` beside it, where trtexec's ONNX
+    parser reads them from (`--onnx` names only the graph). Say which file is missing before
+    trtexec fails on it half-way through parsing."""
+    try:
+        from . import onnx_io
+    except ImportError:  # an engine image without the onnx package: trtexec reports it instead
+        return
+    problems = onnx_io.missing_external_data(onnx_path)
+    if artifact.external_data is not None and not (onnx_path.parent / Path(artifact.external_data.path).name).is_file():
+        problems.append(f"{artifact.external_data.path} (listed in the report)")
+    if problems:
+        raise BuildError(
+            f"{onnx_path} needs its external data beside it: {', '.join(problems)}; fetch the export half "
+            "again (both files are in its stage manifest)",
+            field="report.encoders",
+        )
+
+
 def _shapes(spec: EngineBuildSpec, onnx_path: Path, input_name: str, input_shape: list[int],
             interface: tuple[list[TensorInfo], list[TensorInfo]] | None) -> Shapes:
     found = None
@@ -470,6 +489,7 @@ def run_engines(
                     f"{onnx_path} is missing (report.encoders.{encoder}.onnx.{precision}.path)",
                     field="report.encoders",
                 )
+            _check_external_data(onnx_path, artifact)
             interface = _onnx_interface(onnx_path)
             shapes = _shapes(spec, onnx_path, enc.input_name, enc.input_shape, interface)
             if not shapes.dynamic and shapes.batch != spec.batch_size:

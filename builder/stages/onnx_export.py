@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -21,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import QuantizationError
-from . import onnx_checks
+from . import onnx_checks, onnx_io
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +78,13 @@ def _export_mode():
 
 def export_fp16(half_wrapper: nn.Module, encoder: str, example: torch.Tensor, path: Path, opset: int,
                 dynamic: bool) -> None:
-    """Trace the FP16 (unquantized) tower to `path`."""
+    """Trace the FP16 (unquantized) tower to `path` (+ `path_data` above the inline limit).
+
+    Above 2 GiB torch's exporter writes one file per weight beside the graph; they are streamed into
+    the one data file, never loaded (see onnx_io).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _export_mode(), torch.inference_mode(), tempfile.TemporaryDirectory() as tmp:
+    with _export_mode(), torch.inference_mode(), tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
         tmp_path = Path(tmp) / path.name
         try:
             torch.onnx.export(
@@ -94,56 +101,104 @@ def export_fp16(half_wrapper: nn.Module, encoder: str, example: torch.Tensor, pa
             raise
         except Exception as exc:  # the exporter raises many unrelated types
             raise QuantizationError(f"FP16 ONNX export of the {encoder} encoder failed: {exc}") from exc
-        model = onnx.load(str(tmp_path), load_external_data=True)
-    onnx_checks.save_model(model, path)
+        onnx_io.save(onnx_io.load_graph(tmp_path), path, Path(tmp), move=True)
+
+
+class _ExportedFiles:
+    """Stands in for ModelOpt's `OnnxBytes` during an export: it records where the exported model
+    is instead of reading every file into memory and base64-encoding it into one JSON string (for a
+    2 GB model that is ~5 transient copies of the weights). The files stay on disk for us to take."""
+
+    def __init__(self, onnx_load_path: str) -> None:
+        self.onnx_load_path = os.path.abspath(onnx_load_path)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"onnx_load_path": self.onnx_load_path}).encode()
+
+
+@contextlib.contextmanager
+def _files_on_disk(scratch: Path) -> Iterator[bool]:
+    """During a ModelOpt export: its temporary files go to `scratch` (on the workdir's filesystem, so
+    the result is renamed into place, not copied; deleted by the caller with whatever ModelOpt's
+    helpers leave there: its large-model shape inference leaves a copy of every weight), and the
+    exported files stay on disk instead of coming back base64-encoded in memory. Yields False where
+    ModelOpt's internals changed and the files come back in memory instead."""
+    try:
+        from modelopt.torch._deploy.utils import torch_onnx
+    except ImportError:
+        torch_onnx = None
+    original = getattr(torch_onnx, "OnnxBytes", None)
+    saved_tempdir = tempfile.tempdir
+    tempfile.tempdir = str(scratch)
+    if original is not None:
+        torch_onnx.OnnxBytes = _ExportedFiles
+    try:
+        yield original is not None
+    finally:
+        tempfile.tempdir = saved_tempdir
+        if original is not None:
+            torch_onnx.OnnxBytes = original
+
+
+def _modelopt_export(quant_wrapper: nn.Module, example: torch.Tensor, name: str, axes: dict, opset: int,
+                     log_sink: io.StringIO, scratch: Path) -> Path:
+    """Run ModelOpt's exporter; returns the folder (inside `scratch`) holding `<name>.onnx` (+ its data)."""
+    from modelopt.torch._deploy.utils import OnnxBytes, get_onnx_bytes_and_metadata
+
+    with _files_on_disk(scratch) as on_disk, contextlib.redirect_stdout(log_sink):
+        raw, _meta = get_onnx_bytes_and_metadata(
+            quant_wrapper, (example,), model_name=name, dynamic_axes=axes,
+            onnx_opset=opset, weights_dtype="fp16", remove_exported_model=not on_disk,
+        )
+    if on_disk:
+        return Path(json.loads(raw)["onnx_load_path"]).parent
+    files = OnnxBytes.from_bytes(raw)  # fallback: ModelOpt handed the files back in memory
+    folder = Path(tempfile.mkdtemp(prefix="returned-", dir=scratch))
+    for file_name, data in files.onnx_model.items():
+        (folder / file_name).write_bytes(data)
+    return folder
 
 
 def export_fp8(quant_wrapper: nn.Module, encoder: str, example: torch.Tensor, path: Path, opset: int,
                dynamic: bool) -> int:
     """Export the quantized tower with ModelOpt (weights FP16, weight Q/DQ folded) to `path`.
 
-    Returns how many casts `repair_float_casts` had to fix (recorded as a report warning).
+    The graph is repaired and renamed without loading external weights; a data file ModelOpt wrote
+    is moved beside `path`. Returns how many casts `repair_float_casts` had to fix (recorded as a
+    report warning).
     """
-    from modelopt.torch._deploy.utils import OnnxBytes, get_onnx_bytes_and_metadata
-
     path.parent.mkdir(parents=True, exist_ok=True)
     # ModelOpt names a single tensor output "out"; it is renamed after export.
     axes = _dynamic_axes(encoder, "out", dynamic)
     log_sink = io.StringIO()
-    with _export_mode(), contextlib.redirect_stdout(log_sink):
-        try:
-            raw, _meta = get_onnx_bytes_and_metadata(
-                quant_wrapper, (example,), model_name=path.stem, dynamic_axes=axes,
-                onnx_opset=opset, weights_dtype="fp16",
-            )
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception as exc:
-            raise QuantizationError(
-                f"FP8 ONNX export of the {encoder} encoder failed: {exc}", log_tail=log_sink.getvalue()[-2000:]
-            ) from exc
-    for line in log_sink.getvalue().splitlines():
-        if line.strip():
-            log.debug("modelopt: %s", line)
-    files = OnnxBytes.from_bytes(raw)
-    with tempfile.TemporaryDirectory() as tmp:
-        main_file = None
-        for name, data in files.onnx_model.items():
-            (Path(tmp) / name).write_bytes(data)
-            if name.endswith(".onnx"):
-                main_file = Path(tmp) / name
-        if main_file is None:
-            raise QuantizationError(f"ModelOpt returned no .onnx file for the {encoder} encoder")
-        model = onnx.load(str(main_file), load_external_data=True)
-    repaired = onnx_checks.repair_float_casts(model)
-    outputs = [o.name for o in model.graph.output]
-    if len(outputs) == 1:
-        onnx_checks.rename_output(model, outputs[0], OUTPUT_NAME)
-    onnx_checks.save_model(model, path)
+    scratch = Path(tempfile.mkdtemp(prefix=".modelopt-", dir=path.parent))
+    try:
+        with _export_mode():
+            try:
+                folder = _modelopt_export(quant_wrapper, example, path.stem, axes, opset, log_sink, scratch)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as exc:
+                raise QuantizationError(
+                    f"FP8 ONNX export of the {encoder} encoder failed: {exc}", log_tail=log_sink.getvalue()[-2000:]
+                ) from exc
+        for line in log_sink.getvalue().splitlines():
+            if line.strip():
+                log.debug("modelopt: %s", line)
+        main_files = sorted(folder.glob("*.onnx"))
+        if len(main_files) != 1:
+            raise QuantizationError(f"ModelOpt returned {len(main_files)} .onnx files for the {encoder} encoder, not 1")
+        model = onnx_io.load_graph(main_files[0])
+        repaired = onnx_checks.repair_float_casts(model)
+        outputs = [o.name for o in model.graph.output]
+        if len(outputs) == 1:
+            onnx_checks.rename_output(model, outputs[0], OUTPUT_NAME)
+        onnx_io.save(model, path, folder, move=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)  # ModelOpt's folders and whatever its helpers left
     return repaired
 
 
 def file_size(path: Path) -> int:
-    """Bytes of an ONNX file plus its external data file, if it has one."""
-    data = path.with_name(path.name + "_data")
-    return os.path.getsize(path) + (os.path.getsize(data) if data.exists() else 0)
+    """Bytes of an ONNX model: the file plus its external data file, if it has one."""
+    return onnx_io.total_bytes(path)

@@ -9,9 +9,10 @@ it writes the final manifest.
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Union
 
-from ..report import Artifact, Report
+from ..report import Artifact, ExternalData, Report
 from ..storage import S3Store
 from . import triton
 from .publish import build_uri, engine_key, onnx_key, publish_files
@@ -28,16 +29,28 @@ def stage_report_name(stage: str) -> str:
     return EXPORT_REPORT_NAME if stage == EXPORT_STAGE else f"report.{stage.removeprefix('engine-')}.json"
 
 
-def _export_items(report: Report) -> list[tuple[Artifact, str]]:
-    items: list[tuple[Artifact, str]] = []
+def external_data_key(onnx_object_key: str, data: ExternalData) -> str:
+    """The data file's key: beside the .onnx key, under the file name the graph references, so a
+    download of both into one folder is a model that loads (onnx, ONNX Runtime, trtexec)."""
+    folder = PurePosixPath(onnx_object_key).parent
+    return str(folder / PurePosixPath(data.path).name)
+
+
+def _export_items(report: Report) -> list[tuple[Union[Artifact, ExternalData], str]]:
+    """Every ONNX file of the export half with its key; an external data file right after its model."""
+    items: list[tuple[Union[Artifact, ExternalData], str]] = []
     for encoder, enc in report.encoders.items():
-        items.append((enc.onnx.fp16, onnx_key(encoder, "fp16")))
-        items.append((enc.onnx.fp8, onnx_key(encoder, "fp8")))
+        for precision in ("fp16", "fp8"):
+            artifact: Artifact = getattr(enc.onnx, precision)
+            key = onnx_key(encoder, precision)
+            items.append((artifact, key))
+            if artifact.external_data is not None:
+                items.append((artifact.external_data, external_data_key(key, artifact.external_data)))
     return items
 
 
-def _engine_items(report: Report, targets: set[str]) -> list[tuple[Artifact, str]]:
-    items: list[tuple[Artifact, str]] = []
+def _engine_items(report: Report, targets: set[str]) -> list[tuple[Union[Artifact, ExternalData], str]]:
+    items: list[tuple[Union[Artifact, ExternalData], str]] = []
     for e in report.engines:
         if e.target not in targets:
             continue
@@ -74,12 +87,14 @@ def publish_stage(store: S3Store, output_uri: str, key: str, workdir: Path, repo
 
 
 def download_export_half(store: S3Store, output_uri: str, key: str, workdir: Path, report_file: str) -> Report:
-    """Fetch the export Job's report and ONNX files (each size- and SHA-256-verified) into `workdir`."""
+    """Fetch the export Job's report and ONNX files (each size- and SHA-256-verified) into `workdir`;
+    a model's external data file lands beside it, where the graph (and trtexec) look for it."""
     root = build_uri(output_uri, key)
     local_report = workdir / report_file
     store.download_file(root.child(EXPORT_REPORT_NAME), local_report)
     exported = Report.read(local_report)
-    for artifact, dest in _export_items(exported):
-        store.download_file(root.child(*dest.split("/")), workdir / artifact.path,
-                            expected_sha256=artifact.sha256, expected_size=artifact.bytes)
+    for item, dest in _export_items(exported):
+        size = item.file_bytes if isinstance(item, Artifact) else item.bytes
+        store.download_file(root.child(*dest.split("/")), workdir / item.path,
+                            expected_sha256=item.sha256, expected_size=size)
     return exported

@@ -86,8 +86,10 @@ def _run(module: str, attr: str) -> Callable[[argparse.Namespace], int]:
 
 def _run_demo(args: argparse.Namespace) -> int:
     """The demo lives in the dev-only stack, a distribution of its own that images never install."""
+    import importlib
+
     try:
-        import enginebuild_devstack.demo as demo
+        demo = importlib.import_module("enginebuild_devstack.demo")   # by name: products never import it
     except ModuleNotFoundError as exc:
         if exc.name is None or not exc.name.startswith("enginebuild_devstack"):
             raise

@@ -286,7 +286,7 @@ def test_admission_policy_refuses_an_image_outside_the_allowed_prefixes(bare_con
     values = {"builder": {"allowedImages": ["registry.example.com/enginebuild/"]}}
     assert _deployed(helm.Config(kubeconfig_path=str(cp.admin_kubeconfig)).install(
         str(CHART), "eb", values, namespace=NAMESPACE, create_namespace=True))
-    spec = {"model": {"architecture": "ViT-B-32"}, "encoders": ["image"], "output": {"uri": "s3://b/engines"},
+    spec = {"model": {"architecture": "ViT-B-32"}, "encoders": ["image"], "output": {"uri": "s3://models-bucket/engines"},
             "targets": [{"name": "h100", "gpuProduct": "NVIDIA-H100-80GB-HBM3"}]}
 
     def manifest(name: str, image: str) -> str:

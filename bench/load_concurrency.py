@@ -118,7 +118,7 @@ def render(result: dict[str, Any], command: str) -> str:
         "each one export Job then one engine Job. Real operator process under the chart's RBAC; real",
         f"kube-apiserver, etcd, Job controller and scheduler (Kubernetes {result.get('kubernetes')}); the test plays",
         "the kubelet, ending each Pod 0.3 s after it sees it (publishing the build half to SeaweedFS).",
-        f"Measured {when} on {platform.machine()} with {cpus} CPU cores (shared with other work), Python",
+        f"Measured {when} on {platform.machine()} with {cpus} CPU cores, Python",
         f"{platform.python_version()}:",
         "",
         "```",

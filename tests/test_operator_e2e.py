@@ -248,11 +248,14 @@ def test_spec_change_cancels_the_old_build_and_starts_a_new_key(eb_cluster: Clus
     job = wait_until(new_job, 60, "the old Job deleted and a new one created")
     new_key = job["metadata"]["annotations"]["enginebuild.io/build-key"]
     assert new_key != old_key and job["metadata"]["name"] == f"moving-{new_key[:8]}-export"
-    wait_until(lambda: c.status("moving").get("observedGeneration") == 2, 30, "observedGeneration 2")
-    st = c.status("moving")
+    # The status follows in more than one write (generation, then the new Job's row): wait for the
+    # state the test then checks, never for its first sign.
+    st = wait_until(lambda: (s := c.status("moving")).get("observedGeneration") == 2
+                    and [j["name"] for j in s.get("jobs") or []] == [job["metadata"]["name"]] and s, 30,
+                    "observedGeneration 2 with the new Job recorded")
     assert st["buildKey"] == new_key and st["artifactsUri"].endswith(f"/{new_key}/")
-    assert [j["name"] for j in st["jobs"]] == [job["metadata"]["name"]]
-    assert metric_value(op.metrics(), "enginebuild_builds_total", result="cancelled", reason="SpecChanged") == 1.0
+    wait_until(lambda: metric_value(op.metrics(), "enginebuild_builds_total", result="cancelled",
+                                    reason="SpecChanged") == 1.0, 30, "the cancelled build counted")
     # Back to the first spec: its key and Job name again, as a new Job (the old one was deleted).
     c.http.patch(c.eb_path("moving"), {"spec": {"batchSize": 128}})
     def back() -> dict[str, Any] | None:

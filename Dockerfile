@@ -19,6 +19,7 @@ ARG TENSORRT_IMAGE=nvcr.io/nvidia/tensorrt:25.10-py3
 FROM ${PYTHON_IMAGE} AS source
 WORKDIR /src
 COPY pyproject.toml requirements.lock README.md ./
+COPY contract/ contract/
 COPY builder/ builder/
 COPY operator/ operator/
 

@@ -96,8 +96,8 @@ def run_ours(args: argparse.Namespace) -> dict:
     else:
         import logging
 
-        from enginebuild_builder.report import Report
-        from enginebuild_builder.spec import load_spec
+        from enginebuild_contract.report import Report
+        from enginebuild_contract.spec import load_spec
         from enginebuild_builder.stages.export_half import run_export
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -151,7 +151,7 @@ def run_plain(args: argparse.Namespace) -> dict:
     from enginebuild_builder.stages.model_loading import load_model
     from enginebuild_builder.stages.onnx_export import wrap
     from enginebuild_builder.stages.quantize import count_layers, make_forward_loop
-    from enginebuild_builder.spec import ModelSpec
+    from enginebuild_contract.spec import ModelSpec
     from enginebuild_builder.toolinfo import peak_gpu_bytes, peak_host_bytes
 
     dev, b = args.device, args.batch

@@ -51,7 +51,7 @@ def api_requests(http: Any) -> int:
 
 
 def run(builds: int, limit: int, workdir: Path) -> dict[str, Any]:
-    from enginebuild_builder.storage import S3Config, S3Store, new_bucket_name
+    from enginebuild_contract.storage import S3Config, S3Store, new_bucket_name
     from enginebuild_devstack.cluster import ensure_namespace
     from enginebuild_devstack.seaweedfs import start_seaweedfs
     from enginebuild_devstack.stack import operator_kubeconfig

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import botocore
     from boto3.s3.transfer import TransferConfig
 
-    from enginebuild_builder.storage import S3Config, S3Store, S3Uri, file_digest
+    from enginebuild_contract.storage import S3Config, S3Store, S3Uri, file_digest
 
     size = args.size_mib * MIB
     root = Path(args.workdir or tempfile.mkdtemp(prefix="s3bench-"))

@@ -9,7 +9,7 @@ import logging
 import sys
 from typing import Callable
 
-from .errors import BuildError
+from enginebuild_contract.errors import BuildError
 
 DESCRIPTION = (
     "Build FP8 TensorRT engines of CLIP models: run a build from a spec (`build`), the Kubernetes "
@@ -72,7 +72,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _add_crd(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("crd", help="print the EngineBuild CRD generated from the spec schema")
     p.add_argument("--output", "-o", default="-", help="file to write (default stdout)")
-    p.set_defaults(func=_run("enginebuild_builder.crd", "main"))
+    p.set_defaults(func=_run("enginebuild_contract.crd", "main"))
 
 
 def _run(module: str, attr: str) -> Callable[[argparse.Namespace], int]:

@@ -21,10 +21,10 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from .constants import REPORT_FILE
-from .errors import BuildError, SpecError
-from .report import ErrorInfo, Report, ReportContractError, summarize
-from .spec import EngineBuildSpec, TargetSpec, load_spec
+from enginebuild_contract.constants import REPORT_FILE
+from enginebuild_contract.errors import BuildError, SpecError
+from enginebuild_contract.report import ErrorInfo, Report, ReportContractError, summarize
+from enginebuild_contract.spec import EngineBuildSpec, TargetSpec, load_spec
 
 log = logging.getLogger("enginebuild.build")
 
@@ -88,7 +88,7 @@ def resolve_device(requested: str) -> str:
 @functools.cache
 def _store():
     """One client per process: key, inputs, timing caches and uploads all reach the same S3."""
-    from .storage import S3Config, S3Store
+    from enginebuild_contract.storage import S3Config, S3Store
 
     return S3Store(S3Config.from_env())
 
@@ -111,7 +111,7 @@ def local_toolchain() -> dict[str, str]:
 
 def _compute_key(spec: EngineBuildSpec) -> str:
     """The same key function the operator uses, so a build run by hand lands where the operator looks."""
-    from .buildkey import compute_build_key, resolve_key_inputs
+    from enginebuild_contract.buildkey import compute_build_key, resolve_key_inputs
 
     store = _store() if _uses_s3(spec) else None
     return compute_build_key(spec, resolve_key_inputs(spec, store, local_toolchain()))
@@ -128,8 +128,8 @@ _FETCHED: dict[str, Path] = {}
 def _fetch_inputs(spec: EngineBuildSpec, workdir: Path, *, calibration: bool = True
                   ) -> tuple[Path | None, Path | None, Path | None]:
     """Bring s3:// inputs to local disk (verified); local paths are used where they are."""
-    from .buildkey import naming_input
-    from .storage import fetch
+    from enginebuild_contract.buildkey import naming_input
+    from enginebuild_contract.storage import fetch
 
     inputs_dir = workdir / "inputs"
     store = _store() if _uses_s3(spec) else None
@@ -187,7 +187,7 @@ def _load_export_half(spec: EngineBuildSpec, workdir: Path, key: str, report: Re
 
 def _run_engines(spec: EngineBuildSpec, workdir: Path, report: Report, plan: BuildPlan) -> None:
     from .stages.engine import find_trtexec, run_engines
-    from .stages.publish import timing_cache_name
+    from enginebuild_contract.layout import timing_cache_name
 
     trtexec = find_trtexec()
     report.tool_versions["tensorrt"] = trtexec.version
@@ -199,7 +199,7 @@ def _run_engines(spec: EngineBuildSpec, workdir: Path, report: Report, plan: Bui
         name = timing_cache_name(target.gpu_product, trtexec.version)
         cache = cache_dir / name
         if store is not None:
-            from .stages.publish import get_timing_cache
+            from enginebuild_contract.layout import get_timing_cache
 
             get_timing_cache(store, spec.output.uri, name, cache)
         started = time.monotonic()
@@ -209,7 +209,7 @@ def _run_engines(spec: EngineBuildSpec, workdir: Path, report: Report, plan: Bui
             reference = reference or _load_reference(spec, workdir)
             _pytorch_baselines(spec, report, target, reference)
         if store is not None and cache.exists():
-            from .stages.publish import put_timing_cache
+            from enginebuild_contract.layout import put_timing_cache
 
             put_timing_cache(store, spec.output.uri, name, cache)
 
@@ -233,7 +233,7 @@ def _pytorch_baselines(spec: EngineBuildSpec, report: Report, target: TargetSpec
 
 
 def _publish(spec: EngineBuildSpec, workdir: Path, report: Report, key: str, plan: BuildPlan) -> None:
-    from .stages.publish import finalize_build
+    from enginebuild_contract.layout import finalize_build
     from .stages.upload import EXPORT_STAGE, engine_stage_name, publish_stage
 
     assert spec.output is not None
@@ -341,7 +341,7 @@ def _publish_failure(spec: EngineBuildSpec, report: Report, plan: BuildPlan) -> 
     """
     if not spec.output or not report.build_key or "upload" not in plan.stages:
         return
-    from .stages.publish import build_uri
+    from enginebuild_contract.layout import build_uri
     from .stages.upload import EXPORT_STAGE, engine_stage_name
 
     stage = EXPORT_STAGE if "export" in plan.stages else "-".join(engine_stage_name(t.name) for t in plan.targets)

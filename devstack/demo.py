@@ -33,7 +33,7 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
-from enginebuild_builder.storage import parse_s3_uri
+from enginebuild_contract.storage import parse_s3_uri
 
 from .prometheus import find_prometheus
 from .stack import LocalStack, StackError, condition
@@ -79,7 +79,7 @@ def human_bytes(n: float) -> str:
 
 def detect_trtexec() -> tuple[str | None, str | None]:
     """(path, version) of trtexec, or (None, why not) when engines cannot be built here."""
-    from enginebuild_builder.errors import BuildError
+    from enginebuild_contract.errors import BuildError
     from enginebuild_builder.stages.engine import find_trtexec
 
     try:

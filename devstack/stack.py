@@ -32,8 +32,8 @@ from typing import Any, Callable
 
 import yaml
 
-from enginebuild_builder.constants import GROUP, PLURAL, VERSION
-from enginebuild_builder.storage import S3Config, S3Store, parse_s3_uri
+from enginebuild_contract.constants import GROUP, PLURAL, VERSION
+from enginebuild_contract.storage import S3Config, S3Store, parse_s3_uri
 
 from .chart import NAMESPACE as OPERATOR_NAMESPACE
 from .chart import rbac_docs
@@ -342,7 +342,7 @@ def write_checkpoint(config_json: Path, out: Path, seed: int = 0) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from enginebuild_builder.spec import ModelSpec
+    from enginebuild_contract.spec import ModelSpec
     from enginebuild_builder.stages.model_loading import load_model
 
     torch.manual_seed(seed)

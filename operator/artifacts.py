@@ -19,13 +19,12 @@ from typing import Any, Callable, Mapping
 
 from kubernetes.client.exceptions import ApiException
 
-from enginebuild_builder import buildkey
-from enginebuild_builder.constants import MANIFEST_FILE, REPORT_FILE, REPORT_SCHEMA_VERSION
-from enginebuild_builder.errors import StorageAccessDenied
-from enginebuild_builder.report import Report, parse_report
-from enginebuild_builder.spec import EngineBuildSpec
-from enginebuild_builder.stages import references
-from enginebuild_builder.storage import S3Config, S3Store, parse_s3_uri
+from enginebuild_contract import buildkey, references
+from enginebuild_contract.constants import MANIFEST_FILE, REPORT_FILE, REPORT_SCHEMA_VERSION
+from enginebuild_contract.errors import StorageAccessDenied
+from enginebuild_contract.report import Report, parse_report
+from enginebuild_contract.spec import EngineBuildSpec
+from enginebuild_contract.storage import S3Config, S3Store, parse_s3_uri
 
 from .deletion import DeletionPlan, stale_refs
 from .s3settings import SecretView, store_env
@@ -126,7 +125,7 @@ def artifacts_uri(spec: EngineBuildSpec, build_key: str) -> str:
 
 
 def _publish() -> Any:
-    from enginebuild_builder.stages import publish
+    from enginebuild_contract import layout as publish
 
     return publish
 

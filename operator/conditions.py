@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 from typing import Any, Literal
 
-from enginebuild_builder.status_model import CONDITION_TYPES
+from enginebuild_contract.status_model import CONDITION_TYPES
 
 StatusValue = Literal["True", "False", "Unknown"]
 Condition = dict[str, Any]

@@ -107,7 +107,7 @@ def _default_targets(raw: str) -> tuple[Mapping[str, Any], ...]:
         return ()
     from pydantic import ValidationError
 
-    from enginebuild_builder.spec import TargetSpec
+    from enginebuild_contract.spec import TargetSpec
 
     try:
         targets = json.loads(raw)
@@ -130,7 +130,7 @@ def _default_targets(raw: str) -> tuple[Mapping[str, Any], ...]:
 def _s3(env: Mapping[str, str]) -> tuple[dict[str, str], str | None]:
     """The S3 connection variables of the environment, checked now (a bad endpoint fails at start-up,
     not in every build), and ENGINEBUILD_JOB_S3_ENDPOINT normalised as the builder reads it."""
-    from enginebuild_builder.errors import StorageAccessDenied
+    from enginebuild_contract.errors import StorageAccessDenied
 
     from .s3settings import CONNECTION_KEYS, normalize_endpoint, resolve
 

@@ -17,9 +17,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from enginebuild_builder.spec import EngineBuildSpec
-from enginebuild_builder.stages.references import RefRecord
-from enginebuild_builder.storage import InvalidS3Uri, parse_s3_uri
+from enginebuild_contract.spec import EngineBuildSpec
+from enginebuild_contract.references import RefRecord
+from enginebuild_contract.storage import InvalidS3Uri, parse_s3_uri
 
 POLICIES = ("Retain", "Delete")
 DEFAULT_POLICY: Literal["Retain"] = "Retain"

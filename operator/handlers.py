@@ -23,12 +23,12 @@ from typing import Any, Mapping
 import kopf
 from pydantic import ValidationError
 
-from enginebuild_builder.constants import GROUP, LABEL_INSTANCE, LABEL_MANAGED_BY, PLURAL, VERSION
-from enginebuild_builder.errors import BuildError, StorageAccessDenied
-from enginebuild_builder.report import ReportContractError, ReportUnreadable
-from enginebuild_builder.spec import EngineBuildSpec
-from enginebuild_builder.status_model import EngineBuildStatus
-from enginebuild_builder.storage import parse_s3_uri
+from enginebuild_contract.constants import GROUP, LABEL_INSTANCE, LABEL_MANAGED_BY, PLURAL, VERSION
+from enginebuild_contract.errors import BuildError, StorageAccessDenied
+from enginebuild_contract.report import ReportContractError, ReportUnreadable
+from enginebuild_contract.spec import EngineBuildSpec
+from enginebuild_contract.status_model import EngineBuildStatus
+from enginebuild_contract.storage import parse_s3_uri
 
 from . import artifacts, deletion, jobs, metrics, reconcile, results
 from .conditions import KSTATUS_TYPES, ConditionSet, with_kstatus

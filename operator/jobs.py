@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from enginebuild_builder.constants import (
+from enginebuild_contract.constants import (
     APP_NAME,
     GPU_PRODUCT_LABEL,
     GPU_RESOURCE,
@@ -26,8 +26,8 @@ from enginebuild_builder.constants import (
     TERMINATION_MESSAGE_PATH,
     VERSION,
 )
-from enginebuild_builder.errors import PERMANENT_EXIT_CODES
-from enginebuild_builder.spec import EngineBuildSpec, TargetSpec
+from enginebuild_contract.errors import PERMANENT_EXIT_CODES
+from enginebuild_contract.spec import EngineBuildSpec, TargetSpec
 
 from . import s3settings
 from .config import OperatorConfig

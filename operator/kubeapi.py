@@ -19,7 +19,7 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from enginebuild_builder.constants import GROUP, PLURAL, VERSION
+from enginebuild_contract.constants import GROUP, PLURAL, VERSION
 
 from .reconcile import ObservedJob
 from .s3settings import SecretView

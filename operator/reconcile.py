@@ -15,9 +15,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from enginebuild_builder.constants import LABEL_COMPONENT
-from enginebuild_builder.errors import KINDS, kind_for_exit_code
-from enginebuild_builder.report import ReportContractError, ReportUnreadable, ReportVersionUnsupported
+from enginebuild_contract.constants import LABEL_COMPONENT
+from enginebuild_contract.errors import KINDS, kind_for_exit_code
+from enginebuild_contract.report import ReportContractError, ReportUnreadable, ReportVersionUnsupported
 
 from . import results
 from .conditions import ConditionSet

@@ -15,7 +15,7 @@ import json
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any, Mapping
 
-from enginebuild_builder.report import Report, is_summary, read_summary, summary_document
+from enginebuild_contract.report import Report, is_summary, read_summary, summary_document
 
 from . import metrics
 
@@ -197,7 +197,7 @@ def record_metrics(namespace: str, name: str, status: dict[str, Any], min_cosine
 def min_cosine_of(raw_spec: Any) -> float:
     """spec.accuracy.minCosine as stored, else the spec's default (what the builder used). Read from the
     raw object so that it also works for a spec this operator version would refuse."""
-    from enginebuild_builder.spec import AccuracySpec
+    from enginebuild_contract.spec import AccuracySpec
 
     default = AccuracySpec().min_cosine
     accuracy = raw_spec.get("accuracy") if isinstance(raw_spec, Mapping) else None

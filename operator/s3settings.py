@@ -23,8 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from enginebuild_builder.errors import StorageAccessDenied
-from enginebuild_builder.storage import S3Config
+from enginebuild_contract.errors import StorageAccessDenied
+from enginebuild_contract.storage import S3Config
 
 KSERVE_PREFIX = "serving.kserve.io/"
 ANNOTATION_ENDPOINT = KSERVE_PREFIX + "s3-endpoint"

@@ -13,9 +13,9 @@ from typing import Any
 
 import kopf
 
-from enginebuild_builder.constants import GPU_PRODUCT_LABEL, GPU_RESOURCE
-from enginebuild_builder.errors import SpecError
-from enginebuild_builder.spec import EngineBuildSpec, parse_spec
+from enginebuild_contract.constants import GPU_PRODUCT_LABEL, GPU_RESOURCE
+from enginebuild_contract.errors import SpecError
+from enginebuild_contract.spec import EngineBuildSpec, parse_spec
 
 from .config import OperatorConfig
 

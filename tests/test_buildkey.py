@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from enginebuild_builder.buildkey import (
+from enginebuild_contract.buildkey import (
     CONTROL_PLANE_FIELDS,
     CONTROL_PLANE_TARGET_FIELDS,
     KEY_FIELDS,
@@ -23,8 +23,8 @@ from enginebuild_builder.buildkey import (
     fingerprint_location,
     resolve_key_inputs,
 )
-from enginebuild_builder.spec import parse_spec
-from enginebuild_builder.storage import ObjectNotFound, S3Store, S3Uri, sha256_file
+from enginebuild_contract.spec import parse_spec
+from enginebuild_contract.storage import ObjectNotFound, S3Store, S3Uri, sha256_file
 
 BASE_SPEC: dict[str, Any] = {
     "model": {"architecture": "ViT-B-32", "checkpoint": "s3://models/clip/vit-b-32.safetensors"},
@@ -73,8 +73,8 @@ def test_key_is_stable_across_processes(tmp_path: Path) -> None:
     script = tmp_path / "k.py"
     script.write_text(
         "import json, sys\n"
-        "from enginebuild_builder.buildkey import KeyInputs, compute_build_key\n"
-        "from enginebuild_builder.spec import parse_spec\n"
+        "from enginebuild_contract.buildkey import KeyInputs, compute_build_key\n"
+        "from enginebuild_contract.spec import parse_spec\n"
         "spec, inputs = json.loads(sys.argv[1]), json.loads(sys.argv[2])\n"
         "print(compute_build_key(parse_spec(spec), KeyInputs(**inputs)))\n"
     )

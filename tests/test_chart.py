@@ -359,7 +359,7 @@ def derive_operator_rules(sources: list[Path]) -> set[tuple[str, str, str]]:
     import ast
     import re
 
-    from enginebuild_builder import constants
+    from enginebuild_contract import constants
 
     def value(node: ast.AST) -> str:
         if isinstance(node, ast.Constant):
@@ -486,8 +486,8 @@ def test_jobs_use_the_s3_endpoint_the_operator_uses(
     """The rendered Deployment's env goes to load_config (the operator's settings) and to the
     operator's own store; the Job rendered by operator/jobs.py, resolved as kubelet would (Secret via
     envFrom, then env), must reach the same endpoint with the same region."""
-    from enginebuild_builder.spec import parse_spec
-    from enginebuild_builder.storage import S3Config
+    from enginebuild_contract.spec import parse_spec
+    from enginebuild_contract.storage import S3Config
     from enginebuild_operator import artifacts, jobs
     from enginebuild_operator.s3settings import SecretView
 
@@ -509,8 +509,8 @@ def test_jobs_use_the_s3_endpoint_the_operator_uses(
 
 
 def test_chart_tls_verification_reaches_the_operator_and_the_jobs() -> None:
-    from enginebuild_builder.spec import parse_spec
-    from enginebuild_builder.storage import S3Config
+    from enginebuild_contract.spec import parse_spec
+    from enginebuild_contract.storage import S3Config
     from enginebuild_operator import jobs
 
     env = _env(_container(render({"s3": {"endpoint": "https://minio.storage:9000", "verifySSL": False}})))

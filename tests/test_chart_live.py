@@ -25,7 +25,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from enginebuild_builder.constants import GROUP, PLURAL, VERSION
+from enginebuild_contract.constants import GROUP, PLURAL, VERSION
 from enginebuild_devstack.chart import CHART, NAMESPACE
 from enginebuild_devstack.cluster import service_account_token
 from enginebuild_devstack.controlplane import ControlPlane

@@ -17,11 +17,11 @@ import pytest
 import yaml
 from plugins.crdcheck import admission_errors, apply_defaults, cel_rules, openapi_schema
 
-from enginebuild_builder.constants import GROUP, KIND, PLURAL, SHORT_NAME, TRTEXEC_ALLOWED_EXTRA_FLAGS, VERSION
-from enginebuild_builder.crd import build_crd, render_crd
-from enginebuild_builder.errors import SpecError
-from enginebuild_builder.spec import EngineBuildSpec, parse_spec
-from enginebuild_builder.status_model import (
+from enginebuild_contract.constants import GROUP, KIND, PLURAL, SHORT_NAME, TRTEXEC_ALLOWED_EXTRA_FLAGS, VERSION
+from enginebuild_contract.crd import build_crd, render_crd
+from enginebuild_contract.errors import SpecError
+from enginebuild_contract.spec import EngineBuildSpec, parse_spec
+from enginebuild_contract.status_model import (
     AccuracyStatus,
     Condition,
     EngineBuildStatus,

@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from enginebuild_builder.spec import parse_spec
-from enginebuild_builder.stages import references
-from enginebuild_builder.stages.publish import build_exists, build_uri
-from enginebuild_builder.stages.references import Holder, RefRecord
-from enginebuild_builder.storage import S3Store
+from enginebuild_contract.spec import parse_spec
+from enginebuild_contract import references
+from enginebuild_contract.layout import build_exists, build_uri
+from enginebuild_contract.references import Holder, RefRecord
+from enginebuild_contract.storage import S3Store
 from enginebuild_operator import artifacts, deletion, handlers, reconcile
 from enginebuild_operator.conditions import ConditionSet
 from enginebuild_operator.config import OperatorConfig, load_config

@@ -19,14 +19,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from enginebuild_builder.errors import (
+from enginebuild_contract.errors import (
     BenchmarkFailed,
     EngineBuildFailed,
     OutOfMemory,
     TrtexecNotFound,
 )
-from enginebuild_builder.report import Artifact, EncoderReport, OnnxPair, Report
-from enginebuild_builder.spec import parse_spec
+from enginebuild_contract.report import Artifact, EncoderReport, OnnxPair, Report
+from enginebuild_contract.spec import parse_spec
 from enginebuild_builder.stages import engine as stage
 from enginebuild_builder.stages.engine import (
     BUILD_FLAGS,
@@ -34,7 +34,7 @@ from enginebuild_builder.stages.engine import (
     find_trtexec,
     run_engines,
 )
-from enginebuild_builder.stages.publish import timing_cache_name
+from enginebuild_contract.layout import timing_cache_name
 
 DOUBLE_DIR = Path(__file__).resolve().parent / "doubles"
 DOUBLE = DOUBLE_DIR / "trtexec"
@@ -131,7 +131,7 @@ def test_timing_cache_name_is_safe_and_label_independent() -> None:
 
 
 def test_extra_flag_routing_covers_the_allow_list() -> None:
-    from enginebuild_builder.constants import TRTEXEC_ALLOWED_EXTRA_FLAGS
+    from enginebuild_contract.constants import TRTEXEC_ALLOWED_EXTRA_FLAGS
 
     assert BUILD_FLAGS | RUN_FLAGS == TRTEXEC_ALLOWED_EXTRA_FLAGS
 
@@ -380,7 +380,7 @@ def test_baseline_without_cuda_is_a_clear_error_or_a_warning(tmp_path: Path) -> 
 
 def test_baseline_speedup_against_the_fp8_engine(double_env: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    from enginebuild_builder.report import Percentiles, PytorchBaseline
+    from enginebuild_contract.report import Percentiles, PytorchBaseline
     from enginebuild_builder.stages.pytorch_baseline import attach_speedup
 
     monkeypatch.setenv("TRTEXEC_DOUBLE_LATENCY", json.dumps({"/fp16/": 2.0, "/fp8/": 1.25}))

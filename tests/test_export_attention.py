@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from enginebuild_builder.spec import ModelSpec
+from enginebuild_contract.spec import ModelSpec
 from enginebuild_builder.stages.attention import SplitMultiheadAttention, split_attention
 from enginebuild_builder.stages.model_loading import load_model
 from enginebuild_builder.stages.quantize import VISION_EXCLUSION_PATTERNS, count_layers, fp8_config

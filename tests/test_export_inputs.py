@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from enginebuild_builder.errors import (
+from enginebuild_contract.errors import (
     CalibrationError,
     CheckpointMismatch,
     CheckpointNotFound,
     CheckpointUnreadable,
     UnknownArchitecture,
 )
-from enginebuild_builder.spec import ModelSpec
+from enginebuild_contract.spec import ModelSpec
 from enginebuild_builder.stages.calibration import load_calibration
 from enginebuild_builder.stages.model_loading import load_model
 from plugins.export import run_tiny_export, tiny_config, tiny_spec, write_tiny_config  # noqa: F401
@@ -92,7 +92,7 @@ def test_code_carrying_pickle_is_refused_not_executed(tiny_config: Path, tmp_pat
 
 
 def test_unknown_architecture_suggests_close_names(tmp_path: Path) -> None:
-    from enginebuild_builder.spec import parse_spec
+    from enginebuild_contract.spec import parse_spec
 
     spec = parse_spec({"model": {"architecture": "ViT-L-41"}, "batchSize": 2})
     run = run_tiny_export(spec, tmp_path / "wd")
@@ -239,7 +239,7 @@ def test_memory_exhaustion_is_the_retriable_out_of_memory_error(tiny_config: Pat
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """An OOM anywhere in the export half must reach the operator as OutOfMemory (exit 33, retriable),
     not as a permanent quantization failure. The allocation failure is injected at calibration."""
-    from enginebuild_builder.errors import OutOfMemory
+    from enginebuild_contract.errors import OutOfMemory
     from enginebuild_builder.stages import export_half
 
     def exhausted(*args: object, **kwargs: object) -> None:

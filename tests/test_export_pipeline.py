@@ -209,7 +209,7 @@ def test_report_records_model_calibration_tools_timings_memory(built: ExportRun)
 
 
 def test_report_round_trips_and_summarizes_under_4k(built: ExportRun, tmp_path: Path) -> None:
-    from enginebuild_builder.report import Report, summarize
+    from enginebuild_contract.report import Report, summarize
 
     built.report.write(tmp_path / "report.json")
     again = Report.read(tmp_path / "report.json")
@@ -238,7 +238,7 @@ def test_ort_copy_of_the_fp8_file_tracks_the_fp16_file(built: ExportRun, tmp_pat
 
 
 def test_gate_fails_above_reached_cosine_after_writing_numbers(gate_failed: ExportRun) -> None:
-    from enginebuild_builder.errors import AccuracyGateFailed
+    from enginebuild_contract.errors import AccuracyGateFailed
 
     assert isinstance(gate_failed.error, AccuracyGateFailed)
     assert gate_failed.error.exit_code == 20
@@ -309,7 +309,7 @@ def test_checkpoint_and_image_folder_calibration_end_to_end(tiny_config: Path, t
     from PIL import Image
     from safetensors.torch import save_file
 
-    from enginebuild_builder.spec import ModelSpec
+    from enginebuild_contract.spec import ModelSpec
     from enginebuild_builder.stages.model_loading import load_model
 
     state = load_model(ModelSpec(config=str(tiny_config)), None, seed=42).model.state_dict()

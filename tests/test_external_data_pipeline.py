@@ -15,11 +15,11 @@ import pytest
 import yaml
 
 from enginebuild_builder import pipeline
-from enginebuild_builder.errors import BuildError
-from enginebuild_builder.report import Report
+from enginebuild_contract.errors import BuildError
+from enginebuild_contract.report import Report
 from enginebuild_builder.stages import onnx_io
-from enginebuild_builder.stages.publish import build_exists
-from enginebuild_builder.storage import S3Store
+from enginebuild_contract.layout import build_exists
+from enginebuild_contract.storage import S3Store
 
 import tinyclip
 

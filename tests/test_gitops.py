@@ -1,6 +1,6 @@
 """GitOps readiness: the Argo CD health check (Lua, run in a real embedded Lua via lupa) and the Flux
 health-check expressions (CEL, run with cel-python) agree on statuses built from the operator's status
-model (builder/status_model.py), for each phase of a build.
+model (contract/status_model.py), for each phase of a build.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import celpy
 import pytest
 import yaml
 
-from enginebuild_builder.status_model import Condition, EngineBuildStatus, SummaryStatus
+from enginebuild_contract.status_model import Condition, EngineBuildStatus, SummaryStatus
 
 lupa = pytest.importorskip("lupa", reason="lupa (embedded Lua) is a dev requirement: pip install lupa")
 

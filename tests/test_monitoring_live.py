@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from enginebuild_builder.constants import GROUP, PLURAL, VERSION
+from enginebuild_contract.constants import GROUP, PLURAL, VERSION
 from enginebuild_devstack.binaries import ensure
 from enginebuild_devstack.chart import CHART
 from enginebuild_devstack.cluster import ensure_namespace, service_account_token

@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 
-from enginebuild_builder.errors import KINDS
-from enginebuild_builder.report import (
+from enginebuild_contract.errors import KINDS
+from enginebuild_contract.report import (
     Accuracy, Artifact, EncoderReport, EngineReport, ErrorInfo, OnnxPair, Percentiles, Report, summarize,
 )
-from enginebuild_builder.spec import parse_spec
-from enginebuild_builder.stages import publish
-from enginebuild_builder.storage import S3Store, parse_s3_uri
+from enginebuild_contract.spec import parse_spec
+from enginebuild_contract import layout as publish
+from enginebuild_contract.storage import S3Store, parse_s3_uri
 from enginebuild_operator import artifacts
 from enginebuild_devstack.kube_http import resource_path
 from plugins.kube import delete_namespace
@@ -424,7 +424,7 @@ def test_s3_credentials_come_from_the_secret_and_never_leak(eb_cluster: Cluster,
 
 def test_s3_down_during_the_cache_check_is_reported_and_recovers(kube: Any, kube_ns: str, operator_kubeconfig: Path,
                                                                  seaweedfs_private: Any, tmp_path: Path) -> None:
-    from enginebuild_builder.storage import S3Config
+    from enginebuild_contract.storage import S3Config
 
     store = S3Store(S3Config.from_env(seaweedfs_private.env()))
     store.create_bucket("down")

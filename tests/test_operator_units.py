@@ -11,12 +11,12 @@ from decimal import Decimal
 
 import pytest
 
-from enginebuild_builder.errors import KINDS, PERMANENT_EXIT_CODES
-from enginebuild_builder.report import (
+from enginebuild_contract.errors import KINDS, PERMANENT_EXIT_CODES
+from enginebuild_contract.report import (
     Accuracy, Artifact, EncoderReport, EngineReport, ErrorInfo, OnnxPair, Percentiles, Report, summarize,
 )
-from enginebuild_builder.spec import parse_spec
-from enginebuild_builder.status_model import EngineBuildStatus
+from enginebuild_contract.spec import parse_spec
+from enginebuild_contract.status_model import EngineBuildStatus
 from enginebuild_operator import conditions, jobs, reconcile, results
 from enginebuild_operator.config import ConfigError, OperatorConfig, load_config
 from enginebuild_operator.queue import BuildQueue
@@ -366,7 +366,7 @@ def test_crd_gives_no_deadline_default():
     operator's ENGINEBUILD_DEFAULT_DEADLINE_SECONDS (a defaulted field always looks written)."""
     import yaml
 
-    from enginebuild_builder.crd import build_crd
+    from enginebuild_contract.crd import build_crd
 
     spec = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     assert "default" not in spec["properties"]["activeDeadlineSeconds"]

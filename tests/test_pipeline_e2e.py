@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from enginebuild_builder.report import Report
-from enginebuild_builder.stages.publish import build_exists, read_stage_manifests
-from enginebuild_builder.storage import S3Store, parse_s3_uri
+from enginebuild_contract.report import Report
+from enginebuild_contract.layout import build_exists, read_stage_manifests
+from enginebuild_contract.storage import S3Store, parse_s3_uri
 
 REPO = Path(__file__).resolve().parent.parent
 DOUBLE = REPO / "tests" / "doubles" / "trtexec"

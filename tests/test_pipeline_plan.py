@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from enginebuild_builder.errors import SpecError
+from enginebuild_contract.errors import SpecError
 from enginebuild_builder.pipeline import plan_build
-from enginebuild_builder.spec import parse_spec
+from enginebuild_contract.spec import parse_spec
 
 BASE = {"model": {"architecture": "ViT-L-14"}}
 TARGETS = [{"name": "h100", "gpuProduct": "NVIDIA-H100-80GB-HBM3"}, {"name": "l40s", "gpuProduct": "NVIDIA-L40S"}]

@@ -25,9 +25,9 @@ import pytest
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
-from enginebuild_builder.constants import TRTEXEC_ALLOWED_EXTRA_FLAGS
-from enginebuild_builder.errors import SpecError
-from enginebuild_builder.spec import parse_spec
+from enginebuild_contract.constants import TRTEXEC_ALLOWED_EXTRA_FLAGS
+from enginebuild_contract.errors import SpecError
+from enginebuild_contract.spec import parse_spec
 from enginebuild_operator.config import OperatorConfig
 from enginebuild_operator.validation import InvalidSpec, validate
 from plugins.crdcheck import admission_errors, apply_defaults, load_crd, openapi_schema

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from enginebuild_builder.errors import BuildError, StorageError
-from enginebuild_builder.report import Artifact
-from enginebuild_builder.stages.publish import (
+from enginebuild_contract.errors import BuildError, StorageError
+from enginebuild_contract.report import Artifact
+from enginebuild_contract.layout import (
     Manifest,
     TensorSpec,
     build_exists,
@@ -29,7 +29,7 @@ from enginebuild_builder.stages.publish import (
     triton_config,
     write_triton_view,
 )
-from enginebuild_builder.storage import (
+from enginebuild_contract.storage import (
     ChecksumMismatch,
     InvalidS3Uri,
     S3Config,

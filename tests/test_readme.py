@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from enginebuild_builder.report import Report
+from enginebuild_contract.report import Report
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()

@@ -1,4 +1,4 @@
-"""References on a build (enginebuild_builder.stages.references) against the real SeaweedFS
+"""References on a build (enginebuild_contract.references) against the real SeaweedFS
 (tests/plugins/s3.py): who holds a build, and the release order that keeps a build another
 EngineBuild holds, including its races (forced with sync points in a real store, never a mock of S3).
 """
@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from enginebuild_builder.stages import references
-from enginebuild_builder.stages.publish import build_exists, build_uri, finalize_build, onnx_key, publish_files, read_manifest
-from enginebuild_builder.stages.references import Holder, RefRecord
-from enginebuild_builder.storage import S3Config, S3Store, S3Uri
+from enginebuild_contract import references
+from enginebuild_contract.layout import build_exists, build_uri, finalize_build, onnx_key, publish_files, read_manifest
+from enginebuild_contract.references import Holder, RefRecord
+from enginebuild_contract.storage import S3Config, S3Store, S3Uri
 
 KEY = "0123456789abcdef0123456789abcdef"
 A = Holder(namespace="ml", name="vit", uid="uid-a")

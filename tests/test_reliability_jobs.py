@@ -29,7 +29,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from enginebuild_builder.errors import KINDS
+from enginebuild_contract.errors import KINDS
 from enginebuild_devstack.kube_http import resource_path
 from enginebuild_devstack.kubelet import ProcessKubelet
 from plugins.kube import start_kubelet
@@ -62,7 +62,7 @@ term = Path(os.environ["ENGINEBUILD_TERMINATION_LOG"])
 if action == "sleep":
     time.sleep(120)
 if action == 0:
-    from enginebuild_builder.storage import S3Config, S3Store
+    from enginebuild_contract.storage import S3Config, S3Store
     from plugins.reliability import publish_engine, publish_export
     store = S3Store(S3Config.from_env())
     work = Path(os.environ["HOME"]) / "out"
@@ -73,8 +73,8 @@ if action == 0:
 if action == 137:  # past the Pod's memory limit: the OOM kill leaves no termination message, only the log
     hog = b"x" * (600 << 20)
     time.sleep(60)
-from enginebuild_builder.errors import KINDS, kind_for_exit_code
-from enginebuild_builder.report import ErrorInfo, Report, summarize
+from enginebuild_contract.errors import KINDS, kind_for_exit_code
+from enginebuild_contract.report import ErrorInfo, Report, summarize
 kind = kind_for_exit_code(action)
 name = next(n for n, k in KINDS.items() if k is kind)
 err = ErrorInfo(kind=name, reason=kind.reason, exit_code=action, retriable=kind.retriable,

@@ -19,9 +19,9 @@ from typing import Any, Iterator
 
 import pytest
 
-from enginebuild_builder.spec import parse_spec
-from enginebuild_builder.stages import publish
-from enginebuild_builder.storage import S3Config, S3Store, new_bucket_name, parse_s3_uri
+from enginebuild_contract.spec import parse_spec
+from enginebuild_contract import layout as publish
+from enginebuild_contract.storage import S3Config, S3Store, new_bucket_name, parse_s3_uri
 from enginebuild_operator import artifacts
 from enginebuild_devstack.seaweedfs import SeaweedFS
 from plugins.operator_proc import (  # noqa: F401  (fixtures)

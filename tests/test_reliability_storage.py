@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from enginebuild_builder.errors import KINDS, BuildError, StorageError
-from enginebuild_builder.stages.publish import build_exists, read_stage_manifests
-from enginebuild_builder.storage import MIB, S3Config, S3Store, parse_s3_uri
+from enginebuild_contract.errors import KINDS, BuildError, StorageError
+from enginebuild_contract.layout import build_exists, read_stage_manifests
+from enginebuild_contract.storage import MIB, S3Config, S3Store, parse_s3_uri
 from enginebuild_devstack.seaweedfs import SeaweedFS
 
 pytestmark = pytest.mark.slow

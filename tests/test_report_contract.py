@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from enginebuild_builder.constants import TERMINATION_MESSAGE_MAX_BYTES
-from enginebuild_builder.report import (
+from enginebuild_contract.constants import TERMINATION_MESSAGE_MAX_BYTES
+from enginebuild_contract.report import (
     Accuracy, Artifact, EncoderReport, EngineReport, ErrorInfo, OnnxPair, Percentiles, Report, summarize,
 )
 

@@ -18,13 +18,13 @@ from typing import Any
 
 import pytest
 
-from enginebuild_builder.report import (
+from enginebuild_contract.report import (
     Accuracy, Artifact, EncoderReport, EngineReport, OnnxPair, Percentiles, Report, ReportUnreadable,
     ReportVersionUnsupported, summarize,
 )
-from enginebuild_builder.spec import parse_spec
-from enginebuild_builder.stages import publish
-from enginebuild_builder.storage import S3Store, S3Uri
+from enginebuild_contract.spec import parse_spec
+from enginebuild_contract import layout as publish
+from enginebuild_contract.storage import S3Store, S3Uri
 from enginebuild_operator import artifacts, handlers, jobs, reconcile, results
 from enginebuild_operator.conditions import ConditionSet
 from enginebuild_operator.config import OperatorConfig

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from enginebuild_builder.errors import StorageAccessDenied
-from enginebuild_builder.spec import parse_spec
-from enginebuild_builder.storage import S3Config
+from enginebuild_contract.errors import StorageAccessDenied
+from enginebuild_contract.spec import parse_spec
+from enginebuild_contract.storage import S3Config
 from enginebuild_operator import artifacts, jobs
 from enginebuild_operator.config import load_config
 from enginebuild_operator.kubeapi import KubeApi

@@ -21,11 +21,11 @@ import pytest
 import torch
 import yaml
 
-from enginebuild_builder.errors import KINDS, BuildError, CheckpointUnreadable, SpecError
-from enginebuild_builder.spec import ModelSpec, parse_spec
-from enginebuild_builder.stages import publish
+from enginebuild_contract.errors import KINDS, BuildError, CheckpointUnreadable, SpecError
+from enginebuild_contract.spec import ModelSpec, parse_spec
+from enginebuild_contract import layout as publish
 from enginebuild_builder.stages.model_loading import check_zip_bounds, load_model
-from enginebuild_builder.storage import InvalidS3Uri, S3Store, join_key, parse_s3_uri
+from enginebuild_contract.storage import InvalidS3Uri, S3Store, join_key, parse_s3_uri
 from enginebuild_operator import jobs
 from enginebuild_operator.config import OperatorConfig
 

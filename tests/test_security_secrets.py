@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from enginebuild_builder.storage import S3Config, S3Store, new_bucket_name, parse_s3_uri
+from enginebuild_contract.storage import S3Config, S3Store, new_bucket_name, parse_s3_uri
 from enginebuild_devstack.kube_http import resource_path
 from enginebuild_devstack.seaweedfs import SeaweedFS, start_seaweedfs
 from plugins.kube import KubeCluster, start_kubelet

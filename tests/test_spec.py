@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from enginebuild_builder.errors import KINDS, PERMANENT_EXIT_CODES, SpecError, kind_for_exit_code
-from enginebuild_builder.spec import load_spec, parse_spec
+from enginebuild_contract.errors import KINDS, PERMANENT_EXIT_CODES, SpecError, kind_for_exit_code
+from enginebuild_contract.spec import load_spec, parse_spec
 
 MINIMAL = {"model": {"architecture": "ViT-L-14"}}
 
@@ -105,14 +105,14 @@ def test_exit_codes_unique_and_reverse_lookup() -> None:
 
 
 def test_spec_reference_doc_matches_the_models(repo_root) -> None:
-    from enginebuild_builder.spec_reference import render
+    from enginebuild_contract.spec_reference import render
 
     doc = (repo_root / "docs" / "spec.md").read_text()
-    assert doc == render(), "docs/spec.md is stale: python -m enginebuild_builder.spec_reference > docs/spec.md"
+    assert doc == render(), "docs/spec.md is stale: python -m enginebuild_contract.spec_reference > docs/spec.md"
 
 
 def test_error_table_doc_matches_the_code(repo_root) -> None:
-    from enginebuild_builder.errors import render_error_table
+    from enginebuild_contract.errors import render_error_table
 
     assert (repo_root / "docs" / "errors.md").read_text() == render_error_table(), (
-        "docs/errors.md is stale: python -m enginebuild_builder.errors > docs/errors.md")
+        "docs/errors.md is stale: python -m enginebuild_contract.errors > docs/errors.md")

@@ -25,8 +25,8 @@ from kubernetes.client.exceptions import ApiException
 from plugins.crdcheck import admission_errors
 from prometheus_client import REGISTRY
 
-from enginebuild_builder.constants import GROUP, KIND, VERSION
-from enginebuild_builder.errors import StorageAccessDenied
+from enginebuild_contract.constants import GROUP, KIND, VERSION
+from enginebuild_contract.errors import StorageAccessDenied
 from enginebuild_operator import artifacts, handlers, reconcile, results
 from enginebuild_operator.conditions import ConditionSet
 from enginebuild_operator.kubeapi import KubeApi

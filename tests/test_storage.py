@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from enginebuild_builder.errors import SpecError, StorageAccessDenied, StorageError
-from enginebuild_builder.storage import (
+from enginebuild_contract.errors import SpecError, StorageAccessDenied, StorageError
+from enginebuild_contract.storage import (
     ChecksumMismatch,
     FileDigest,
     map_error,

@@ -22,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from enginebuild_builder.errors import KINDS
+from enginebuild_contract.errors import KINDS
 
 REPO = Path(__file__).resolve().parent.parent
 ENGINEBUILD = Path(sys.executable).parent / "enginebuild"
@@ -79,7 +79,7 @@ def _assert_refused(done: subprocess.CompletedProcess[str], summary: dict[str, A
 
 
 def _tiny_state() -> dict[str, torch.Tensor]:
-    from enginebuild_builder.spec import ModelSpec
+    from enginebuild_contract.spec import ModelSpec
     from enginebuild_builder.stages.model_loading import load_model
 
     return load_model(ModelSpec(architecture="tiny-clip", config=str(TINY)), None).model.state_dict()

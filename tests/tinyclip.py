@@ -21,7 +21,7 @@ def write_config(folder: Path, name: str = "gate-tiny-clip", config: dict[str, A
 
 
 def spec(config: Path, **fields: Any) -> Any:
-    from enginebuild_builder.spec import parse_spec
+    from enginebuild_contract.spec import parse_spec
 
     doc: dict[str, Any] = {
         "model": {"config": str(config)},
@@ -36,7 +36,7 @@ def spec(config: Path, **fields: Any) -> Any:
 
 def run_export(build_spec: Any, workdir: Path) -> Any:
     """The real export half on the CPU; returns the report (raises what the build raises)."""
-    from enginebuild_builder.report import Report
+    from enginebuild_contract.report import Report
     from enginebuild_builder.stages.export_half import run_export as run
 
     report = Report(spec=build_spec.to_dict())

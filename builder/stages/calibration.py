@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..errors import CalibrationError
+from enginebuild_contract.errors import CalibrationError
 from .model_loading import LoadedModel, sha256_file
 
 log = logging.getLogger(__name__)

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..constants import TRTEXEC_ALLOWED_EXTRA_FLAGS
-from ..errors import BenchmarkFailed, BuildError, EngineBuildFailed, OutOfMemory, TrtexecNotFound
-from ..report import Artifact, BatchProfile, EngineComparison, EngineReport, Percentiles, Report, TensorInfo
-from ..spec import EngineBuildSpec, TargetSpec
+from enginebuild_contract.constants import TRTEXEC_ALLOWED_EXTRA_FLAGS
+from enginebuild_contract.errors import BenchmarkFailed, BuildError, EngineBuildFailed, OutOfMemory, TrtexecNotFound
+from enginebuild_contract.report import Artifact, BatchProfile, EngineComparison, EngineReport, Percentiles, Report, TensorInfo
+from enginebuild_contract.spec import EngineBuildSpec, TargetSpec
 from ..trtexec_report import TrtexecLog, load_json, parse_banner, parse_log, top_layers
 
 log = logging.getLogger("enginebuild.engine")

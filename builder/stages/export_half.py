@@ -22,9 +22,9 @@ import numpy as np
 import onnx
 import torch
 
-from ..errors import AccuracyGateFailed, OutOfMemory, QuantizationError
-from ..report import Accuracy, Artifact, EncoderReport, ExternalData, OnnxPair, Report
-from ..spec import EngineBuildSpec
+from enginebuild_contract.errors import AccuracyGateFailed, OutOfMemory, QuantizationError
+from enginebuild_contract.report import Accuracy, Artifact, EncoderReport, ExternalData, OnnxPair, Report
+from enginebuild_contract.spec import EngineBuildSpec
 from ..toolinfo import peak_gpu_bytes, peak_host_bytes, tool_versions
 from . import onnx_checks, onnx_export, onnx_io, ort_runner, validate
 from .attention import split_attention

@@ -21,14 +21,14 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..errors import (
+from enginebuild_contract.errors import (
     CheckpointMismatch,
     CheckpointNotFound,
     CheckpointUnreadable,
     ModelConfigInvalid,
     UnknownArchitecture,
 )
-from ..spec import ModelSpec
+from enginebuild_contract.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import onnx
 import torch
 from torch import nn
 
-from ..errors import QuantizationError
+from enginebuild_contract.errors import QuantizationError
 from . import onnx_checks, onnx_io
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence, Union
 
-from ..report import Percentiles, PytorchBaseline, Report
+from enginebuild_contract.report import Percentiles, PytorchBaseline, Report
 from ..trtexec_report import stats_like_trtexec
 
 if TYPE_CHECKING:  # torch is imported lazily: the engine stage must work in images without it

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..errors import QuantizationError
+from enginebuild_contract.errors import QuantizationError
 
 log = logging.getLogger(__name__)
 

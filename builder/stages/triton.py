@@ -26,10 +26,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from ..errors import BuildError
-from ..report import EngineReport, TensorInfo
-from ..storage import S3Uri
-from .publish import TRITON_DIR, TensorSpec, build_uri, engine_key, triton_config
+from enginebuild_contract.errors import BuildError
+from enginebuild_contract.report import EngineReport, TensorInfo
+from enginebuild_contract.storage import S3Uri
+from enginebuild_contract.layout import TRITON_DIR, TensorSpec, build_uri, engine_key, triton_config
 
 MODEL_PREFIX = "clip"
 MODEL_VERSION = "1"

@@ -12,10 +12,10 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath
 from typing import Union
 
-from ..report import Artifact, ExternalData, Report
-from ..storage import S3Store
+from enginebuild_contract.report import Artifact, ExternalData, Report
+from enginebuild_contract.storage import S3Store
 from . import triton
-from .publish import build_uri, engine_key, onnx_key, publish_files
+from enginebuild_contract.layout import build_uri, engine_key, onnx_key, publish_files
 
 EXPORT_STAGE = "export"
 EXPORT_REPORT_NAME = "report.export.json"

@@ -41,7 +41,7 @@ def write_tiny_config(folder: Path, name: str = TINY_ARCH, **overrides: Any) -> 
 
 def tiny_spec(config: Path, **fields: Any) -> Any:
     """A validated EngineBuildSpec for the tiny model; `fields` are camelCase top-level overrides."""
-    from enginebuild_builder.spec import parse_spec
+    from enginebuild_contract.spec import parse_spec
 
     doc: dict[str, Any] = {
         "model": {"config": str(config)},
@@ -70,8 +70,8 @@ def run_tiny_export(
     spec: Any, workdir: Path, checkpoint: Path | None = None, calibration_dir: Path | None = None
 ) -> ExportRun:
     """Run the real export half on the CPU; a BuildError is captured, anything else propagates."""
-    from enginebuild_builder.errors import BuildError
-    from enginebuild_builder.report import Report
+    from enginebuild_contract.errors import BuildError
+    from enginebuild_contract.report import Report
     from enginebuild_builder.stages.export_half import run_export
 
     report = Report(spec=spec.to_dict())

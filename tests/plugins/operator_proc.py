@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from enginebuild_builder.constants import GROUP, PLURAL, VERSION
+from enginebuild_contract.constants import GROUP, PLURAL, VERSION
 from enginebuild_devstack import podplay
 from enginebuild_devstack.kube_http import KubeApiError, KubeHttp, resource_path
 from enginebuild_devstack.kubeconfig import server_of

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from enginebuild_builder.report import (
+from enginebuild_contract.report import (
     Accuracy, Artifact, EncoderReport, EngineReport, OnnxPair, Percentiles, Report, summarize,
 )
-from enginebuild_builder.stages import publish
-from enginebuild_builder.storage import S3Store
+from enginebuild_contract import layout as publish
+from enginebuild_contract.storage import S3Store
 
 
 def _artifact(path: Path, data: bytes, rel: str) -> Artifact:

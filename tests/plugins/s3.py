@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from enginebuild_builder.storage import S3Config, S3Store, new_bucket_name
+from enginebuild_contract.storage import S3Config, S3Store, new_bucket_name
 from enginebuild_devstack.seaweedfs import SeaweedFS, start_seaweedfs
 
 TEST_STOP_GRACE_S = 2.0

@@ -16,7 +16,7 @@ from .spec import EngineBuildSpec
 
 HEADER = """# EngineBuild spec reference
 
-Generated from `builder/spec.py` by `python -m enginebuild_builder.spec_reference > docs/spec.md`
+Generated from `contract/spec.py` by `python -m enginebuild_contract.spec_reference > docs/spec.md`
 (a test fails when this file and the models disagree). The same document is an EngineBuild's `spec`
 and the file `enginebuild build --spec` reads. Unknown fields are rejected; every error names the field.
 

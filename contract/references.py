@@ -40,9 +40,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ..constants import MANIFEST_FILE
-from ..storage import ObjectNotFound, S3Store, S3Uri
-from .publish import build_uri
+from .constants import MANIFEST_FILE
+from .storage import ObjectNotFound, S3Store, S3Uri
+from .layout import build_uri
 
 log = logging.getLogger(__name__)
 

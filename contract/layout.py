@@ -29,9 +29,9 @@ from typing import Any, Protocol, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..constants import MANIFEST_FILE, REPORT_FILE
-from ..errors import BuildError, StorageError
-from ..storage import (
+from .constants import MANIFEST_FILE, REPORT_FILE
+from .errors import BuildError, StorageError
+from .storage import (
     ChecksumMismatch,
     InvalidS3Uri,
     ObjectInfo,

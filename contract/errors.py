@@ -143,7 +143,7 @@ def render_error_table() -> str:
     lines = [
         "# Builder exit codes and condition reasons",
         "",
-        "Generated from `builder/errors.py` (`python -m enginebuild_builder.errors > docs/errors.md`; a test",
+        "Generated from `contract/errors.py` (`python -m enginebuild_contract.errors > docs/errors.md`; a test",
         "compares). Permanent errors fail the Job at once through its podFailurePolicy; retriable ones are",
         "retried up to `spec.backoffLimit`. Exit codes never change meaning; new ones are only added.",
         "",

@@ -98,7 +98,7 @@ def run_ours(args: argparse.Namespace) -> dict:
 
         from enginebuild_contract.report import Report
         from enginebuild_contract.spec import load_spec
-        from enginebuild_builder.stages.export_half import run_export
+        from enginebuild_builder.export.export_half import run_export
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         spec = load_spec(spec_path)
@@ -146,11 +146,12 @@ def run_plain(args: argparse.Namespace) -> dict:
     import modelopt.torch.quantization as mtq
     from modelopt.torch._deploy.utils import OnnxBytes, get_onnx_bytes_and_metadata
 
-    from enginebuild_builder.stages import onnx_checks, validate
-    from enginebuild_builder.stages.calibration import synthetic_images, synthetic_texts
-    from enginebuild_builder.stages.model_loading import load_model
-    from enginebuild_builder.stages.onnx_export import wrap
-    from enginebuild_builder.stages.quantize import count_layers, make_forward_loop
+    from enginebuild_builder.onnx import onnx_checks
+    from enginebuild_builder.export import accuracy_gate
+    from enginebuild_builder.export.calibration import synthetic_images, synthetic_texts
+    from enginebuild_builder.export.model_loading import load_model
+    from enginebuild_builder.export.onnx_export import wrap
+    from enginebuild_builder.export.quantize import count_layers, make_forward_loop
     from enginebuild_contract.spec import ModelSpec
     from enginebuild_builder.toolinfo import peak_gpu_bytes, peak_host_bytes
 
@@ -186,7 +187,7 @@ def run_plain(args: argparse.Namespace) -> dict:
     held = {"image": synthetic_images(args.accuracy_samples, loaded.image_size, 1_000_003),
             "text": synthetic_texts(args.accuracy_samples, loaded, 1_000_003)} if args.plain_accuracy else {}
     ref16 = copy.deepcopy(model).half()
-    refs = {enc: validate.reference_embeddings(wrap(ref16, enc), held[enc], 64, dev) for enc in held}
+    refs = {enc: accuracy_gate.reference_embeddings(wrap(ref16, enc), held[enc], 64, dev) for enc in held}
     del ref16
     torch.cuda.empty_cache() if dev == "cuda" else None
 
@@ -229,10 +230,10 @@ def run_plain(args: argparse.Namespace) -> dict:
                 path = Path(tmp) / f"ort.{enc}.onnx"
                 onnx_checks.save_model(m, path)
                 del m
-                fp8[enc] = validate.run_onnx(path, held[enc].numpy(), b)
-        top1 = validate.top1_agreement(fp8["image"], fp8["text"], refs["image"], refs["text"])
+                fp8[enc] = accuracy_gate.run_onnx(path, held[enc].numpy(), b)
+        top1 = accuracy_gate.top1_agreement(fp8["image"], fp8["text"], refs["image"], refs["text"])
         for enc in ("image", "text"):
-            acc = validate.cosine_stats(fp8[enc], refs[enc])
+            acc = accuracy_gate.cosine_stats(fp8[enc], refs[enc])
             enc_out[enc] = {"cosine_min": acc.cosine_min, "cosine_mean": acc.cosine_mean, "top1": top1}
         accuracy_note = "ORT CPU on a type-repaired copy, untimed"
     except _Skipped:
@@ -266,7 +267,8 @@ def run_gate(args: argparse.Namespace) -> dict:
     import onnx
     import onnxruntime as ort
 
-    from enginebuild_builder.stages import onnx_checks, onnx_io, ort_runner, validate
+    from enginebuild_builder.onnx import onnx_checks, onnx_io, ort_runner
+    from enginebuild_builder.export import accuracy_gate
 
     onnx_dir = Path(args.out) / "ours" / "onnx"
     rng = np.random.default_rng(1_000_003)
@@ -287,7 +289,7 @@ def run_gate(args: argparse.Namespace) -> dict:
     def record(enc: str, name: str, seconds: float, outputs: np.ndarray, **extra: object) -> None:
         if enc not in baseline:
             baseline[enc] = outputs
-        cos = validate.cosine_stats(outputs, baseline[enc])
+        cos = accuracy_gate.cosine_stats(outputs, baseline[enc])
         out["encoders"][enc][name] = {"s": round(seconds, 3), "cos_vs_default_min": cos.cosine_min,
                                       "max_abs_diff_vs_default": float(np.abs(outputs - baseline[enc]).max()), **extra}
         print(enc, name, out["encoders"][enc][name], flush=True)
@@ -310,7 +312,7 @@ def run_gate(args: argparse.Namespace) -> dict:
                     copy, _ = onnx_checks.to_ort_runnable(onnx.load(str(fp8)))
                     onnx_checks.save_model(copy, Path(tmp) / "ref.onnx")
                     del copy
-                    y = validate.run_onnx(Path(tmp) / "ref.onnx", x, batch)
+                    y = accuracy_gate.run_onnx(Path(tmp) / "ref.onnx", x, batch)
                 record(enc, name, time.perf_counter() - t, y, padded=-(-len(x) // batch) * batch - len(x))
             else:  # one unpadded run, profiler on: where the time goes
                 path, _ = ort_runner.write_ort_copy(onnx_io.load_graph(fp8), fp8, free_batch=True)

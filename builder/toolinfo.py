@@ -3,6 +3,7 @@ the tool versions and the memory they needed are recorded next to them."""
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
 import sys
@@ -18,14 +19,28 @@ TOOLS = {
 }
 
 
+BUILDER_IMAGE_ENV = "ENGINEBUILD_BUILDER_IMAGE"
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def tool_versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for key, dist in TOOLS.items():
-        try:
-            out[key] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[key] = None
-    return out
+    """The report's `toolVersions`: python and each tool by its short name (None when absent)."""
+    return {"python": platform.python_version(), **{key: _version(dist) for key, dist in TOOLS.items()}}
+
+
+def toolchain() -> dict[str, str]:
+    """The build key's toolchain for a standalone build: the builder image when set, else each tool's
+    distribution and version ("absent" when not installed). The operator passes the image instead."""
+    image = os.environ.get(BUILDER_IMAGE_ENV)
+    if image:
+        return {"image": image}
+    return {dist: _version(dist) or "absent" for dist in TOOLS.values()}
 
 
 def peak_host_bytes() -> int:

@@ -879,7 +879,7 @@ class _Progress:
 
 
 # --------------------------------------------------------------------------------------------
-# Inputs for the pipeline
+# Helpers (input fetching is the builder's: enginebuild_builder.inputs)
 # --------------------------------------------------------------------------------------------
 
 
@@ -890,34 +890,6 @@ def is_s3_uri(value: str | None) -> bool:
 def iter_local_files(root: Path) -> Iterator[Path]:
     """Regular files below `root`, sorted by relative path (hidden files included: they are data)."""
     return iter(sorted((p for p in root.rglob("*") if p.is_file()), key=lambda p: p.relative_to(root).as_posix()))
-
-
-def fetch(uri_or_path: str | Path, dest_dir: Path | str, store: S3Store | None = None) -> Path:
-    """Make an input (checkpoint, model config, calibration folder) available as a local path.
-
-    Local paths are returned as they are (must exist). `s3://bucket/key` downloads one object to
-    `dest_dir/<basename>`; a URI ending in '/' or naming no object is taken as a prefix (a folder)
-    and downloaded to `dest_dir/<last segment>/`. Every file is size- and SHA-256-verified.
-    """
-    value = str(uri_or_path)
-    if not is_s3_uri(value):
-        path = Path(value)
-        if not path.exists():
-            raise ObjectNotFound(f"{path} does not exist: check the path (or mount the volume)")
-        return path
-    uri = parse_s3_uri(value)
-    store = store or S3Store()
-    dest_dir = Path(dest_dir)
-    name = PurePosixPath(uri.key.rstrip("/")).name or uri.bucket
-    if uri.key and not uri.key.endswith("/"):
-        info = store.head(uri)
-        if info is not None:
-            target = dest_dir / name
-            store.download_file(uri, target)
-            return target
-    folder = dest_dir / name
-    store.download_prefix(uri, folder)
-    return folder
 
 
 def new_bucket_name(prefix: str = "eb") -> str:

@@ -80,7 +80,7 @@ def human_bytes(n: float) -> str:
 def detect_trtexec() -> tuple[str | None, str | None]:
     """(path, version) of trtexec, or (None, why not) when engines cannot be built here."""
     from enginebuild_contract.errors import BuildError
-    from enginebuild_builder.stages.engine import find_trtexec
+    from enginebuild_builder.engine.trtexec import find_trtexec
 
     try:
         info = find_trtexec()
@@ -295,7 +295,7 @@ def main(args: argparse.Namespace) -> int:
     # open_clip logs every model build on the root logger (and warns about the random init we ask for).
     logging.getLogger().setLevel(logging.ERROR)
     logging.getLogger("enginebuild").setLevel(logging.WARNING)
-    logging.getLogger("enginebuild_builder.stages.model_loading").setLevel(logging.ERROR)  # the demo's random init
+    logging.getLogger("enginebuild_builder.export.model_loading").setLevel(logging.ERROR)  # the demo's random init
     keep = bool(getattr(args, "keep", False))
     want_prometheus = bool(getattr(args, "prometheus", False))
     if want_prometheus and find_prometheus() is None:

@@ -343,7 +343,7 @@ def write_checkpoint(config_json: Path, out: Path, seed: int = 0) -> Path:
     from safetensors.torch import save_file
 
     from enginebuild_contract.spec import ModelSpec
-    from enginebuild_builder.stages.model_loading import load_model
+    from enginebuild_builder.export.model_loading import load_model
 
     torch.manual_seed(seed)
     loaded = load_model(ModelSpec(architecture=config_json.stem, config=str(config_json)), None)

@@ -100,7 +100,7 @@ def test_human_bytes() -> None:
 
 def test_checkpoint_fits_the_builders_loader(tmp_path: Path) -> None:
     from enginebuild_contract.spec import ModelSpec
-    from enginebuild_builder.stages.model_loading import load_model
+    from enginebuild_builder.export.model_loading import load_model
 
     config = REPO / "examples" / "models" / "tiny-clip.json"
     a = write_checkpoint(config, tmp_path / "a.safetensors", seed=3)

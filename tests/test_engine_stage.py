@@ -27,8 +27,8 @@ from enginebuild_contract.errors import (
 )
 from enginebuild_contract.report import Artifact, EncoderReport, OnnxPair, Report
 from enginebuild_contract.spec import parse_spec
-from enginebuild_builder.stages import engine as stage
-from enginebuild_builder.stages.engine import (
+from enginebuild_builder.engine import trtexec as stage
+from enginebuild_builder.engine.trtexec import (
     BUILD_FLAGS,
     RUN_FLAGS,
     find_trtexec,
@@ -361,7 +361,7 @@ def _tiny_image_encoder():  # a factory, as the pipeline passes one
 def test_baseline_without_cuda_is_a_clear_error_or_a_warning(tmp_path: Path) -> None:
     import torch
 
-    from enginebuild_builder.stages.pytorch_baseline import (
+    from enginebuild_builder.engine.pytorch_baseline import (
         BaselineUnavailable,
         measure_pytorch_baseline,
         run_pytorch_baselines,
@@ -381,7 +381,7 @@ def test_baseline_without_cuda_is_a_clear_error_or_a_warning(tmp_path: Path) -> 
 def test_baseline_speedup_against_the_fp8_engine(double_env: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     from enginebuild_contract.report import Percentiles, PytorchBaseline
-    from enginebuild_builder.stages.pytorch_baseline import attach_speedup
+    from enginebuild_builder.engine.pytorch_baseline import attach_speedup
 
     monkeypatch.setenv("TRTEXEC_DOUBLE_LATENCY", json.dumps({"/fp16/": 2.0, "/fp8/": 1.25}))
     report = _report(tmp_path, BASE)
@@ -399,7 +399,7 @@ def test_baseline_speedup_against_the_fp8_engine(double_env: Path, tmp_path: Pat
 def test_baseline_on_a_real_gpu(tmp_path: Path) -> None:
     import torch
 
-    from enginebuild_builder.stages.pytorch_baseline import measure_pytorch_baseline
+    from enginebuild_builder.engine.pytorch_baseline import measure_pytorch_baseline
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU (runs on the GPU machine, not on CI)")

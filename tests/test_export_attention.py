@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from enginebuild_contract.spec import ModelSpec
-from enginebuild_builder.stages.attention import SplitMultiheadAttention, split_attention
-from enginebuild_builder.stages.model_loading import load_model
-from enginebuild_builder.stages.quantize import VISION_EXCLUSION_PATTERNS, count_layers, fp8_config
+from enginebuild_builder.export.attention import SplitMultiheadAttention, split_attention
+from enginebuild_builder.export.model_loading import load_model
+from enginebuild_builder.export.quantize import VISION_EXCLUSION_PATTERNS, count_layers, fp8_config
 from plugins.export import TINY_LINEAR, tiny_config  # noqa: F401
 
 TOL = 1e-4

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from enginebuild_builder.stages.export_half import _half_copy, _half_for_export
+from enginebuild_builder.export.export_half import _half_copy, _half_for_export
 
 
 class Tied(nn.Module):
@@ -43,7 +43,7 @@ def test_half_copy_equals_deepcopy_half_and_leaves_the_model_alone() -> None:
 
 def test_half_for_export_keeps_quantizer_amax_in_fp32() -> None:
     mtq = pytest.importorskip("modelopt.torch.quantization")
-    from enginebuild_builder.stages.quantize import fp8_config
+    from enginebuild_builder.export.quantize import fp8_config
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 4))

@@ -19,8 +19,8 @@ from enginebuild_contract.errors import (
     UnknownArchitecture,
 )
 from enginebuild_contract.spec import ModelSpec
-from enginebuild_builder.stages.calibration import load_calibration
-from enginebuild_builder.stages.model_loading import load_model
+from enginebuild_builder.export.calibration import load_calibration
+from enginebuild_builder.export.model_loading import load_model
 from plugins.export import run_tiny_export, tiny_config, tiny_spec, write_tiny_config  # noqa: F401
 
 
@@ -240,7 +240,7 @@ def test_memory_exhaustion_is_the_retriable_out_of_memory_error(tiny_config: Pat
     """An OOM anywhere in the export half must reach the operator as OutOfMemory (exit 33, retriable),
     not as a permanent quantization failure. The allocation failure is injected at calibration."""
     from enginebuild_contract.errors import OutOfMemory
-    from enginebuild_builder.stages import export_half
+    from enginebuild_builder.export import export_half
 
     def exhausted(*args: object, **kwargs: object) -> None:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")

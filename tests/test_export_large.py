@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from enginebuild_builder import pipeline
+from enginebuild_builder import inputs, pipeline
 from enginebuild_contract.report import Report
-from enginebuild_builder.stages import onnx_io
+from enginebuild_builder.onnx import onnx_io
 from enginebuild_contract.layout import build_exists
 from enginebuild_contract.storage import S3Store
 
@@ -64,9 +64,9 @@ def s3_job(monkeypatch: pytest.MonkeyPatch, s3_env: dict[str, str]) -> None:
         monkeypatch.delenv(name)
     for name, value in s3_env.items():
         monkeypatch.setenv(name, value)
-    pipeline._store.cache_clear()  # noqa: SLF001 (one S3 client per process: this test's endpoint)
+    inputs.store.cache_clear()  # noqa: SLF001 (one S3 client per process: this test's endpoint)
     yield
-    pipeline._store.cache_clear()  # noqa: SLF001
+    inputs.store.cache_clear()  # noqa: SLF001
 
 
 def test_text_tower_above_2_gib_builds_gates_and_publishes(tmp_path: Path, s3_job: None, s3_bucket: str,

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from enginebuild_builder.stages import onnx_checks
+from enginebuild_builder.onnx import onnx_checks
 
 FP8 = TensorProto.FLOAT8E4M3FN
 

@@ -161,7 +161,7 @@ def test_inputs_and_outputs(built: ExportRun) -> None:
 
 def test_both_files_are_type_consistent(built: ExportRun) -> None:
     """No node mixes FP32 and FP16 on one type variable (ModelOpt's raw FP8 output does; we repair it)."""
-    from enginebuild_builder.stages import onnx_checks
+    from enginebuild_builder.onnx import onnx_checks
 
     for enc in ENCODERS:
         for precision in ("fp16", "fp8"):
@@ -223,17 +223,18 @@ def test_report_round_trips_and_summarizes_under_4k(built: ExportRun, tmp_path: 
 
 def test_ort_copy_of_the_fp8_file_tracks_the_fp16_file(built: ExportRun, tmp_path: Path) -> None:
     """Independent check of the gate's ORT path: FP8 ONNX (rewritten) vs FP16 ONNX on fresh inputs."""
-    from enginebuild_builder.stages import onnx_checks, validate
+    from enginebuild_builder.onnx import onnx_checks
+    from enginebuild_builder.export import accuracy_gate
 
     rng = np.random.default_rng(7)
     x = rng.standard_normal((8, 3, 32, 32)).astype(np.float16)
-    fp16 = validate.run_onnx(built.workdir / "onnx/image.fp16.onnx", x, 8)
+    fp16 = accuracy_gate.run_onnx(built.workdir / "onnx/image.fp16.onnx", x, 8)
     ort_model, rewritten = onnx_checks.to_ort_runnable(_load(built, "image", "fp8"))
     assert rewritten > 0
     assert not any(n.domain == "trt" for n in ort_model.graph.node)
     onnx_checks.save_model(ort_model, tmp_path / "image.ort.onnx")
-    fp8 = validate.run_onnx(tmp_path / "image.ort.onnx", x, 8)
-    stats = validate.cosine_stats(fp8, fp16)
+    fp8 = accuracy_gate.run_onnx(tmp_path / "image.ort.onnx", x, 8)
+    stats = accuracy_gate.cosine_stats(fp8, fp16)
     assert 0.98 < stats.cosine_min < 1.0
 
 
@@ -252,7 +253,8 @@ def test_gate_fails_above_reached_cosine_after_writing_numbers(gate_failed: Expo
 
 
 def test_dynamic_batch_axes_run_at_several_batch_sizes(dynamic: ExportRun, tmp_path: Path) -> None:
-    from enginebuild_builder.stages import onnx_checks, validate
+    from enginebuild_builder.onnx import onnx_checks
+    from enginebuild_builder.export import accuracy_gate
 
     assert set(dynamic.report.encoders) == {"image"}
     assert dynamic.report.encoders["image"].input_shape == [-1, 3, 32, 32]
@@ -267,7 +269,7 @@ def test_dynamic_batch_axes_run_at_several_batch_sizes(dynamic: ExportRun, tmp_p
     onnx_checks.save_model(ort_model, tmp_path / "dyn.onnx")
     for n in (1, 3, 8):
         x = np.zeros((n, 3, 32, 32), dtype=np.float16)
-        assert validate.run_onnx(tmp_path / "dyn.onnx", x, n).shape == (n, 32)
+        assert accuracy_gate.run_onnx(tmp_path / "dyn.onnx", x, n).shape == (n, 32)
 
 
 def test_cli_maps_the_gate_failure_to_exit_code_20(tiny_config: Path, tmp_path: Path) -> None:
@@ -310,7 +312,7 @@ def test_checkpoint_and_image_folder_calibration_end_to_end(tiny_config: Path, t
     from safetensors.torch import save_file
 
     from enginebuild_contract.spec import ModelSpec
-    from enginebuild_builder.stages.model_loading import load_model
+    from enginebuild_builder.export.model_loading import load_model
 
     state = load_model(ModelSpec(config=str(tiny_config)), None, seed=42).model.state_dict()
     ckpt = tmp_path / "weights.safetensors"

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from enginebuild_builder import pipeline
+from enginebuild_builder import inputs, pipeline
 from enginebuild_contract.errors import BuildError
 from enginebuild_contract.report import Report
-from enginebuild_builder.stages import onnx_io
+from enginebuild_builder.onnx import onnx_io
 from enginebuild_contract.layout import build_exists
 from enginebuild_contract.storage import S3Store
 
@@ -39,10 +39,10 @@ def job(monkeypatch: pytest.MonkeyPatch, s3_env: dict[str, str], tmp_path: Path)
     monkeypatch.setenv("TRTEXEC", str(DOUBLE))
     monkeypatch.setenv("PATH", os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
     monkeypatch.setattr(onnx_io, "INLINE_LIMIT_BYTES", 0)
-    pipeline._store.cache_clear()  # noqa: SLF001 (one S3 client per process: this test's endpoint)
-    monkeypatch.setattr(pipeline, "_FETCHED", {})
+    inputs.store.cache_clear()  # noqa: SLF001 (one S3 client per process: this test's endpoint)
+    monkeypatch.setattr(inputs, "_FETCHED", {})
     yield tmp_path
-    pipeline._store.cache_clear()  # noqa: SLF001
+    inputs.store.cache_clear()  # noqa: SLF001
 
 
 def _args(spec: Path, workdir: Path, **extra: str | None) -> argparse.Namespace:

@@ -13,7 +13,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from enginebuild_builder.stages import onnx_checks, onnx_io, ort_runner, validate
+from enginebuild_builder.onnx import onnx_checks, onnx_io, ort_runner
+from enginebuild_builder.export import accuracy_gate
 
 import tinyclip
 
@@ -41,7 +42,7 @@ def _reference_path(fp8: Path, x: np.ndarray, tmp: Path) -> np.ndarray:
     copy, _ = onnx_checks.to_ort_runnable(onnx.load(str(fp8)))
     path = tmp / f"ref.{fp8.name}"
     onnx.save_model(copy, str(path))
-    return validate.run_onnx(path, x, onnx_checks.static_batch(copy))
+    return accuracy_gate.run_onnx(path, x, onnx_checks.static_batch(copy))
 
 
 def _fast(fp8: Path, x: np.ndarray, **options: object) -> ort_runner.GateRun:
@@ -58,8 +59,8 @@ def test_fast_cpu_path_gives_the_reference_numbers_and_verdict(exported, encoder
     assert run.batch_freed and run.padded_rows == 0 and run.chunks == 2 and run.provider == "cpu"
     np.testing.assert_allclose(run.outputs, reference, rtol=1e-3, atol=1e-3 * np.abs(reference).max())
     # The verdict compares embeddings with the FP16 reference: the same with either path.
-    fp16 = validate.run_onnx(work / report.encoders[encoder].onnx.fp16.path, x, 8)
-    old, new = validate.cosine_stats(reference, fp16), validate.cosine_stats(run.outputs, fp16)
+    fp16 = accuracy_gate.run_onnx(work / report.encoders[encoder].onnx.fp16.path, x, 8)
+    old, new = accuracy_gate.cosine_stats(reference, fp16), accuracy_gate.cosine_stats(run.outputs, fp16)
     assert new.cosine_min == pytest.approx(old.cosine_min, abs=1e-5)
     assert new.cosine_mean == pytest.approx(old.cosine_mean, abs=1e-5)
     for threshold in (0.5, old.cosine_min - 1e-4, old.cosine_min + 1e-4, 0.999999):
@@ -80,7 +81,7 @@ def test_freed_batch_axis_is_bit_identical_to_the_padded_static_graph(exported, 
     onnx.save_model(graph, str(free))
     for n in (2, 3, 8, 11):
         x = _inputs(encoder, n)
-        np.testing.assert_array_equal(validate.run_onnx(free, x, None), validate.run_onnx(static, x, 8))
+        np.testing.assert_array_equal(accuracy_gate.run_onnx(free, x, None), accuracy_gate.run_onnx(static, x, 8))
 
 
 def test_fp8_safe_graph_optimizations_leave_the_numbers_unchanged(exported) -> None:
@@ -108,11 +109,11 @@ def test_cuda_path_gives_the_cpu_verdict(exported) -> None:
     work, report = exported
     for encoder in ("image", "text"):
         fp8 = work / report.encoders[encoder].onnx.fp8.path
-        fp16 = validate.run_onnx(work / report.encoders[encoder].onnx.fp16.path, _inputs(encoder), 8)
+        fp16 = accuracy_gate.run_onnx(work / report.encoders[encoder].onnx.fp16.path, _inputs(encoder), 8)
         cpu = ort_runner.evaluate(onnx_io.load_graph(fp8), fp8, _inputs(encoder), "cpu")
         gpu = ort_runner.evaluate(onnx_io.load_graph(fp8), fp8, _inputs(encoder), "cuda")
         assert (cpu.provider, gpu.provider) == ("cpu", "cuda")
-        a, b = validate.cosine_stats(cpu.outputs, fp16), validate.cosine_stats(gpu.outputs, fp16)
+        a, b = accuracy_gate.cosine_stats(cpu.outputs, fp16), accuracy_gate.cosine_stats(gpu.outputs, fp16)
         assert b.cosine_min == pytest.approx(a.cosine_min, abs=2e-3)
         assert (b.cosine_min >= 0.9) == (a.cosine_min >= 0.9)
 

@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from enginebuild_builder.stages import onnx_io
+from enginebuild_builder.onnx import onnx_io
 
 
 def _model(weights: int = 3, dim: int = 32) -> tuple[onnx.ModelProto, list[np.ndarray]]:

@@ -3,7 +3,7 @@ controller, the garbage collector, the scheduler) and SeaweedFS for S3, under th
 
 The tests play only the kubelet's part: they report the end of each Pod the Job controller created
 (devstack/podplay.py: a terminated container with the builder's termination message), and publish
-into S3 what the builder's Jobs would publish (publish.py). The real Job controller turns that into
+into S3 what the builder's Jobs would publish (enginebuild_contract.layout). The real Job controller turns that into
 Job conditions; the operator must do everything else: Jobs, status, events, the manifest, metrics,
 deletion.
 """

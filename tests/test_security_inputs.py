@@ -24,7 +24,7 @@ import yaml
 from enginebuild_contract.errors import KINDS, BuildError, CheckpointUnreadable, SpecError
 from enginebuild_contract.spec import ModelSpec, parse_spec
 from enginebuild_contract import layout as publish
-from enginebuild_builder.stages.model_loading import check_zip_bounds, load_model
+from enginebuild_builder.export.model_loading import check_zip_bounds, load_model
 from enginebuild_contract.storage import InvalidS3Uri, S3Store, join_key, parse_s3_uri
 from enginebuild_operator import jobs
 from enginebuild_operator.config import OperatorConfig
@@ -219,7 +219,7 @@ def _zip_bomb(path: Path, declared: int) -> None:
 PROBE = """
 import json, resource, sys
 from pathlib import Path
-from enginebuild_builder.stages.model_loading import _read_state_dict
+from enginebuild_builder.export.model_loading import _read_state_dict
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
     _read_state_dict(Path(sys.argv[1]))

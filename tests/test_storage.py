@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from enginebuild_builder.inputs import fetch
 from enginebuild_contract.errors import SpecError, StorageAccessDenied, StorageError
 from enginebuild_contract.storage import (
     ChecksumMismatch,
@@ -20,7 +21,6 @@ from enginebuild_contract.storage import (
     S3Config,
     S3Store,
     S3Uri,
-    fetch,
     file_digest,
     join_key,
     parse_s3_uri,

@@ -27,10 +27,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from enginebuild_contract.report import Artifact, EncoderReport, EngineReport, OnnxPair, Report
 from enginebuild_contract.spec import parse_spec
-from enginebuild_builder.stages import triton
-from enginebuild_builder.stages.engine import run_engines
+from enginebuild_builder.publishing import triton
+from enginebuild_builder.engine.trtexec import run_engines
 from enginebuild_contract.layout import Manifest, build_exists, build_uri
-from enginebuild_builder.stages.upload import EXPORT_STAGE, engine_stage_name, publish_stage
+from enginebuild_builder.publishing.upload import EXPORT_STAGE, engine_stage_name, publish_stage
 from enginebuild_contract.storage import S3Store, parse_s3_uri
 from enginebuild_operator import artifacts
 

@@ -22,7 +22,7 @@ from enginebuild_builder.trtexec_report import (
     summarize_times,
     top_layers,
 )
-from enginebuild_builder.stages.engine import is_out_of_memory
+from enginebuild_builder.engine.trtexec import is_out_of_memory
 
 OWN = Path(__file__).resolve().parent / "fixtures" / "trtexec"
 ENGINEBUILD = Path(sys.executable).parent / "enginebuild"

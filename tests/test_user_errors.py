@@ -80,7 +80,7 @@ def _assert_refused(done: subprocess.CompletedProcess[str], summary: dict[str, A
 
 def _tiny_state() -> dict[str, torch.Tensor]:
     from enginebuild_contract.spec import ModelSpec
-    from enginebuild_builder.stages.model_loading import load_model
+    from enginebuild_builder.export.model_loading import load_model
 
     return load_model(ModelSpec(architecture="tiny-clip", config=str(TINY)), None).model.state_dict()
 

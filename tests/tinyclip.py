@@ -37,7 +37,7 @@ def spec(config: Path, **fields: Any) -> Any:
 def run_export(build_spec: Any, workdir: Path) -> Any:
     """The real export half on the CPU; returns the report (raises what the build raises)."""
     from enginebuild_contract.report import Report
-    from enginebuild_builder.stages.export_half import run_export as run
+    from enginebuild_builder.export.export_half import run_export as run
 
     report = Report(spec=build_spec.to_dict())
     run(build_spec, workdir, "cpu", report, None, None)

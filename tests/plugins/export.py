@@ -72,7 +72,7 @@ def run_tiny_export(
     """Run the real export half on the CPU; a BuildError is captured, anything else propagates."""
     from enginebuild_contract.errors import BuildError
     from enginebuild_contract.report import Report
-    from enginebuild_builder.stages.export_half import run_export
+    from enginebuild_builder.export.export_half import run_export
 
     report = Report(spec=spec.to_dict())
     error: Exception | None = None

@@ -1,7 +1,7 @@
 """Shared by the reliability and security tests: what the builder's Jobs would publish to S3.
 
 `publish_export` / `publish_engine` put a build half under `<uri>/<key>/` exactly as the builder's
-upload stage does (verified uploads and a stage manifest, through publish.py) and return the
+upload stage does (verified uploads and a stage manifest, through enginebuild_contract.layout) and return the
 termination message the Job's Pod would carry. Sizes are parameters, so a test can tell one build's
 artefacts from another's. Also imported by the stub builder that tests/test_reliability_jobs.py
 runs as the Jobs' command.

@@ -8,15 +8,12 @@ before any error is raised, so a failed gate still leaves its numbers behind.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import gc
 import logging
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import onnx
@@ -25,8 +22,10 @@ import torch
 from enginebuild_contract.errors import AccuracyGateFailed, OutOfMemory, QuantizationError
 from enginebuild_contract.report import Accuracy, Artifact, EncoderReport, ExternalData, OnnxPair, Report
 from enginebuild_contract.spec import EngineBuildSpec
+from ..runner import timed
 from ..toolinfo import peak_gpu_bytes, peak_host_bytes, tool_versions
-from . import onnx_checks, onnx_export, onnx_io, ort_runner, validate
+from ..onnx import onnx_checks, onnx_io, ort_runner
+from . import accuracy_gate, onnx_export
 from .attention import split_attention
 from .calibration import load_calibration
 from .model_loading import LoadedModel, check_model_runs, load_model, sha256_file
@@ -37,18 +36,6 @@ log = logging.getLogger(__name__)
 ONNX_DIR = "onnx"
 CPU_CALIBRATION_BATCH = 32
 GPU_CALIBRATION_BATCH = 128
-
-
-@contextlib.contextmanager
-def _stage(report: Report, name: str) -> Iterator[None]:
-    log.info("stage %s: started", name)
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        elapsed = time.perf_counter() - start
-        report.timings_s[name] = round(report.timings_s.get(name, 0.0) + elapsed, 3)
-        log.info("stage %s: %.1f s", name, elapsed)
 
 
 def _half_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -177,7 +164,7 @@ def _run(
     if checkpoint is None and spec.model.checkpoint and not spec.model.checkpoint.startswith("s3://"):
         checkpoint = Path(spec.model.checkpoint)
 
-    with _stage(report, "load"):
+    with timed(report, "load"):
         loaded: LoadedModel = load_model(spec.model, checkpoint, config_path)
         check_model_runs(loaded, encoders)
     report.model.update(
@@ -192,7 +179,7 @@ def _run(
     if loaded.random_init:
         report.warnings.append("no model.checkpoint: the model is randomly initialised")
 
-    with _stage(report, "calibrate"):
+    with timed(report, "calibrate"):
         data = load_calibration(
             spec.calibration.source,
             spec.calibration.samples,
@@ -224,7 +211,7 @@ def _run(
     held = {"image": data.held_out.images, "text": data.held_out.texts}
 
     # FP16 copy: baseline export + reference embeddings, then dropped.
-    with _stage(report, "export_fp16"):
+    with timed(report, "export_fp16"):
         ref_model, reference_kind = _reference_copy(model, device)
         ref_dtype = torch.float16 if reference_kind == "pytorch-fp16" else torch.float32
         for enc in encoders:
@@ -232,18 +219,18 @@ def _run(
             onnx_export.export_fp16(onnx_export.wrap(ref_model, enc), enc, example, paths[enc][0], opset, dynamic)
             log.info("%s FP16 ONNX: %s (%d bytes)", enc, paths[enc][0], onnx_export.file_size(paths[enc][0]))
     references: dict[str, np.ndarray] = {}
-    with _stage(report, "validate"):
+    with timed(report, "validate"):
         ref_batch = min(batch, 64) if device == "cuda" else min(batch, 16)
         for enc in encoders:
             inputs = held[enc]
             assert inputs is not None
-            references[enc] = validate.reference_embeddings(onnx_export.wrap(ref_model, enc), inputs, ref_batch, device)
+            references[enc] = accuracy_gate.reference_embeddings(onnx_export.wrap(ref_model, enc), inputs, ref_batch, device)
     del ref_model
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
 
-    with _stage(report, "quantize"):
+    with timed(report, "quantize"):
         cal_batch = GPU_CALIBRATION_BATCH if device == "cuda" else CPU_CALIBRATION_BATCH
         loop = make_forward_loop(data.calibration.images, data.calibration.texts, cal_batch, device)
         model = quantize_fp8(model, loop, include_vision=True)
@@ -258,7 +245,7 @@ def _run(
     # the GPU and one Python thread, so the image gate overlaps the text export.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gate") as gate_pool:
         checked: dict[str, Future[_Checked]] = {}
-        with _stage(report, "export_fp8"):
+        with timed(report, "export_fp8"):
             export_dtype = torch.float32
             if reference_kind == "pytorch-fp16":  # FP16 kernels exist on this device: trace in FP16
                 model = _half_for_export(model)
@@ -279,7 +266,7 @@ def _run(
         if device == "cuda":
             torch.cuda.empty_cache()  # the gate may run on this GPU (onnxruntime-gpu)
 
-        with _stage(report, "validate"):
+        with timed(report, "validate"):
             results = {enc: checked[enc].result() for enc in encoders}
             _validate(spec, workdir, paths, encoders, results, references, counts, reference_kind, report)
 
@@ -323,7 +310,7 @@ def _validate(
 ) -> None:
     """The checks' and the gate's verdicts per tower into the report; raises after filling it."""
     fp8_out: dict[str, np.ndarray] = {}
-    accuracies: dict[str, validate.EncoderAccuracy] = {}
+    accuracies: dict[str, accuracy_gate.EncoderAccuracy] = {}
     problems: list[str] = []
     for enc in encoders:
         fp16_path, fp8_path = paths[enc]
@@ -345,7 +332,7 @@ def _validate(
             )
         fp8_out[enc] = run.outputs
         report.timings_s["gate"] = round(report.timings_s.get("gate", 0.0) + run.seconds, 3)
-        accuracies[enc] = validate.cosine_stats(fp8_out[enc], references[enc])
+        accuracies[enc] = accuracy_gate.cosine_stats(fp8_out[enc], references[enc])
         name, shape, dtype = _input_signature(fp8_path)
         c = counts[enc]
         fp16_art, fp8_art = _artifact(fp16_path, workdir), _artifact(fp8_path, workdir)
@@ -378,7 +365,7 @@ def _validate(
             acc.cosine_min, acc.cosine_mean,
         )
     if "image" in fp8_out and "text" in fp8_out:
-        top1 = validate.top1_agreement(fp8_out["image"], fp8_out["text"], references["image"], references["text"])
+        top1 = accuracy_gate.top1_agreement(fp8_out["image"], fp8_out["text"], references["image"], references["text"])
         for enc in ("image", "text"):
             acc_report = report.encoders[enc].accuracy
             assert acc_report is not None

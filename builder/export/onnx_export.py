@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from enginebuild_contract.errors import QuantizationError
-from . import onnx_checks, onnx_io
+from ..onnx import onnx_checks, onnx_io
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,6 @@ same answer the build's Jobs get. All calls block (boto3); handlers run them in 
 
 from __future__ import annotations
 
-import inspect
 import tempfile
 import threading
 import time
@@ -227,16 +226,12 @@ def finalize(store: S3Store, spec: EngineBuildSpec, build_key: str, image: str) 
         merged.build_key = build_key
     inputs = buildkey.resolve_key_inputs(spec, store, toolchain(image))
     key_document = buildkey.build_key_document(spec, inputs)
-    params = inspect.signature(publish.finalize_build).parameters
-    if "report_path" in params:
-        with tempfile.TemporaryDirectory(prefix="enginebuild-finalize-") as tmp:
-            path = None
-            if merged is not None:
-                path = Path(tmp) / REPORT_FILE
-                merged.write(path)
-            return publish.finalize_build(store, spec.output.uri, build_key, path, key_document=key_document)
-    kwargs = {"key_document": key_document} if "key_document" in params else {}
-    return publish.finalize_build(store, spec.output.uri, build_key, merged, **kwargs)
+    with tempfile.TemporaryDirectory(prefix="enginebuild-finalize-") as tmp:
+        path = None
+        if merged is not None:
+            path = Path(tmp) / REPORT_FILE
+            merged.write(path)
+        return publish.finalize_build(store, spec.output.uri, build_key, path, key_document=key_document)
 
 
 def holder(namespace: str, name: str, uid: str) -> references.Holder:

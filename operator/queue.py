@@ -74,12 +74,6 @@ class BuildQueue:
         self._publish()
         return wake
 
-    def position(self, build: BuildId) -> int | None:
-        """1-based place in line, or None when not waiting."""
-        with self._lock:
-            ordered = sorted(self._waiting, key=lambda b: (self._waiting[b], b))
-        return ordered.index(build) + 1 if build in ordered else None
-
     def message(self) -> str:
         return f"waiting for a slot: {len(self._running)} builds running, limit {self.limit}"
 

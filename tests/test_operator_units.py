@@ -223,7 +223,7 @@ def test_queue_limit_order_and_release():
     assert not q.try_acquire(("ns", "d"), ("2026-01-01T00:00:09Z",))
     assert not q.try_acquire(("ns", "c"), ("2026-01-01T00:00:05Z",))
     assert q.message() == "waiting for a slot: 2 builds running, limit 2"
-    assert q.position(("ns", "c")) == 1 and q.position(("ns", "d")) == 2 and lengths[-1] == 2
+    assert lengths[-1] == 2
     wake = q.release(("ns", "a"))
     assert wake == [("ns", "c")]  # the oldest waiter, not the one that asked last
     assert not q.try_acquire(("ns", "d"), ("2026-01-01T00:00:09Z",))

@@ -51,7 +51,9 @@ def api_requests(http: Any) -> int:
 
 
 def run(builds: int, limit: int, workdir: Path) -> dict[str, Any]:
-    from enginebuild_contract.storage import S3Config, S3Store, new_bucket_name
+    from enginebuild_contract.s3.config import S3Config
+    from enginebuild_contract.s3.store import S3Store
+    from enginebuild_contract.s3.uri import new_bucket_name
     from enginebuild_devstack.cluster import ensure_namespace
     from enginebuild_devstack.seaweedfs import start_seaweedfs
     from enginebuild_devstack.stack import operator_kubeconfig

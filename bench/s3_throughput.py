@@ -65,7 +65,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import botocore
     from boto3.s3.transfer import TransferConfig
 
-    from enginebuild_contract.storage import S3Config, S3Store, S3Uri, file_digest
+    from enginebuild_contract.digests import file_digest
+    from enginebuild_contract.s3.config import S3Config
+    from enginebuild_contract.s3.store import S3Store
+    from enginebuild_contract.s3.uri import S3Uri
 
     size = args.size_mib * MIB
     root = Path(args.workdir or tempfile.mkdtemp(prefix="s3bench-"))

@@ -9,7 +9,10 @@ from pathlib import Path, PurePosixPath
 
 from enginebuild_contract.buildkey import naming_input
 from enginebuild_contract.spec import EngineBuildSpec
-from enginebuild_contract.storage import ObjectNotFound, S3Config, S3Store, is_s3_uri, parse_s3_uri
+from enginebuild_contract.s3.config import S3Config
+from enginebuild_contract.s3.errors import ObjectNotFound
+from enginebuild_contract.s3.store import S3Store
+from enginebuild_contract.s3.uri import is_s3_uri, parse_s3_uri
 
 
 @functools.cache

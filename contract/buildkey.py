@@ -26,7 +26,10 @@ from typing import Any
 
 from .errors import BuildError, CalibrationError, CheckpointNotFound, UnknownArchitecture
 from .spec import EngineBuildSpec
-from .storage import ObjectNotFound, S3Store, S3Uri, is_s3_uri, iter_local_files, parse_s3_uri, sha256_file
+from .digests import iter_local_files, sha256_file
+from .s3.errors import ObjectNotFound
+from .s3.store import S3Store
+from .s3.uri import is_s3_uri, parse_s3_uri, S3Uri
 
 # What a missing input is, by the spec field that names it: the storage layer only knows "no object",
 # which is StorageAccessDenied (exit 41, "credentials wrong or bucket missing") to everyone else.

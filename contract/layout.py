@@ -31,18 +31,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .constants import MANIFEST_FILE, REPORT_FILE
 from .errors import BuildError, StorageError
-from .storage import (
-    ChecksumMismatch,
-    InvalidS3Uri,
-    ObjectInfo,
-    ObjectNotFound,
-    ProgressCallback,
-    S3Store,
-    S3Uri,
-    join_key,
-    parse_s3_uri,
-    sha256_file,
-)
+from .digests import sha256_file
+from .s3.errors import ChecksumMismatch, ObjectNotFound
+from .s3.store import ObjectInfo, ProgressCallback, S3Store
+from .s3.uri import InvalidS3Uri, join_key, parse_s3_uri, S3Uri
 
 log = logging.getLogger(__name__)
 

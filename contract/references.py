@@ -41,7 +41,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .constants import MANIFEST_FILE
-from .storage import ObjectNotFound, S3Store, S3Uri
+from .s3.errors import ObjectNotFound
+from .s3.store import S3Store
+from .s3.uri import S3Uri
 from .layout import build_uri
 
 log = logging.getLogger(__name__)

@@ -33,7 +33,7 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
-from enginebuild_contract.storage import parse_s3_uri
+from enginebuild_contract.s3.uri import parse_s3_uri
 
 from .prometheus import find_prometheus
 from .stack import LocalStack, StackError, condition

@@ -287,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     server = start_seaweedfs(args.dir, stop_grace_s=args.stop_grace)
     if args.bucket:
-        from enginebuild_contract.storage import S3Config, S3Store
+        from enginebuild_contract.s3.config import S3Config
+        from enginebuild_contract.s3.store import S3Store
 
         store = S3Store(S3Config.from_env(server.env()))
         for bucket in args.bucket:

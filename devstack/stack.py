@@ -33,7 +33,9 @@ from typing import Any, Callable
 import yaml
 
 from enginebuild_contract.constants import GROUP, PLURAL, VERSION
-from enginebuild_contract.storage import S3Config, S3Store, parse_s3_uri
+from enginebuild_contract.s3.config import S3Config
+from enginebuild_contract.s3.store import S3Store
+from enginebuild_contract.s3.uri import parse_s3_uri
 
 from .chart import NAMESPACE as OPERATOR_NAMESPACE
 from .chart import rbac_docs

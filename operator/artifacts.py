@@ -23,7 +23,9 @@ from enginebuild_contract.constants import MANIFEST_FILE, REPORT_FILE, REPORT_SC
 from enginebuild_contract.errors import StorageAccessDenied
 from enginebuild_contract.report import Report, parse_report
 from enginebuild_contract.spec import EngineBuildSpec
-from enginebuild_contract.storage import S3Config, S3Store, parse_s3_uri
+from enginebuild_contract.s3.config import S3Config
+from enginebuild_contract.s3.store import S3Store
+from enginebuild_contract.s3.uri import parse_s3_uri
 
 from .deletion import DeletionPlan, stale_refs
 from .s3settings import SecretView, store_env

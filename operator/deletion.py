@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from enginebuild_contract.spec import EngineBuildSpec
 from enginebuild_contract.references import RefRecord
-from enginebuild_contract.storage import InvalidS3Uri, parse_s3_uri
+from enginebuild_contract.s3.uri import InvalidS3Uri, parse_s3_uri
 
 POLICIES = ("Retain", "Delete")
 DEFAULT_POLICY: Literal["Retain"] = "Retain"

@@ -28,7 +28,7 @@ from enginebuild_contract.errors import BuildError, StorageAccessDenied
 from enginebuild_contract.report import ReportContractError, ReportUnreadable
 from enginebuild_contract.spec import EngineBuildSpec
 from enginebuild_contract.status_model import EngineBuildStatus
-from enginebuild_contract.storage import parse_s3_uri
+from enginebuild_contract.s3.uri import parse_s3_uri
 
 from . import artifacts, deletion, jobs, metrics, reconcile, results
 from .conditions import KSTATUS_TYPES, ConditionSet, with_kstatus

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from enginebuild_contract.errors import StorageAccessDenied
-from enginebuild_contract.storage import S3Config
+from enginebuild_contract.s3.config import S3Config
 
 KSERVE_PREFIX = "serving.kserve.io/"
 ANNOTATION_ENDPOINT = KSERVE_PREFIX + "s3-endpoint"

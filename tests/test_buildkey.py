@@ -24,7 +24,10 @@ from enginebuild_contract.buildkey import (
     resolve_key_inputs,
 )
 from enginebuild_contract.spec import parse_spec
-from enginebuild_contract.storage import ObjectNotFound, S3Store, S3Uri, sha256_file
+from enginebuild_contract.digests import sha256_file
+from enginebuild_contract.s3.errors import ObjectNotFound
+from enginebuild_contract.s3.store import S3Store
+from enginebuild_contract.s3.uri import S3Uri
 
 BASE_SPEC: dict[str, Any] = {
     "model": {"architecture": "ViT-B-32", "checkpoint": "s3://models/clip/vit-b-32.safetensors"},

@@ -487,7 +487,7 @@ def test_jobs_use_the_s3_endpoint_the_operator_uses(
     operator's own store; the Job rendered by operator/jobs.py, resolved as kubelet would (Secret via
     envFrom, then env), must reach the same endpoint with the same region."""
     from enginebuild_contract.spec import parse_spec
-    from enginebuild_contract.storage import S3Config
+    from enginebuild_contract.s3.config import S3Config
     from enginebuild_operator import artifacts, jobs
     from enginebuild_operator.s3settings import SecretView
 
@@ -510,7 +510,7 @@ def test_jobs_use_the_s3_endpoint_the_operator_uses(
 
 def test_chart_tls_verification_reaches_the_operator_and_the_jobs() -> None:
     from enginebuild_contract.spec import parse_spec
-    from enginebuild_contract.storage import S3Config
+    from enginebuild_contract.s3.config import S3Config
     from enginebuild_operator import jobs
 
     env = _env(_container(render({"s3": {"endpoint": "https://minio.storage:9000", "verifySSL": False}})))

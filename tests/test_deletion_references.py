@@ -20,7 +20,7 @@ from enginebuild_contract.spec import parse_spec
 from enginebuild_contract import references
 from enginebuild_contract.layout import build_exists, build_uri
 from enginebuild_contract.references import Holder, RefRecord
-from enginebuild_contract.storage import S3Store
+from enginebuild_contract.s3.store import S3Store
 from enginebuild_operator import artifacts, deletion, handlers, reconcile
 from enginebuild_operator.conditions import ConditionSet
 from enginebuild_operator.config import OperatorConfig, load_config

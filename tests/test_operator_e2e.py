@@ -22,7 +22,8 @@ from enginebuild_contract.report import (
 )
 from enginebuild_contract.spec import parse_spec
 from enginebuild_contract import layout as publish
-from enginebuild_contract.storage import S3Store, parse_s3_uri
+from enginebuild_contract.s3.store import S3Store
+from enginebuild_contract.s3.uri import parse_s3_uri
 from enginebuild_operator import artifacts
 from enginebuild_devstack.kube_http import resource_path
 from plugins.kube import delete_namespace
@@ -424,7 +425,7 @@ def test_s3_credentials_come_from_the_secret_and_never_leak(eb_cluster: Cluster,
 
 def test_s3_down_during_the_cache_check_is_reported_and_recovers(kube: Any, kube_ns: str, operator_kubeconfig: Path,
                                                                  seaweedfs_private: Any, tmp_path: Path) -> None:
-    from enginebuild_contract.storage import S3Config
+    from enginebuild_contract.s3.config import S3Config
 
     store = S3Store(S3Config.from_env(seaweedfs_private.env()))
     store.create_bucket("down")

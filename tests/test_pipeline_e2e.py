@@ -14,7 +14,8 @@ import yaml
 
 from enginebuild_contract.report import Report
 from enginebuild_contract.layout import build_exists, read_stage_manifests
-from enginebuild_contract.storage import S3Store, parse_s3_uri
+from enginebuild_contract.s3.store import S3Store
+from enginebuild_contract.s3.uri import parse_s3_uri
 
 REPO = Path(__file__).resolve().parent.parent
 DOUBLE = REPO / "tests" / "doubles" / "trtexec"

@@ -29,14 +29,11 @@ from enginebuild_contract.layout import (
     triton_config,
     write_triton_view,
 )
-from enginebuild_contract.storage import (
-    ChecksumMismatch,
-    InvalidS3Uri,
-    S3Config,
-    S3Store,
-    S3Uri,
-    sha256_file,
-)
+from enginebuild_contract.digests import sha256_file
+from enginebuild_contract.s3.config import S3Config
+from enginebuild_contract.s3.errors import ChecksumMismatch
+from enginebuild_contract.s3.store import S3Store
+from enginebuild_contract.s3.uri import InvalidS3Uri, S3Uri
 from enginebuild_devstack.seaweedfs import SeaweedFS
 
 KEY = "0123456789abcdef0123456789abcdef"

@@ -16,7 +16,9 @@ import pytest
 from enginebuild_contract import references
 from enginebuild_contract.layout import build_exists, build_uri, finalize_build, onnx_key, publish_files, read_manifest
 from enginebuild_contract.references import Holder, RefRecord
-from enginebuild_contract.storage import S3Config, S3Store, S3Uri
+from enginebuild_contract.s3.config import S3Config
+from enginebuild_contract.s3.store import S3Store
+from enginebuild_contract.s3.uri import S3Uri
 
 KEY = "0123456789abcdef0123456789abcdef"
 A = Holder(namespace="ml", name="vit", uid="uid-a")

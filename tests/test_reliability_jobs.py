@@ -62,7 +62,8 @@ term = Path(os.environ["ENGINEBUILD_TERMINATION_LOG"])
 if action == "sleep":
     time.sleep(120)
 if action == 0:
-    from enginebuild_contract.storage import S3Config, S3Store
+    from enginebuild_contract.s3.config import S3Config
+    from enginebuild_contract.s3.store import S3Store
     from plugins.reliability import publish_engine, publish_export
     store = S3Store(S3Config.from_env())
     work = Path(os.environ["HOME"]) / "out"

@@ -21,7 +21,9 @@ import pytest
 
 from enginebuild_contract.spec import parse_spec
 from enginebuild_contract import layout as publish
-from enginebuild_contract.storage import S3Config, S3Store, new_bucket_name, parse_s3_uri
+from enginebuild_contract.s3.config import S3Config
+from enginebuild_contract.s3.store import S3Store
+from enginebuild_contract.s3.uri import new_bucket_name, parse_s3_uri
 from enginebuild_operator import artifacts
 from enginebuild_devstack.seaweedfs import SeaweedFS
 from plugins.operator_proc import (  # noqa: F401  (fixtures)

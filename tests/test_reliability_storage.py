@@ -21,7 +21,9 @@ import yaml
 
 from enginebuild_contract.errors import KINDS, BuildError, StorageError
 from enginebuild_contract.layout import build_exists, read_stage_manifests
-from enginebuild_contract.storage import MIB, S3Config, S3Store, parse_s3_uri
+from enginebuild_contract.s3.config import MIB, S3Config
+from enginebuild_contract.s3.store import S3Store
+from enginebuild_contract.s3.uri import parse_s3_uri
 from enginebuild_devstack.seaweedfs import SeaweedFS
 
 pytestmark = pytest.mark.slow

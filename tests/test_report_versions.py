@@ -24,7 +24,8 @@ from enginebuild_contract.report import (
 )
 from enginebuild_contract.spec import parse_spec
 from enginebuild_contract import layout as publish
-from enginebuild_contract.storage import S3Store, S3Uri
+from enginebuild_contract.s3.store import S3Store
+from enginebuild_contract.s3.uri import S3Uri
 from enginebuild_operator import artifacts, handlers, jobs, reconcile, results
 from enginebuild_operator.conditions import ConditionSet
 from enginebuild_operator.config import OperatorConfig

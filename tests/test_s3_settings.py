@@ -13,7 +13,7 @@ import pytest
 
 from enginebuild_contract.errors import StorageAccessDenied
 from enginebuild_contract.spec import parse_spec
-from enginebuild_contract.storage import S3Config
+from enginebuild_contract.s3.config import S3Config
 from enginebuild_operator import artifacts, jobs
 from enginebuild_operator.config import load_config
 from enginebuild_operator.kubeapi import KubeApi

@@ -25,7 +25,8 @@ from enginebuild_contract.errors import KINDS, BuildError, CheckpointUnreadable,
 from enginebuild_contract.spec import ModelSpec, parse_spec
 from enginebuild_contract import layout as publish
 from enginebuild_builder.export.model_loading import check_zip_bounds, load_model
-from enginebuild_contract.storage import InvalidS3Uri, S3Store, join_key, parse_s3_uri
+from enginebuild_contract.s3.store import S3Store
+from enginebuild_contract.s3.uri import InvalidS3Uri, join_key, parse_s3_uri
 from enginebuild_operator import jobs
 from enginebuild_operator.config import OperatorConfig
 

@@ -28,7 +28,9 @@ from typing import Any, Iterator
 
 import pytest
 
-from enginebuild_contract.storage import S3Config, S3Store, new_bucket_name, parse_s3_uri
+from enginebuild_contract.s3.config import S3Config
+from enginebuild_contract.s3.store import S3Store
+from enginebuild_contract.s3.uri import new_bucket_name, parse_s3_uri
 from enginebuild_devstack.kube_http import resource_path
 from enginebuild_devstack.seaweedfs import SeaweedFS, start_seaweedfs
 from plugins.kube import KubeCluster, start_kubelet

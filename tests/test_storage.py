@@ -12,20 +12,11 @@ import pytest
 
 from enginebuild_builder.inputs import fetch
 from enginebuild_contract.errors import SpecError, StorageAccessDenied, StorageError
-from enginebuild_contract.storage import (
-    ChecksumMismatch,
-    FileDigest,
-    map_error,
-    InvalidS3Uri,
-    ObjectNotFound,
-    S3Config,
-    S3Store,
-    S3Uri,
-    file_digest,
-    join_key,
-    parse_s3_uri,
-    sha256_file,
-)
+from enginebuild_contract.digests import file_digest, FileDigest, sha256_file
+from enginebuild_contract.s3.config import S3Config
+from enginebuild_contract.s3.errors import ChecksumMismatch, map_error, ObjectNotFound
+from enginebuild_contract.s3.store import S3Store
+from enginebuild_contract.s3.uri import InvalidS3Uri, join_key, parse_s3_uri, S3Uri
 from enginebuild_devstack.seaweedfs import SeaweedFS, free_ports
 
 MIB = 1024 * 1024

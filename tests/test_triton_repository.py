@@ -31,7 +31,8 @@ from enginebuild_builder.publishing import triton
 from enginebuild_builder.engine.trtexec import run_engines
 from enginebuild_contract.layout import Manifest, build_exists, build_uri
 from enginebuild_builder.publishing.upload import EXPORT_STAGE, engine_stage_name, publish_stage
-from enginebuild_contract.storage import S3Store, parse_s3_uri
+from enginebuild_contract.s3.store import S3Store
+from enginebuild_contract.s3.uri import parse_s3_uri
 from enginebuild_operator import artifacts
 
 REPO = Path(__file__).resolve().parent.parent

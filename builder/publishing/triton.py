@@ -28,7 +28,7 @@ from typing import Iterable
 
 from enginebuild_contract.errors import BuildError
 from enginebuild_contract.report import EngineReport, TensorInfo
-from enginebuild_contract.storage import S3Uri
+from enginebuild_contract.s3.uri import S3Uri
 from enginebuild_contract.layout import TRITON_DIR, TensorSpec, build_uri, engine_key, triton_config
 
 MODEL_PREFIX = "clip"

@@ -13,7 +13,7 @@ from pathlib import Path, PurePosixPath
 from typing import Union
 
 from enginebuild_contract.report import Artifact, ExternalData, Report
-from enginebuild_contract.storage import S3Store
+from enginebuild_contract.s3.store import S3Store
 from . import triton
 from enginebuild_contract.layout import build_uri, engine_key, onnx_key, publish_files
 

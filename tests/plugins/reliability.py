@@ -22,7 +22,7 @@ from enginebuild_contract.report import (
     Accuracy, Artifact, EncoderReport, EngineReport, OnnxPair, Percentiles, Report, summarize,
 )
 from enginebuild_contract import layout as publish
-from enginebuild_contract.storage import S3Store
+from enginebuild_contract.s3.store import S3Store
 
 
 def _artifact(path: Path, data: bytes, rel: str) -> Artifact:

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from enginebuild_contract.storage import S3Config, S3Store, new_bucket_name
+from enginebuild_contract.s3.config import S3Config
+from enginebuild_contract.s3.store import S3Store
+from enginebuild_contract.s3.uri import new_bucket_name
 from enginebuild_devstack.seaweedfs import SeaweedFS, start_seaweedfs
 
 TEST_STOP_GRACE_S = 2.0

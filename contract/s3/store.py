@@ -1,12 +1,12 @@
-"""The one S3 module of builder and operator: configuration, URIs, verified transfers.
+"""The S3 store of builder and operator: verified transfers through boto3's transfer manager.
 
 Why it exists: artefacts are only useful if a reader can trust them. Every upload here records the
 file's SHA-256 as object metadata (`x-amz-meta-sha256`), asks the server to check a SHA-256 of every
 part on receipt (`ChecksumAlgorithm=SHA256`), and then HEADs the object and compares its size, its
 metadata and the server's (composite) SHA-256 with what was computed locally from the same bytes,
 so the object in the bucket is the file on disk without downloading it again. Downloads land in a
-temporary file that is renamed into place only after size and SHA-256 match. Configuration follows
-the variables KServe users already put in their S3 Secrets (see docs/storage.md).
+temporary file that is renamed into place only after size and SHA-256 match. URIs are in uri.py,
+configuration in config.py, error mapping in errors.py, digests in ../digests.py.
 
 Failures map to two exit codes: `StorageError` (40, retriable: unreachable endpoint, timeouts, 5xx)
 and `StorageAccessDenied` (41, permanent: wrong credentials, missing bucket, bad configuration).
@@ -19,312 +19,25 @@ import base64
 import hashlib
 import logging
 import os
-import re
 import tempfile
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Any
 
-from .errors import BuildError, SpecError, StorageAccessDenied, StorageError
+from ..digests import FileDigest, file_digest
+from ..errors import BuildError, StorageAccessDenied, StorageError
+from .config import MIB, S3Config
+from .errors import NOT_FOUND_CODES, ChecksumMismatch, ObjectNotFound, error_code, map_error, scrub
+from .uri import InvalidS3Uri, S3Uri, check_segments
 
 log = logging.getLogger(__name__)
 
 SHA256_METADATA_KEY = "sha256"  # sent as x-amz-meta-sha256
-MIB = 1024 * 1024
-# S3 rules (docs.aws.amazon.com/AmazonS3/latest/userguide/bucketnamingrules.html), minus the dotted-IP form.
-BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-# Error codes that mean "fix your configuration", never "try again".
-_DENIED_CODES = {
-    "AccessDenied",
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
-    "ExpiredToken",
-    "InvalidToken",
-    "TokenRefreshRequired",
-    "AuthorizationHeaderMalformed",
-    "AllAccessDisabled",
-    "AccountProblem",
-    "InvalidSecurity",
-    "403",
-}
-_NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound", "NoSuchUpload"}
-_RETRIABLE_CODES = {
-    "SlowDown",
-    "InternalError",
-    "ServiceUnavailable",
-    "RequestTimeout",
-    "RequestTimeTooSkewed",
-    "Throttling",
-    "ThrottlingException",
-    "RequestLimitExceeded",
-    "OperationAborted",
-    "BadDigest",  # the bytes were damaged on the way: sending them again is the fix
-    "XAmzContentSHA256Mismatch",
-    "IncompleteBody",
-}
 
-
-class InvalidS3Uri(SpecError):
-    """An S3 URI or key is malformed or would escape its prefix: permanent, the spec must change."""
-
-
-class ObjectNotFound(StorageAccessDenied):
-    """The bucket exists but the object/prefix does not; callers map it to their own input error
-    (a missing checkpoint is CheckpointNotFound, a missing calibration folder CalibrationError)."""
-
-
-class ChecksumMismatch(StorageError):
-    """Bytes in the bucket (or on disk after a download) differ from what was sent or listed.
-
-    Retriable: a damaged transfer is fixed by transferring again."""
-
-
-# --------------------------------------------------------------------------------------------
-# URIs and keys
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class S3Uri:
-    bucket: str
-    key: str  # may be "" (bucket root) or end with "/" (a prefix)
-
-    def __str__(self) -> str:
-        return f"s3://{self.bucket}/{self.key}"
-
-    def child(self, *parts: str) -> "S3Uri":
-        """A key below this one; refuses parts that would leave it (see `join_key`)."""
-        return S3Uri(self.bucket, join_key(self.key, *parts))
-
-    @property
-    def prefix(self) -> str:
-        """The key as a folder prefix ("" or ending in "/"), for listings."""
-        return self.key if not self.key or self.key.endswith("/") else self.key + "/"
-
-
-def _check_segments(key: str, what: str) -> None:
-    for ch in key:
-        if ord(ch) < 32 or ord(ch) == 127:
-            raise InvalidS3Uri(f"{what} contains a control character: {key!r}", field=what)
-    if "\\" in key:
-        raise InvalidS3Uri(f"{what} contains a backslash; S3 keys use '/': {key!r}", field=what)
-    segments = key.split("/")
-    if any(s in ("..", ".") for s in segments):
-        raise InvalidS3Uri(f"'.' and '..' segments are not allowed in {what}: {key!r}", field=what)
-
-
-def parse_s3_uri(uri: str, *, field: str = "uri") -> S3Uri:
-    """`s3://bucket/key` -> S3Uri; rejects a missing or invalid bucket and '.'/'..' segments."""
-    if not isinstance(uri, str) or not uri.startswith("s3://"):
-        raise InvalidS3Uri(f"expected s3://<bucket>/<key>, got {uri!r}", field=field)
-    rest = uri[len("s3://") :]
-    bucket, _, key = rest.partition("/")
-    if not bucket:
-        raise InvalidS3Uri(f"{uri!r} has no bucket: write s3://<bucket>/<key>", field=field)
-    if not BUCKET_RE.match(bucket) or ".." in bucket:
-        raise InvalidS3Uri(
-            f"{bucket!r} in {uri!r} is not a valid bucket name (3-63 of a-z, 0-9, '.', '-')", field=field
-        )
-    if key.startswith("/") or "//" in key:
-        raise InvalidS3Uri(f"empty path segment ('//') in {uri!r}", field=field)
-    _check_segments(key, field)
-    return S3Uri(bucket, key)
-
-
-def join_key(prefix: str, *parts: str) -> str:
-    """`prefix/part/part`, refusing any part that could place the key outside `prefix`.
-
-    A part may contain '/', but not be absolute, hold '.'/'..' segments or name another bucket
-    (`s3://...`); this is what keeps a hostile artefact name from overwriting someone else's data.
-    """
-    pieces: list[str] = []
-    for part in parts:
-        if not isinstance(part, str) or not part:
-            raise InvalidS3Uri(f"empty key part in {parts!r}", field="key")
-        if "://" in part:
-            raise InvalidS3Uri(f"key part {part!r} names another location; give a relative key", field="key")
-        if part.startswith("/"):
-            raise InvalidS3Uri(f"key part {part!r} is absolute; give a key relative to {prefix!r}", field="key")
-        if "//" in part:
-            raise InvalidS3Uri(f"empty path segment ('//') in key part {part!r}", field="key")
-        _check_segments(part, "key")
-        pieces.append(part.strip("/") if part.endswith("/") else part)
-    base = prefix.rstrip("/")
-    key = "/".join([base, *pieces]) if base else "/".join(pieces)
-    if base and not key.startswith(base + "/"):  # defensive: the checks above make this unreachable
-        raise InvalidS3Uri(f"key {key!r} escapes prefix {prefix!r}", field="key")
-    return key
-
-
-# --------------------------------------------------------------------------------------------
-# Configuration
-# --------------------------------------------------------------------------------------------
-
-
-def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    value = raw.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise StorageAccessDenied(f"{name}={raw!r} is not a boolean: use 0 or 1", field=name)
-
-
-def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise StorageAccessDenied(f"{name}={raw!r} is not an integer", field=name) from None
-    if not lo <= value <= hi:
-        raise StorageAccessDenied(f"{name}={value} must be between {lo} and {hi}", field=name)
-    return value
-
-
-def _mask(value: str | None) -> str | None:
-    if not value:
-        return value
-    return value[:4] + "…" if len(value) > 8 else "…"
-
-
-@dataclass(frozen=True)
-class S3Config:
-    """Where S3 is and how to talk to it. `repr` masks the key id and never shows the secrets."""
-
-    endpoint_url: str | None = None
-    region: str | None = None
-    access_key_id: str | None = field(default=None, repr=False)
-    secret_access_key: str | None = field(default=None, repr=False)
-    session_token: str | None = field(default=None, repr=False)
-    verify: bool | str = True  # False, True, or a CA bundle path
-    addressing_style: Literal["auto", "path", "virtual"] = "auto"
-    max_attempts: int = 5  # per request, botocore's retry handler
-    retry_mode: Literal["standard", "adaptive", "legacy"] = "standard"
-    connect_timeout_s: float = 10.0
-    read_timeout_s: float = 60.0
-    multipart_threshold: int = 16 * MIB
-    multipart_chunksize: int = 16 * MIB
-    max_concurrency: int = 8
-    upload_attempts: int = 3  # whole-object attempts when a transfer or its verification fails
-    backoff_base_s: float = 1.0
-
-    def __repr__(self) -> str:
-        return (
-            f"S3Config(endpoint_url={self.endpoint_url!r}, region={self.region!r}, "
-            f"access_key_id={_mask(self.access_key_id)!r}, "
-            f"secret_access_key={'<set>' if self.secret_access_key else None!r}, "
-            f"session_token={'<set>' if self.session_token else None!r}, verify={self.verify!r}, "
-            f"addressing_style={self.addressing_style!r}, max_attempts={self.max_attempts}, "
-            f"retry_mode={self.retry_mode!r})"
-        )
-
-    __str__ = __repr__
-
-    @property
-    def secrets(self) -> tuple[str, ...]:
-        """Strings that must never leave the process; error messages are scrubbed of them."""
-        return tuple(s for s in (self.secret_access_key, self.session_token) if s)
-
-    @property
-    def uses_default_chain(self) -> bool:
-        return self.access_key_id is None
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ, **overrides: Any) -> "S3Config":
-        """Read the standard AWS variables plus KServe's S3_* ones (docs/storage.md lists them).
-
-        Endpoint: AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, then S3_ENDPOINT; a value without a scheme
-        gets https:// unless S3_USE_HTTPS=0. A custom endpoint implies path-style addressing (what
-        MinIO, SeaweedFS and Ceph expect) unless S3_ADDRESSING_STYLE says otherwise. Without
-        AWS_ACCESS_KEY_ID, boto3's default chain (IRSA web identity, instance roles, ~/.aws) is used.
-        """
-        use_https = _flag(env, "S3_USE_HTTPS", True)
-        endpoint = None
-        for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "S3_ENDPOINT"):
-            raw = (env.get(name) or "").strip()
-            if raw:
-                endpoint = _normalize_endpoint(raw, name, use_https)
-                break
-
-        verify: bool | str = _flag(env, "S3_VERIFY_SSL", True)
-        ca_bundle = (env.get("AWS_CA_BUNDLE") or "").strip()
-        if ca_bundle and verify:
-            if not Path(ca_bundle).is_file():
-                raise StorageAccessDenied(
-                    f"AWS_CA_BUNDLE={ca_bundle!r} is not a readable file: mount the CA bundle there or unset it",
-                    field="AWS_CA_BUNDLE",
-                )
-            verify = ca_bundle
-
-        region = (env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "").strip() or None
-        if region is None and endpoint is not None:
-            region = "us-east-1"  # SigV4 needs a region; S3-compatible stores accept this one
-
-        style_raw = (env.get("S3_ADDRESSING_STYLE") or "").strip().lower()
-        if style_raw and style_raw not in ("auto", "path", "virtual"):
-            raise StorageAccessDenied(
-                f"S3_ADDRESSING_STYLE={style_raw!r}: use path, virtual or auto", field="S3_ADDRESSING_STYLE"
-            )
-        style = style_raw or ("path" if endpoint else "auto")
-
-        key_id = (env.get("AWS_ACCESS_KEY_ID") or "").strip() or None
-        secret = (env.get("AWS_SECRET_ACCESS_KEY") or "").strip() or None
-        token = (env.get("AWS_SESSION_TOKEN") or "").strip() or None
-        if bool(key_id) != bool(secret):
-            missing = "AWS_SECRET_ACCESS_KEY" if key_id else "AWS_ACCESS_KEY_ID"
-            raise StorageAccessDenied(
-                f"{missing} is not set while its pair is: set both keys in the Secret, or neither to use "
-                "the default credential chain (IRSA, instance role)",
-                field=missing,
-            )
-
-        retry_mode = (env.get("AWS_RETRY_MODE") or "standard").strip().lower()
-        if retry_mode not in ("standard", "adaptive", "legacy"):
-            raise StorageAccessDenied(
-                f"AWS_RETRY_MODE={retry_mode!r}: use standard or adaptive", field="AWS_RETRY_MODE"
-            )
-        values: dict[str, Any] = dict(
-            endpoint_url=endpoint,
-            region=region,
-            access_key_id=key_id,
-            secret_access_key=secret,
-            session_token=token,
-            verify=verify,
-            addressing_style=style,
-            max_attempts=_int(env, "AWS_MAX_ATTEMPTS", 5, 1, 20),
-            retry_mode=retry_mode,
-        )
-        values.update(overrides)
-        return cls(**values)
-
-
-def _normalize_endpoint(raw: str, name: str, use_https: bool) -> str:
-    if "://" not in raw:
-        raw = ("https://" if use_https else "http://") + raw
-    scheme, _, rest = raw.partition("://")
-    if scheme not in ("http", "https") or not rest or rest.startswith("/"):
-        raise StorageAccessDenied(
-            f"{name}={raw!r} is not an http(s) endpoint: use e.g. https://s3.example.com or host:port",
-            field=name,
-        )
-    return raw.rstrip("/")
-
-
-# --------------------------------------------------------------------------------------------
-# Objects, digests, errors
-# --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -336,115 +49,6 @@ class ObjectInfo:
     checksum_sha256: str | None = None  # server's base64 digest ("...-N" when composite)
     last_modified: datetime | None = None
 
-
-@dataclass(frozen=True)
-class FileDigest:
-    """Digests of one file, computed in a single read: the plain SHA-256 and the S3 checksum the
-    server will report for the upload (composite over parts when the upload is multipart)."""
-
-    size: int
-    sha256: str
-    s3_checksum: str
-
-
-def file_digest(path: Path, part_size: int | None = None) -> FileDigest:
-    """SHA-256 of a file plus, with `part_size`, S3's composite SHA-256 over parts of that size.
-
-    One read of the file; the per-part digests run on a second thread (hashlib releases the GIL on
-    large buffers), so the composite costs little wall time beside the whole-file digest.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    full = hashlib.sha256()
-    part_futures = []
-    size = 0
-    block = part_size or 8 * MIB
-    with ThreadPoolExecutor(max_workers=1) as pool, open(path, "rb") as fh:
-        while True:
-            chunk = fh.read(block)
-            if not chunk:
-                break
-            size += len(chunk)
-            if part_size:
-                part_futures.append(pool.submit(lambda c: hashlib.sha256(c).digest(), chunk))
-                if len(part_futures) > 2:
-                    part_futures[-3].result()  # at most two parts in memory ahead of the hasher
-            full.update(chunk)
-        part_digests = [f.result() for f in part_futures]
-    if part_size:
-        composite = hashlib.sha256(b"".join(part_digests)).digest()
-        s3_checksum = f"{base64.b64encode(composite).decode()}-{len(part_digests)}"
-    else:
-        s3_checksum = base64.b64encode(full.digest()).decode()
-    return FileDigest(size=size, sha256=full.hexdigest(), s3_checksum=s3_checksum)
-
-
-def sha256_file(path: Path) -> str:
-    return file_digest(path).sha256
-
-
-def _scrub(text: str, secrets: tuple[str, ...]) -> str:
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text
-
-
-def _error_code(exc: Exception) -> tuple[str, int]:
-    response = getattr(exc, "response", None) or {}
-    code = str(response.get("Error", {}).get("Code", ""))
-    status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-    return code, status
-
-
-def map_error(exc: BaseException, op: str, uri: S3Uri | str, config: S3Config | None = None) -> BuildError:
-    """Translate a boto3/botocore failure into the builder's error classes, with a fix in the text."""
-    from botocore import exceptions as bce
-
-    secrets = config.secrets if config else ()
-    endpoint = (config.endpoint_url if config else None) or "AWS S3"
-    if isinstance(exc, BuildError):
-        return exc
-    detail = _scrub(str(exc), secrets)
-    if isinstance(exc, bce.ClientError):
-        code, status = _error_code(exc)
-        if code == "NoSuchBucket":
-            bucket = uri.bucket if isinstance(uri, S3Uri) else str(uri)
-            return StorageAccessDenied(
-                f"{op} {uri}: bucket {bucket!r} does not exist at {endpoint}: create it or fix the URI"
-            )
-        if code in _DENIED_CODES or status == 403:
-            return StorageAccessDenied(
-                f"{op} {uri}: access denied by {endpoint} ({code or status}): check AWS_ACCESS_KEY_ID/"
-                "AWS_SECRET_ACCESS_KEY (the Secret named in spec.output.secretRef) and the bucket policy"
-            )
-        if code in _NOT_FOUND_CODES or status == 404:
-            return ObjectNotFound(f"{op} {uri}: no such object at {endpoint}: check the URI")
-        if code in _RETRIABLE_CODES or status >= 500 or status in (408, 429):
-            return StorageError(f"{op} {uri}: {endpoint} answered {code or status} (retriable): {detail}")
-        return StorageAccessDenied(f"{op} {uri}: {endpoint} refused the request ({code or status}): {detail}")
-    if isinstance(exc, (bce.NoCredentialsError, bce.PartialCredentialsError)):
-        return StorageAccessDenied(
-            f"{op} {uri}: no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-            "(spec.output.secretRef) or give the pod an IAM role (IRSA)"
-        )
-    if isinstance(exc, bce.SSLError):
-        return StorageAccessDenied(
-            f"{op} {uri}: TLS verification with {endpoint} failed: set AWS_CA_BUNDLE to the CA bundle "
-            f"or S3_VERIFY_SSL=0 for a self-signed test endpoint ({detail})"
-        )
-    if isinstance(exc, bce.ParamValidationError):
-        return StorageAccessDenied(f"{op} {uri}: invalid request: {detail}")
-    if isinstance(exc, (bce.BotoCoreError, ConnectionError, TimeoutError, OSError)):
-        return StorageError(
-            f"{op} {uri}: cannot reach {endpoint} ({type(exc).__name__}): check AWS_ENDPOINT_URL and that "
-            f"the S3 service is up; the build is retried ({detail})"
-        )
-    return StorageError(f"{op} {uri}: unexpected S3 failure ({type(exc).__name__}): {detail}")
-
-
-# --------------------------------------------------------------------------------------------
-# The store
-# --------------------------------------------------------------------------------------------
 
 ProgressCallback = Callable[[int], None]
 
@@ -520,7 +124,7 @@ class S3Store:
         try:
             self._client.create_bucket(Bucket=bucket)
         except Exception as exc:  # noqa: BLE001 - mapped below
-            code, _ = _error_code(exc)
+            code, _ = error_code(exc)
             if code in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                 return
             raise self._fail(exc, "create bucket", f"s3://{bucket}") from None
@@ -537,7 +141,7 @@ class S3Store:
         try:
             self._client.head_bucket(Bucket=uri.bucket)
         except Exception as exc:  # noqa: BLE001
-            code, status = _error_code(exc)
+            code, status = error_code(exc)
             if code in ("404", "NoSuchBucket", "NotFound") or status == 404:
                 raise StorageAccessDenied(
                     f"bucket {uri.bucket!r} of {uri} does not exist at "
@@ -554,8 +158,8 @@ class S3Store:
         try:
             r = self._client.head_object(Bucket=uri.bucket, Key=uri.key, ChecksumMode="ENABLED")
         except Exception as exc:  # noqa: BLE001
-            code, status = _error_code(exc)
-            if code in _NOT_FOUND_CODES or status == 404:
+            code, status = error_code(exc)
+            if code in NOT_FOUND_CODES or status == 404:
                 return None
             raise self._fail(exc, "HEAD", uri) from None
         return ObjectInfo(
@@ -718,7 +322,7 @@ class S3Store:
             if not quiet:
                 raise self._fail(exc, "abort multipart uploads of", uri) from None
             log.warning("could not abort unfinished multipart uploads of %s (%s); a later upload of "
-                        "the same key cleans them up", uri, _scrub(str(exc), self.config.secrets))
+                        "the same key cleans them up", uri, scrub(str(exc), self.config.secrets))
         if aborted:
             log.info("aborted %d unfinished multipart upload(s) of %s", aborted, uri)
         return aborted
@@ -790,7 +394,7 @@ class S3Store:
         paths: list[Path] = []
         for obj in objects:
             rel = obj.uri.key[len(uri.prefix) :]
-            _check_segments(rel, "key")
+            check_segments(rel, "key")
             target = dest_dir.joinpath(*PurePosixPath(rel).parts)
             if dest_dir.resolve() not in target.resolve().parents:
                 raise InvalidS3Uri(f"object {obj.uri} would be written outside {dest_dir}", field="key")
@@ -876,22 +480,3 @@ class _Progress:
 
     def on_done(self, future: Any, **kwargs: Any) -> None:
         pass
-
-
-# --------------------------------------------------------------------------------------------
-# Helpers (input fetching is the builder's: enginebuild_builder.inputs)
-# --------------------------------------------------------------------------------------------
-
-
-def is_s3_uri(value: str | None) -> bool:
-    return bool(value) and str(value).startswith("s3://")
-
-
-def iter_local_files(root: Path) -> Iterator[Path]:
-    """Regular files below `root`, sorted by relative path (hidden files included: they are data)."""
-    return iter(sorted((p for p in root.rglob("*") if p.is_file()), key=lambda p: p.relative_to(root).as_posix()))
-
-
-def new_bucket_name(prefix: str = "eb") -> str:
-    """A random valid bucket name (tests and the demo)."""
-    return f"{prefix}-{uuid.uuid4().hex[:16]}"

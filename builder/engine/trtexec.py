@@ -14,7 +14,6 @@ are left out there. See docs/engine-stage.md for the exact argv per version.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -29,6 +28,7 @@ from enginebuild_contract.constants import TRTEXEC_ALLOWED_EXTRA_FLAGS
 from enginebuild_contract.errors import BenchmarkFailed, BuildError, EngineBuildFailed, OutOfMemory, TrtexecNotFound
 from enginebuild_contract.report import Artifact, BatchProfile, EngineComparison, EngineReport, Percentiles, Report, TensorInfo
 from enginebuild_contract.spec import EngineBuildSpec, TargetSpec
+from ..artifacts import artifact
 from ..trtexec_report import TrtexecLog, load_json, parse_banner, parse_log, top_layers
 
 log = logging.getLogger("enginebuild.engine")
@@ -266,14 +266,6 @@ def _run(argv: Sequence[str], log_path: Path) -> tuple[int, str, float]:
     return proc.returncode, log_path.read_text(errors="replace"), elapsed
 
 
-def _artifact(path: Path, workdir: Path) -> Artifact:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return Artifact(path=path.relative_to(workdir).as_posix(), bytes=path.stat().st_size, sha256=digest.hexdigest())
-
-
 def _onnx_interface(path: Path) -> tuple[list[TensorInfo], list[TensorInfo]] | None:
     """(inputs, outputs) of the ONNX graph: names, numpy dtypes, shapes with -1 for symbolic axes.
 
@@ -409,18 +401,18 @@ def _build_one(
         if artefacts["profile"].is_file():
             layer_info = load_json(artefacts["layer_info"]) if artefacts["layer_info"].is_file() else None
             layers = top_layers(load_json(artefacts["profile"]), TOP_LAYERS, layer_info)
-            profile_art = _artifact(artefacts["profile"], workdir)
+            profile_art = artifact(artefacts["profile"], workdir)
         else:
             warnings.append(f"{where}: trtexec wrote no --exportProfile file; no per-layer profile")
-        layer_art = _artifact(artefacts["layer_info"], workdir) if artefacts["layer_info"].is_file() else None
-        times_art = _artifact(artefacts["times"], workdir) if artefacts["times"].is_file() else None
+        layer_art = artifact(artefacts["layer_info"], workdir) if artefacts["layer_info"].is_file() else None
+        times_art = artifact(artefacts["times"], workdir) if artefacts["times"].is_file() else None
 
     qps = bench.throughput_qps
     return EngineReport(
         target=target.name,
         encoder=encoder,  # type: ignore[arg-type]
         precision=precision,  # type: ignore[arg-type]
-        engine=_artifact(engine, workdir),
+        engine=artifact(engine, workdir),
         trt_version=bench.trt_version or built.trt_version or info.version,
         gpu_name=bench.gpu_name or built.gpu_name,
         compute_capability=bench.compute_capability or built.compute_capability,
@@ -430,8 +422,8 @@ def _build_one(
         throughput_qps=qps,
         throughput_items_per_s=qps * shapes.batch if qps is not None else None,
         batch_size=shapes.batch,
-        log=_artifact(build_log, workdir),
-        bench_log=_artifact(bench_log, workdir),
+        log=artifact(build_log, workdir),
+        bench_log=artifact(bench_log, workdir),
         profile=profile_art,
         layer_info=layer_art,
         times=times_art,

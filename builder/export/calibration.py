@@ -18,8 +18,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from enginebuild_contract.digests import sha256_file
 from enginebuild_contract.errors import CalibrationError
-from .model_loading import LoadedModel, sha256_file
+
+from .model_loading import LoadedModel
 
 log = logging.getLogger(__name__)
 

@@ -20,15 +20,16 @@ import onnx
 import torch
 
 from enginebuild_contract.errors import AccuracyGateFailed, OutOfMemory, QuantizationError
-from enginebuild_contract.report import Accuracy, Artifact, EncoderReport, ExternalData, OnnxPair, Report
+from enginebuild_contract.report import Accuracy, Artifact, EncoderReport, OnnxPair, Report
 from enginebuild_contract.spec import EngineBuildSpec
+from ..artifacts import artifact
 from ..runner import timed
 from ..toolinfo import peak_gpu_bytes, peak_host_bytes, tool_versions
 from ..onnx import onnx_checks, onnx_io, ort_runner
 from . import accuracy_gate, onnx_export
 from .attention import split_attention
 from .calibration import load_calibration
-from .model_loading import LoadedModel, check_model_runs, load_model, sha256_file
+from .model_loading import LoadedModel, check_model_runs, load_model
 from .quantize import FINAL_PROJECTION_PARAMS, LayerCount, count_layers, make_forward_loop, quantize_fp8
 
 log = logging.getLogger(__name__)
@@ -91,19 +92,13 @@ def _image_size(model: torch.nn.Module) -> tuple[int, int]:
     return (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
 
 
-def _artifact(path: Path, workdir: Path) -> Artifact:
+def _onnx_artifact(path: Path, workdir: Path) -> Artifact:
     """The ONNX file and, when its weights live beside it, its external data file (both hashed,
     both published and fetched together)."""
     files = onnx_io.files(path)
     if len(files) > 2:
         raise QuantizationError(f"{path.name} references {len(files) - 1} external data files; one is expected")
-    with ThreadPoolExecutor(max_workers=len(files)) as pool:  # hashlib releases the GIL: hash both at once
-        digests = list(pool.map(sha256_file, files))
-    sizes = [p.stat().st_size for p in files]
-    data = None
-    if len(files) == 2:
-        data = ExternalData(path=files[1].relative_to(workdir).as_posix(), bytes=sizes[1], sha256=digests[1])
-    return Artifact(path=path.relative_to(workdir).as_posix(), bytes=sum(sizes), sha256=digests[0], external_data=data)
+    return artifact(path, workdir, files[1] if len(files) == 2 else None)
 
 
 def _input_signature(path: Path) -> tuple[str, list[int], str]:
@@ -335,7 +330,7 @@ def _validate(
         accuracies[enc] = accuracy_gate.cosine_stats(fp8_out[enc], references[enc])
         name, shape, dtype = _input_signature(fp8_path)
         c = counts[enc]
-        fp16_art, fp8_art = _artifact(fp16_path, workdir), _artifact(fp8_path, workdir)
+        fp16_art, fp8_art = _onnx_artifact(fp16_path, workdir), _onnx_artifact(fp8_path, workdir)
         acc = accuracies[enc]
         report.encoders[enc] = EncoderReport(
             input_name=name,

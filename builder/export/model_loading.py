@@ -8,7 +8,6 @@ not run code in the builder. Every failure is a distinct `BuildError` naming the
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import logging
 import pickle
@@ -21,6 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from enginebuild_contract.digests import sha256_file
 from enginebuild_contract.errors import (
     CheckpointMismatch,
     CheckpointNotFound,
@@ -58,14 +58,6 @@ class LoadedModel:
     image_size: tuple[int, int]
     context_length: int
     vocab_size: int
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _register_config(config_path: Path, name: str | None) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from enginebuild_contract.constants import REPORT_FILE
 from enginebuild_contract.errors import BuildError, SpecError
-from enginebuild_contract.report import ErrorInfo, Report, summarize
+from enginebuild_contract.report import ErrorInfo, Report, termination_message
 from enginebuild_contract.spec import EngineBuildSpec, load_spec
 
 from . import inputs
@@ -81,7 +81,7 @@ def _write_termination(report: Report, path: str | None) -> None:
     import json
 
     try:
-        Path(target).write_text(json.dumps(summarize(report), separators=(",", ":")))
+        Path(target).write_text(json.dumps(termination_message(report), separators=(",", ":")))
     except OSError as exc:  # never mask the build's own outcome
         log.warning("could not write termination message to %s: %s", target, exc)
 

@@ -346,7 +346,7 @@ def summary_document(report: Report, *, exact: bool = False) -> dict[str, Any]:
     }
 
 
-def summarize(report: Report) -> dict[str, Any]:
+def termination_message(report: Report) -> dict[str, Any]:
     """The compact form for the termination message: what the operator's status needs, under 4 KiB.
 
     If it does not fit, the per-engine detail is dropped first (the operator then reads the full

@@ -209,14 +209,14 @@ def test_report_records_model_calibration_tools_timings_memory(built: ExportRun)
 
 
 def test_report_round_trips_and_summarizes_under_4k(built: ExportRun, tmp_path: Path) -> None:
-    from enginebuild_contract.report import Report, summarize
+    from enginebuild_contract.report import Report, termination_message
 
     built.report.write(tmp_path / "report.json")
     again = Report.read(tmp_path / "report.json")
     assert again == built.report
     import json
 
-    summary = summarize(again)
+    summary = termination_message(again)
     assert len(json.dumps(summary, separators=(",", ":")).encode()) <= 4096
     assert summary["encoders"]["image"]["quantized"] == TINY_LINEAR["image"] - 1
 

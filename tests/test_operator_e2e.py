@@ -18,7 +18,7 @@ import pytest
 
 from enginebuild_contract.errors import KINDS
 from enginebuild_contract.report import (
-    Accuracy, Artifact, EncoderReport, EngineReport, ErrorInfo, OnnxPair, Percentiles, Report, summarize,
+    Accuracy, Artifact, EncoderReport, EngineReport, ErrorInfo, OnnxPair, Percentiles, Report, termination_message,
 )
 from enginebuild_contract.spec import parse_spec
 from enginebuild_contract import layout as publish
@@ -76,7 +76,7 @@ def engine_half(store: S3Store, uri: str, key: str, workdir: Path, target: str, 
 
 
 def message(report: Report) -> str:
-    return json.dumps(summarize(report), separators=(",", ":"))
+    return json.dumps(termination_message(report), separators=(",", ":"))
 
 
 def run_build(c: Cluster, store: S3Store, name: str, tmp: Path) -> str:

@@ -13,7 +13,7 @@ import pytest
 
 from enginebuild_contract.errors import KINDS, PERMANENT_EXIT_CODES
 from enginebuild_contract.report import (
-    Accuracy, Artifact, EncoderReport, EngineReport, ErrorInfo, OnnxPair, Percentiles, Report, summarize,
+    Accuracy, Artifact, EncoderReport, EngineReport, ErrorInfo, OnnxPair, Percentiles, Report, termination_message,
 )
 from enginebuild_contract.spec import parse_spec
 from enginebuild_contract.status_model import EngineBuildStatus
@@ -171,7 +171,7 @@ def _report(engines=()):
 
 def test_summary_to_status_parts_no_floats():
     report = _report([_engine("h100", "image", "fp16", 49.77, 588_000_000), _engine("h100", "image", "fp8", 30.1, 306_000_000)])
-    summary = results.parse_termination_message(json.dumps(summarize(report)))
+    summary = results.parse_termination_message(json.dumps(termination_message(report)))
     onnx = results.onnx_parts(summary)
     assert onnx == [{"encoder": "image", "fp16Bytes": 608_600_000, "fp8Bytes": 305_600_000, "sizeReduction": "0.4979",
                      "quantizedLinearLayers": 96, "linearLayers": 98}]
@@ -193,7 +193,7 @@ def test_summary_to_status_parts_no_floats():
 
 def test_truncated_summary_and_full_report_agree():
     report = _report([_engine(f"t{i}", "image", p, 10.0 + i, 1000) for i in range(40) for p in ("fp16", "fp8")])
-    summary = summarize(report)
+    summary = termination_message(report)
     assert summary.get("truncated") and summary["engines"] == []
     full = results.summary_from_report(report)
     assert len(results.engine_parts(full)) == 80
@@ -308,7 +308,7 @@ def test_failure_reason_from_each_exit_code(kind):
 def test_failure_reason_prefers_builder_error_and_deadline():
     report = Report(spec={}, status="failed", error=ErrorInfo(kind="accuracy", reason="AccuracyGateFailed", exit_code=20,
                                                               retriable=False, message="cosine 0.97 < 0.99", log_tail="last line"))
-    summary = results.parse_termination_message(json.dumps(summarize(report)))
+    summary = results.parse_termination_message(json.dumps(termination_message(report)))
     job = _job("x", state="Failed", reason="PodFailurePolicy")
     reason, message = reconcile.classify_failure(job, PodResult(20, "Error", None), summary)
     assert reason == "AccuracyGateFailed" and "cosine 0.97 < 0.99" in message and "last line" in message

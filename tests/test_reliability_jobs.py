@@ -75,12 +75,12 @@ if action == 137:  # past the Pod's memory limit: the OOM kill leaves no termina
     hog = b"x" * (600 << 20)
     time.sleep(60)
 from enginebuild_contract.errors import KINDS, kind_for_exit_code
-from enginebuild_contract.report import ErrorInfo, Report, summarize
+from enginebuild_contract.report import ErrorInfo, Report, termination_message
 kind = kind_for_exit_code(action)
 name = next(n for n, k in KINDS.items() if k is kind)
 err = ErrorInfo(kind=name, reason=kind.reason, exit_code=action, retriable=kind.retriable,
                 message=f"stub failure {{kind.reason}}", log_tail=tail)
-term.write_text(json.dumps(summarize(Report(spec={{}}, status="failed", build_key=key, error=err)), separators=(",", ":")))
+term.write_text(json.dumps(termination_message(Report(spec={{}}, status="failed", build_key=key, error=err)), separators=(",", ":")))
 sys.exit(action)
 '''
 

@@ -6,7 +6,7 @@ import json
 
 from enginebuild_contract.constants import TERMINATION_MESSAGE_MAX_BYTES
 from enginebuild_contract.report import (
-    Accuracy, Artifact, EncoderReport, EngineReport, ErrorInfo, OnnxPair, Percentiles, Report, summarize,
+    Accuracy, Artifact, EncoderReport, EngineReport, ErrorInfo, OnnxPair, Percentiles, Report, termination_message,
 )
 
 
@@ -34,7 +34,7 @@ def _engine(i: int) -> EngineReport:
 
 def test_summary_small_build_keeps_engines() -> None:
     report = Report(spec={}, encoders={"image": _encoder()}, engines=[_engine(0)], build_key="k" * 32)
-    summary = summarize(report)
+    summary = termination_message(report)
     assert summary["encoders"]["image"]["onnxFp8Bytes"] == 300_000_000
     assert summary["encoders"]["image"]["cosineMin"] == 0.993123
     assert summary["engines"][0]["p50"] == 1.4
@@ -49,7 +49,7 @@ def test_summary_always_fits_4kib() -> None:
         error=ErrorInfo(kind="engine_build", reason="EngineBuildFailed", exit_code=31, retriable=False,
                         message="trtexec failed", log_tail="x" * 100_000),
     )
-    text = json.dumps(summarize(report), separators=(",", ":"))
+    text = json.dumps(termination_message(report), separators=(",", ":"))
     assert len(text.encode()) <= TERMINATION_MESSAGE_MAX_BYTES
     summary = json.loads(text)
     assert summary["truncated"] is True and summary["engines"] == []

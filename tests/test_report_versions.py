@@ -20,7 +20,7 @@ import pytest
 
 from enginebuild_contract.report import (
     Accuracy, Artifact, EncoderReport, EngineReport, OnnxPair, Percentiles, Report, ReportUnreadable,
-    ReportVersionUnsupported, summarize,
+    ReportVersionUnsupported, termination_message,
 )
 from enginebuild_contract.spec import parse_spec
 from enginebuild_contract import layout as publish
@@ -106,7 +106,7 @@ def test_the_writer_stays_strict_and_writes_its_version() -> None:
         Report(spec={}, energy_joules=1.0)  # a typo in the builder is a bug, not a new field
     doc = json.loads(Report(spec={}).model_dump_json())
     assert doc["schema_version"] == "1.1"
-    summary = summarize(Report(spec={}))
+    summary = termination_message(Report(spec={}))
     assert summary["schemaVersion"] == "1.1" and summary["v"] == 1
 
 
@@ -137,7 +137,7 @@ def test_a_report_that_cannot_be_read_says_which_file(tmp_path: Path, content: s
 
 
 def test_a_summary_of_the_unversioned_shape_reads_as_1_x() -> None:
-    text = summarize(_engine_report())
+    text = termination_message(_engine_report())
     del text["schemaVersion"]  # summaries before 1.1 carried only "v": 1
     summary = results.parse_termination_message(json.dumps(text))
     assert summary is not None and summary["schemaVersion"] == "1.0"
@@ -145,7 +145,7 @@ def test_a_summary_of_the_unversioned_shape_reads_as_1_x() -> None:
 
 
 def test_a_summary_of_a_newer_minor_reads_with_its_extra_fields_ignored() -> None:
-    doc = summarize(_engine_report())
+    doc = termination_message(_engine_report())
     doc.update(schemaVersion="1.9", energyJ=12.0)
     doc["engines"][0]["smClockMhz"] = 1980
     summary = results.parse_termination_message(json.dumps(doc))
@@ -156,7 +156,7 @@ def test_a_summary_of_a_newer_minor_reads_with_its_extra_fields_ignored() -> Non
 
 @pytest.mark.parametrize("versions", [{"v": 2}, {"v": 1, "schemaVersion": "2.0"}])
 def test_a_summary_of_another_major_is_refused(versions: dict[str, Any]) -> None:
-    doc = {**summarize(_engine_report()), **versions}
+    doc = {**termination_message(_engine_report()), **versions}
     if "schemaVersion" not in versions:
         del doc["schemaVersion"]
     with pytest.raises(ReportVersionUnsupported, match=r"2\.0.*1\.x"):
@@ -164,7 +164,7 @@ def test_a_summary_of_another_major_is_refused(versions: dict[str, Any]) -> None
 
 
 def test_a_summary_with_fields_of_the_wrong_type_is_unreadable_and_a_log_tail_is_no_summary() -> None:
-    doc = summarize(_engine_report())
+    doc = termination_message(_engine_report())
     doc["engines"][0].pop("t")
     with pytest.raises(ReportUnreadable, match="Job vit-h100"):
         results.parse_termination_message(json.dumps(doc), source="the termination message of Job vit-h100")
@@ -267,7 +267,7 @@ def _collect(s3_env: dict[str, str], bucket: str, message: str) -> tuple[str | N
 
 
 def test_an_engine_job_summary_of_another_major_ends_the_build(s3_env: dict[str, str], s3_bucket: str) -> None:
-    text = {**summarize(_engine_report()), "schemaVersion": "2.0", "v": 2}
+    text = {**termination_message(_engine_report()), "schemaVersion": "2.0", "v": 2}
     failed, status, cs = _collect(s3_env, s3_bucket, json.dumps(text))
     assert failed == "ReportVersionUnsupported"
     ready = cs.get("Ready")
@@ -280,7 +280,7 @@ def test_an_engine_job_summary_of_another_major_ends_the_build(s3_env: dict[str,
 def test_a_cut_summary_whose_report_is_unreadable_ends_the_build_naming_the_key(
     s3_env: dict[str, str], s3_store: S3Store, s3_bucket: str
 ) -> None:
-    short = {**summarize(_engine_report()), "engines": [], "truncated": True}
+    short = {**termination_message(_engine_report()), "engines": [], "truncated": True}
     s3_store.put_bytes(S3Uri(s3_bucket, f"engines/{KEY}/report.h100.json"), b'{"schema_version": "1.0", "spec": 7}')
     failed, _, cs = _collect(s3_env, s3_bucket, json.dumps(short))
     assert failed == "ReportUnreadable"
@@ -290,7 +290,7 @@ def test_a_cut_summary_whose_report_is_unreadable_ends_the_build_naming_the_key(
 def test_a_cut_summary_without_its_report_ends_the_build_instead_of_losing_the_engines(
     s3_env: dict[str, str], s3_bucket: str
 ) -> None:
-    short = {**summarize(_engine_report()), "engines": [], "truncated": True}
+    short = {**termination_message(_engine_report()), "engines": [], "truncated": True}
     failed, status, cs = _collect(s3_env, s3_bucket, json.dumps(short))
     assert failed == "ReportUnreadable" and "report.h100.json" in cs.get("Ready")["message"]
 
@@ -298,7 +298,7 @@ def test_a_cut_summary_without_its_report_ends_the_build_instead_of_losing_the_e
 def test_a_cut_summary_with_a_newer_minor_report_fills_the_engines(
     s3_env: dict[str, str], s3_store: S3Store, s3_bucket: str
 ) -> None:
-    short = {**summarize(_engine_report()), "engines": [], "truncated": True, "schemaVersion": "1.4"}
+    short = {**termination_message(_engine_report()), "engines": [], "truncated": True, "schemaVersion": "1.4"}
     doc = _newer_minor(json.loads(_engine_report().model_dump_json()))
     s3_store.put_bytes(S3Uri(s3_bucket, f"engines/{KEY}/report.h100.json"), json.dumps(doc).encode())
     failed, status, _ = _collect(s3_env, s3_bucket, json.dumps(short))

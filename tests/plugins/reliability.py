@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from enginebuild_contract.report import (
-    Accuracy, Artifact, EncoderReport, EngineReport, OnnxPair, Percentiles, Report, summarize,
+    Accuracy, Artifact, EncoderReport, EngineReport, OnnxPair, Percentiles, Report, termination_message,
 )
 from enginebuild_contract import layout as publish
 from enginebuild_contract.s3.store import S3Store
@@ -43,7 +43,7 @@ def publish_export(store: S3Store, uri: str, key: str, workdir: Path, fp8_bytes:
                                                      parameters=88_000_000)})
     report.write(workdir / "report.json")
     publish.publish_files(store, uri, key, workdir, ["image.fp16.onnx", "image.fp8.onnx", "report.json"], "export")
-    return json.dumps(summarize(report), separators=(",", ":"))
+    return json.dumps(termination_message(report), separators=(",", ":"))
 
 
 def publish_engine(store: S3Store, uri: str, key: str, workdir: Path, target: str, plan_bytes: int = 1600) -> str:
@@ -60,7 +60,7 @@ def publish_engine(store: S3Store, uri: str, key: str, workdir: Path, target: st
     name = f"report.{target}.json"
     report.write(workdir / name)
     publish.publish_files(store, uri, key, workdir, [e.engine.path for e in engines] + [name], f"engine-{target}")
-    return json.dumps(summarize(report), separators=(",", ":"))
+    return json.dumps(termination_message(report), separators=(",", ":"))
 
 
 # ---- load: many EngineBuilds against a concurrency limit -------------------------------------------------

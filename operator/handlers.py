@@ -11,7 +11,6 @@ Delete`, the artefacts. The kubernetes client is blocking: every call runs in a 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import copy
 import json
 import logging
@@ -30,7 +29,7 @@ from enginebuild_builder.spec import EngineBuildSpec
 from enginebuild_builder.status_model import EngineBuildStatus
 from enginebuild_builder.storage import parse_s3_uri
 
-from . import artifacts, deletion, jobs, metrics, reconcile, results
+from . import artifacts, deletion, jobs, metrics, pools, reconcile, results
 from .conditions import KSTATUS_TYPES, ConditionSet, with_kstatus
 from .config import OperatorConfig, load_config
 from .queue import BuildId, BuildQueue
@@ -91,7 +90,9 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.peering.mandatory = settings.peering.mandatory or config.peering_mandatory
     settings.peering.lifetime = config.peering_lifetime_seconds
     # kopf's "handled" log lines are many at scale; our own log says what happened.
-    asyncio.get_running_loop().set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=16))
+    # Kubernetes calls in the default executor, S3 calls in their own pool with a cap and a breaker
+    # per endpoint: one tenant's unreachable S3 cannot hold up other builds (pools.py).
+    pools.install(os.environ)
     kube = KubeApi()
     queue = BuildQueue(
         config.max_concurrent_builds,
@@ -202,7 +203,7 @@ async def _adopt(namespace: str, name: str, uid: str, spec: EngineBuildSpec, key
         await asyncio.to_thread(runtime().kube.patch_status, namespace, name, clean)
         state.written = clean
     store = await asyncio.to_thread(_store, namespace, spec)
-    await asyncio.to_thread(artifacts.adopt, store, spec, key, artifacts.holder(namespace, name, uid))
+    await pools.s3(store, artifacts.adopt, store, spec, key, artifacts.holder(namespace, name, uid))
     state.adopted_for = key
 
 
@@ -213,7 +214,7 @@ async def _release_previous(namespace: str, name: str, uid: str, spec: EngineBui
         old = state.release_after_write.pop()
         try:
             store = await asyncio.to_thread(_store, namespace, spec)
-            await asyncio.to_thread(artifacts.release_previous, store, old, artifacts.holder(namespace, name, uid))
+            await pools.s3(store, artifacts.release_previous, store, old, artifacts.holder(namespace, name, uid))
         except BuildError as exc:
             log.warning("%s/%s: could not release the reference on %s (it keeps that build until this "
                         "EngineBuild is deleted): %s", namespace, name, old,
@@ -233,7 +234,7 @@ async def _recheck(namespace: str, name: str, uid: str, spec: EngineBuildSpec, k
     state.next_recheck = now + interval
     try:
         store = await asyncio.to_thread(_store, namespace, spec)
-        present = await asyncio.to_thread(artifacts.recheck, store, spec, key, artifacts.holder(namespace, name, uid))
+        present = await pools.s3(store, artifacts.recheck, store, spec, key, artifacts.holder(namespace, name, uid))
     except BuildError as exc:
         log.warning("%s/%s: could not check the artefacts of %s: %s", namespace, name, key,
                     reconcile.redact(str(exc), runtime().stores.secrets()))
@@ -347,7 +348,7 @@ async def reconcile_once(
         else:
             try:
                 store = await asyncio.to_thread(_store, namespace, spec)
-                key = await asyncio.to_thread(artifacts.compute_key, spec, store, image)
+                key = await pools.s3(store, artifacts.compute_key, spec, store, image)
             except BuildError as exc:
                 return await _storage_problem(body, namespace, name, state, cs, generation, exc)
         state.key, state.key_generation = key, generation
@@ -423,8 +424,8 @@ async def reconcile_once(
             try:
                 await _adopt(namespace, name, uid, spec, key, state)  # before reading the manifest
                 store = await asyncio.to_thread(_store, namespace, spec)
-                hit = await asyncio.to_thread(artifacts.build_exists, store, spec, key)
-                report = await asyncio.to_thread(artifacts.report_of, store, hit, status["artifactsUri"]) if hit else None
+                hit = await pools.s3(store, artifacts.build_exists, store, spec, key)
+                report = await pools.s3(store, artifacts.report_of, store, hit, status["artifactsUri"]) if hit else None
             except BuildError as exc:
                 return await _storage_problem(body, namespace, name, state, cs, generation, exc)
             except ReportContractError as exc:
@@ -492,7 +493,7 @@ async def reconcile_once(
             reconcile.apply_engines_done(status, cs, targets)
             try:
                 store = await asyncio.to_thread(_store, namespace, spec)
-                await asyncio.to_thread(artifacts.finalize, store, spec, key, image)
+                await pools.s3(store, artifacts.finalize, store, spec, key, image)
             except BuildError as exc:
                 return await _storage_problem(body, namespace, name, state, cs, generation, exc)
             except ReportContractError as exc:
@@ -619,7 +620,7 @@ async def _job_summary(namespace: str, spec: EngineBuildSpec, status: dict[str, 
     where = summary.get("artifactsUri") or status["artifactsUri"]
     try:
         store = await asyncio.to_thread(_store, namespace, spec)
-        report = await asyncio.to_thread(artifacts.read_report, store, where, job.target)
+        report = await pools.s3(store, artifacts.read_report, store, where, job.target)
     except BuildError as exc:
         raise _Retry(5.0) from exc
     if report is not None:
@@ -771,8 +772,8 @@ async def on_delete(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, names
         try:
             store = await asyncio.to_thread(
                 rt.stores.get, namespace, plan.secret_name, rt.kube.read_secret if rt.config.read_secrets else None)
-            outcome = await asyncio.to_thread(artifacts.release, store, plan, artifacts.holder(namespace, name, uid),
-                                              rt.kube.enginebuild_uid)
+            outcome = await pools.s3(store, artifacts.release, store, plan, artifacts.holder(namespace, name, uid),
+                                     rt.kube.enginebuild_uid)
         except BuildError as exc:
             message = reconcile.redact(str(exc), rt.stores.secrets())
             if exc.retriable:

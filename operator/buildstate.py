@@ -64,6 +64,9 @@ class BuildState:
         self.status.pop("kopf", None)
         self.written = safe_sanitize(self.status)
         self.key_generation = None
+        # A cache check whose outcome was not written must run again: taken as done, the pass
+        # after a refused cache-hit write would build the key instead.
+        self.cache_checked_for = None
         dropped = self.effects.discard()
         if dropped:
             log.debug("dropped %d side effects of an unwritten status", dropped)

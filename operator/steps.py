@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
@@ -96,7 +97,9 @@ def queue_events(body: kopf.Body, state: BuildState, cs: ConditionSet) -> None:
         state.effects.add(key, _event(body, "Warning" if bad else "Normal", cond["reason"], text[:1000]))
 
 
-def _event(body: kopf.Body, type_: str, reason: str, message: str) -> Any:
+def _event(body: kopf.Body, type_: str, reason: str, message: str) -> Callable[[], None]:
+    """Post an Event (an effect: best effort, applied after the status write)."""
+
     def post() -> None:
         try:
             kopf.event(body, type=type_, reason=reason, message=message)

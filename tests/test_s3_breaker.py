@@ -103,7 +103,11 @@ def test_one_hanging_endpoint_takes_at_most_its_cap_and_then_fails_fast() -> Non
 
     async def main() -> None:
         stuck = [asyncio.ensure_future(p.run_s3(bad, hang)) for _ in range(10)]
-        await asyncio.sleep(0.2)
+        # Wait until both capped calls hang in their threads (no fixed sleep: a loaded machine may be slow).
+        for _ in range(1000):
+            if p.in_flight.get("http://127.0.0.1:1", 0) >= 2:
+                break
+            await asyncio.sleep(0.01)
         assert p.in_flight["http://127.0.0.1:1"] == 2  # the cap: the other 8 wait without a thread
         # Another endpoint's calls run at once, while the bad one's hang.
         assert await asyncio.gather(*(p.run_s3(good, lambda i=i: i) for i in range(20))) == list(range(20))

@@ -18,7 +18,7 @@ ARG TENSORRT_IMAGE=nvcr.io/nvidia/tensorrt:25.10-py3
 # Source tree shared by both images: only what `pip install .` needs.
 FROM ${PYTHON_IMAGE} AS source
 WORKDIR /src
-COPY pyproject.toml requirements.lock README.md ./
+COPY pyproject.toml requirements.lock builder-gpu.lock README.md ./
 COPY contract/ contract/
 COPY builder/ builder/
 COPY operator/ operator/
@@ -73,9 +73,14 @@ ENV TORCH_CUDA_ARCH_LIST="8.0;8.6;8.9;9.0;10.0;12.0" \
 COPY --from=source /src /src
 WORKDIR /src
 # A venv: the container's system Python is externally managed (PEP 668). ninja builds the extensions.
+# ONNX Runtime's CUDA build (builder-gpu.lock) replaces the CPU one, so the accuracy gate runs on the GPU
+# (ViT-L-14 on an H200: 3.7 s instead of 40 s of CPU time); without a GPU it falls back to the CPU.
 RUN python3 -m venv /opt/venv \
  && python -m pip install --no-cache-dir setuptools==84.2.1 wheel==0.48.0 \
  && python -m pip install --no-cache-dir --no-build-isolation -c requirements.lock ".[builder]" ninja \
+ && python -m pip uninstall -y onnxruntime \
+ && python -m pip install --no-cache-dir --no-deps -r builder-gpu.lock \
+ && python -c "import onnxruntime as o; assert 'CUDAExecutionProvider' in o.get_available_providers(), o.get_available_providers()" \
  && command -v trtexec \
  && rm -rf /src
 WORKDIR /

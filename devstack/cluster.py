@@ -4,6 +4,7 @@ peering objects, and an identity for the operator built from the RBAC the chart 
 
 from __future__ import annotations
 
+import base64
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -139,3 +140,30 @@ def service_account_token(http: KubeHttp, namespace: str, name: str, seconds: in
                        {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
                         "spec": {"expirationSeconds": seconds}})
     return str(answer["status"]["token"])
+
+
+def container_env(http: KubeHttp, namespace: str, container: dict[str, Any]) -> dict[str, str]:
+    """The container's environment as kubelet builds it: envFrom Secrets/ConfigMaps, then env."""
+    def data(kind: str, name: str) -> dict[str, str]:
+        obj = http.get(resource_path("v1", kind, namespace, name))
+        raw = obj.get("data") or {}
+        return {k: base64.b64decode(v).decode() for k, v in raw.items()} if kind == "secrets" else dict(raw)
+
+    env: dict[str, str] = {}
+    for source in container.get("envFrom") or []:
+        if "secretRef" in source:
+            env.update(data("secrets", source["secretRef"]["name"]))
+        else:
+            env.update(data("configmaps", source["configMapRef"]["name"]))
+    for item in container.get("env") or []:
+        if "value" in item:
+            env[item["name"]] = str(item["value"])
+        elif "secretKeyRef" in (item.get("valueFrom") or {}):
+            ref = item["valueFrom"]["secretKeyRef"]
+            env[item["name"]] = data("secrets", ref["name"])[ref["key"]]
+        elif "configMapKeyRef" in (item.get("valueFrom") or {}):
+            ref = item["valueFrom"]["configMapKeyRef"]
+            env[item["name"]] = data("configmaps", ref["name"])[ref["key"]]
+        else:
+            raise ValueError(f"env {item['name']}: not resolved here: {item.get('valueFrom')}")
+    return env

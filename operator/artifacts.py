@@ -55,31 +55,49 @@ SecretReader = Callable[[str, str], "SecretView | Mapping[str, str] | None"]
 
 
 class StoreCache:
-    """One S3Store per (namespace, Secret) for a short while: a reconcile pass must not re-read the Secret."""
+    """One S3Store per (namespace, Secret) for a short while: a reconcile pass must not re-read the Secret.
+
+    No lock is held across the Secret GET or the client set-up: the cache's lock guards the dicts
+    only, and a per-key lock makes a burst of builds of one Secret create one client, while builds
+    of other Secrets (other tenants) never wait for it."""
 
     def __init__(self, base_env: Mapping[str, str], ttl_s: float = 60.0) -> None:
         self.base_env = dict(base_env)
         self.ttl_s = ttl_s
         self._stores: dict[tuple[str, str | None], _Cached] = {}
-        self._lock = threading.Lock()  # a burst of builds must not create a boto3 client each
+        self._creating: dict[tuple[str, str | None], threading.Lock] = {}
+        self._lock = threading.Lock()  # the two dicts only; never held across a network call
 
     def get(self, namespace: str, secret_name: str | None, read_secret: SecretReader | None) -> S3Store:
-        key = (namespace, secret_name)
-        with self._lock:
-            return self._get(key, namespace, secret_name, read_secret).store
+        return self._get((namespace, secret_name), namespace, secret_name, read_secret).store
 
     def secret(self, namespace: str, secret_name: str | None, read_secret: SecretReader | None) -> SecretView | None:
         """The Secret as read for this store (data and annotations), for the Jobs' S3 settings; None when
         the build names none or the operator may not read it."""
-        key = (namespace, secret_name)
-        with self._lock:
-            return self._get(key, namespace, secret_name, read_secret).secret
+        return self._get((namespace, secret_name), namespace, secret_name, read_secret).secret
+
+    def _fresh(self, key: tuple[str, str | None]) -> _Cached | None:
+        hit = self._stores.get(key)
+        return hit if hit and time.monotonic() - hit.created < self.ttl_s else None
 
     def _get(self, key: tuple[str, str | None], namespace: str, secret_name: str | None,
              read_secret: SecretReader | None) -> _Cached:
-        hit = self._stores.get(key)
-        if hit and time.monotonic() - hit.created < self.ttl_s:
-            return hit
+        with self._lock:
+            hit = self._fresh(key)
+            if hit:
+                return hit
+            creating = self._creating.setdefault(key, threading.Lock())
+        with creating:  # one creator per key; other keys go on
+            with self._lock:
+                hit = self._fresh(key)  # made by the creator we waited for
+            if hit:
+                return hit
+            cached = self._create(namespace, secret_name, read_secret)
+            with self._lock:
+                self._stores[key] = cached
+            return cached
+
+    def _create(self, namespace: str, secret_name: str | None, read_secret: SecretReader | None) -> _Cached:
         secret: SecretView | None = None
         if secret_name and read_secret is not None:
             try:
@@ -101,18 +119,19 @@ class StoreCache:
                 )
         env = store_env(self.base_env, secret, S3_KEYS)
         config = S3Config.from_env(env, max_attempts=3, connect_timeout_s=5.0, read_timeout_s=30.0)
-        cached = _Cached(S3Store(config), time.monotonic(), config.secrets, secret)
-        self._stores[key] = cached
-        return cached
+        return _Cached(S3Store(config), time.monotonic(), config.secrets, secret)
 
     def secrets(self) -> tuple[str, ...]:
+        with self._lock:  # a snapshot: threads insert while the event loop redacts
+            cached = list(self._stores.values())
         out: list[str] = []
-        for c in self._stores.values():
+        for c in cached:
             out.extend(c.secrets)
         return tuple(out)
 
     def forget(self, namespace: str, secret_name: str | None) -> None:
-        self._stores.pop((namespace, secret_name), None)
+        with self._lock:
+            self._stores.pop((namespace, secret_name), None)
 
 
 def compute_key(spec: EngineBuildSpec, store: S3Store, image: str) -> str:

@@ -30,7 +30,7 @@ class OperatorConfig:
     bind_address: str = "0.0.0.0"
     # Fallback wake-up of each build's reconcile loop (events wake it sooner).
     reconcile_interval_seconds: float = 30.0
-    # How often a succeeded build checks that its manifest still exists (0: never); see handlers._recheck.
+    # How often a succeeded build checks that its manifest still exists (0: never); see ownership.recheck.
     artifacts_recheck_seconds: int = 300
     peering_name: str = "enginebuild"
     peering_mandatory: bool = False

@@ -8,15 +8,25 @@ in an Event; it never turns into a silent Retain. Only when nothing usable is re
 deleted, and the Event says why. Whether anything is deleted at all is decided in S3 by the
 references (enginebuild_builder.stages.references): the build goes only when no other EngineBuild
 holds it.
+
+`plan_deletion` and `stale_refs` do no I/O; `remove` is the finalizer's work (handlers.on_delete
+delegates to it). kopf re-runs the finalizer when it raises for a retry or when removing the
+finalizer fails, so what `remove` counts and announces is keyed by the EngineBuild's uid and applied
+once per process (Runtime.deletion_effects).
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import kopf
+
+from enginebuild_contract.errors import BuildError
 from enginebuild_contract.spec import EngineBuildSpec
 from enginebuild_contract.references import RefRecord
 from enginebuild_contract.s3.uri import InvalidS3Uri, parse_s3_uri
@@ -108,4 +118,70 @@ def stale_refs(refs: Sequence[RefRecord], uids: Mapping[tuple[str, str], str | N
     return out
 
 
-__all__ = ["DeletionPlan", "plan_deletion", "split_artifacts_uri", "stale_refs"]
+async def remove(body: kopf.Body, spec: Mapping[str, Any] | None, status: Mapping[str, Any] | None, namespace: str,
+                 name: str, uid: str, index: Any, logger: Any) -> None:
+    """Finalizer: remove the Jobs, apply `deletionPolicy` to the build in S3, forget metrics.
+
+    The build is the one `status.artifactsUri` names (plan_deletion); `Delete` removes it only when no
+    other EngineBuild references it, `Retain` pins it (references.py). S3 unreachable raises
+    kopf.TemporaryError (the finalizer stays, kopf retries); a permanent S3 error (credentials, bucket)
+    lets the EngineBuild go with a Warning Event naming what was left where.
+    """
+    from . import artifacts, metrics, pools, reconcile
+    from .runtime import release, runtime
+    from .validation import InvalidSpec, validate
+
+    rt = runtime()
+    build = (namespace, name)
+
+    def once(key: tuple[str, ...], apply: Any) -> None:
+        if (uid, *key) not in rt.deletion_effects:
+            rt.deletion_effects.add((uid, *key))
+            apply()
+
+    existing = list(index.get(build, []))  # an error must keep the finalizer (kopf retries), not skip Jobs
+    for job in existing:
+        await asyncio.to_thread(rt.kube.delete_job, namespace, job.name)
+    raw = json.loads(json.dumps(dict(spec or {})))
+    st = dict(status or {})
+    key = st.get("buildKey")
+    try:
+        parsed, invalid = validate(raw, name, rt.config), None
+    except InvalidSpec as exc:
+        parsed, invalid = None, str(exc)
+    plan = plan_deletion(raw, st, parsed, invalid)
+    for note in plan.notes:
+        once(("DeletionPolicy", note), lambda note=note: kopf.warn(body, reason="DeletionPolicy", message=note[:1000]))
+    if plan.has_build:
+        where = f"{plan.output_uri}/{plan.build_key}/"
+        try:
+            store = await asyncio.to_thread(
+                rt.stores.get, namespace, plan.secret_name, rt.kube.read_secret if rt.config.read_secrets else None)
+            outcome = await pools.s3(store, artifacts.release, store, plan, artifacts.holder(namespace, name, uid),
+                                     rt.kube.enginebuild_uid)
+        except BuildError as exc:
+            message = reconcile.redact(str(exc), rt.stores.secrets())
+            if exc.retriable:
+                raise kopf.TemporaryError(f"could not apply deletionPolicy {plan.policy} to {where}: {message}",
+                                          delay=10) from None
+            reason = "ArtifactsNotDeleted" if plan.policy == "Delete" else "ArtifactsNotPinned"
+            once((reason,), lambda: kopf.warn(
+                body, reason=reason, message=f"deletionPolicy {plan.policy} could not be applied to {where}, which "
+                                             f"is left as it is: {message}"[:1000]))
+            raise kopf.PermanentError(f"could not apply deletionPolicy {plan.policy} to {where}: {message}") from None
+        reason = {"deleted": "ArtifactsDeleted", "kept": "ArtifactsKept", "retained": "ArtifactsRetained"}.get(
+            outcome.outcome, "ArtifactsReleased")
+        text = outcome.describe(parse_s3_uri(where))
+        once((reason,), lambda: kopf.info(body, reason=reason, message=text[:1000]))
+        logger.info("%s", text)
+    was_running = bool(key) and not reconcile.is_terminal(st, key) and any(
+        j.get("state") in ("Pending", "Running") for j in st.get("jobs") or [])
+    await release(build)
+    if was_running:
+        once(("cancelled",), lambda: metrics.BUILDS.labels(result="cancelled", reason="Deleted").inc())
+    metrics.forget_resource(namespace, name)
+    rt.wakeups.pop(build, None)
+    logger.info("cleaned up %s/%s", namespace, name)
+
+
+__all__ = ["DeletionPlan", "plan_deletion", "remove", "split_artifacts_uri", "stale_refs"]

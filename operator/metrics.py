@@ -42,6 +42,13 @@ BUILD_DEADLINE = Gauge(
     "activeDeadlineSeconds of the current build (for the stuck-build alert)",
     ["namespace", "name"],
 )
+# One series per S3 endpoint the operator called (pools.py). The label is `s3_endpoint`, not
+# `endpoint`: the Prometheus Operator sets `endpoint` (the scrape port's name) on every target.
+S3_CIRCUIT_OPEN = Gauge(
+    "enginebuild_s3_circuit_open",
+    "1 while the operator's circuit breaker for an S3 endpoint is open or half-open (calls fail fast), else 0",
+    ["s3_endpoint"],
+)
 
 _ENGINE_LABELS = ["namespace", "name", "target", "encoder", "precision"]
 ENGINE_SIZE = Gauge("enginebuild_engine_size_bytes", "Serialized TensorRT engine size", _ENGINE_LABELS)

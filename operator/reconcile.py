@@ -4,7 +4,7 @@ Level-triggered: every pass starts from what is observed (the EngineBuild, its J
 never from what this process remembers, so a restarted operator or a second replica taking over
 reaches the same decision. The status doubles as the build's journal: a Job whose result has been
 read is recorded there (`jobs[].state` final), which makes reading results and counting GPU-seconds
-happen exactly once even across restarts. No I/O here; handlers.py performs the steps.
+happen exactly once even across restarts. No I/O here; steps.py performs the steps.
 """
 
 from __future__ import annotations

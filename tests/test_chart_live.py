@@ -27,7 +27,7 @@ import yaml
 
 from enginebuild_contract.constants import GROUP, PLURAL, VERSION
 from enginebuild_devstack.chart import CHART, NAMESPACE
-from enginebuild_devstack.cluster import service_account_token
+from enginebuild_devstack.cluster import container_env, service_account_token
 from enginebuild_devstack.controlplane import ControlPlane
 from enginebuild_devstack.kube_http import KubeApiError, KubeHttp, resource_path
 from enginebuild_devstack.kubeconfig import write_kubeconfig
@@ -47,33 +47,6 @@ def _values(case: str, s3: SeaweedFS) -> dict[str, Any]:
             "peering": {"enabled": True, "mandatory": True},
             "s3": {"endpoint": s3.endpoint_url, "region": s3.region, "existingSecret": "operator-s3"},
             "builder": {"image": {"repository": "registry.local/eb-builder", "tag": "1.2.3"}}}
-
-
-def _resolve_env(http: KubeHttp, namespace: str, container: dict[str, Any]) -> dict[str, str]:
-    """The container's environment as kubelet builds it: envFrom Secrets/ConfigMaps, then env."""
-    def data(kind: str, name: str) -> dict[str, str]:
-        obj = http.get(resource_path("v1", kind, namespace, name))
-        raw = obj.get("data") or {}
-        return {k: base64.b64decode(v).decode() for k, v in raw.items()} if kind == "secrets" else dict(raw)
-
-    env: dict[str, str] = {}
-    for source in container.get("envFrom") or []:
-        if "secretRef" in source:
-            env.update(data("secrets", source["secretRef"]["name"]))
-        else:
-            env.update(data("configmaps", source["configMapRef"]["name"]))
-    for item in container.get("env") or []:
-        if "value" in item:
-            env[item["name"]] = str(item["value"])
-        elif "secretKeyRef" in (item.get("valueFrom") or {}):
-            ref = item["valueFrom"]["secretKeyRef"]
-            env[item["name"]] = data("secrets", ref["name"])[ref["key"]]
-        elif "configMapKeyRef" in (item.get("valueFrom") or {}):
-            ref = item["valueFrom"]["configMapKeyRef"]
-            env[item["name"]] = data("configmaps", ref["name"])[ref["key"]]
-        else:
-            raise AssertionError(f"env {item['name']}: the test does not resolve {item.get('valueFrom')}")
-    return env
 
 
 @pytest.fixture
@@ -133,7 +106,7 @@ def test_chart_installed_with_helm_and_operator_started_from_its_deployment(
     # The operator's identity is the Deployment's ServiceAccount: a token minted for it, as kubelet projects one.
     token = service_account_token(http, NAMESPACE, pod_spec["serviceAccountName"])
     identity = write_kubeconfig(tmp_path / "operator.kubeconfig", cp.url, token, cp.ca_file)
-    env = _resolve_env(http, NAMESPACE, container)
+    env = container_env(http, NAMESPACE, container)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert int(env["ENGINEBUILD_HEALTH_PORT"]) == ports["health"]
     assert int(env["ENGINEBUILD_METRICS_PORT"]) == ports["metrics"]

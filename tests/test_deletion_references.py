@@ -21,7 +21,8 @@ from enginebuild_contract import references
 from enginebuild_contract.layout import build_exists, build_uri
 from enginebuild_contract.references import Holder, RefRecord
 from enginebuild_contract.s3.store import S3Store
-from enginebuild_operator import artifacts, deletion, handlers, reconcile
+from enginebuild_operator import artifacts, buildstate, deletion, ownership, reconcile
+from enginebuild_operator import runtime as runtime_mod
 from enginebuild_operator.conditions import ConditionSet
 from enginebuild_operator.config import OperatorConfig, load_config
 from enginebuild_operator.jobs import key_label
@@ -222,14 +223,14 @@ def test_the_periodic_recheck_restarts_a_build_whose_manifest_is_gone(
     kube = _JobDeletions()
     config = load_config({"ENGINEBUILD_ARTIFACTS_RECHECK_SECONDS": "60", "ENGINEBUILD_READ_SECRETS": "false"})
     assert config.artifacts_recheck_seconds == 60
-    runtime = handlers.Runtime(config=config, queue=BuildQueue(1), stores=artifacts.StoreCache(s3_env), kube=kube)
-    monkeypatch.setattr(handlers, "RUNTIME", runtime)
-    state = handlers.BuildState(status=_ready_status(output), written={})
+    runtime = runtime_mod.Runtime(config=config, queue=BuildQueue(1), stores=artifacts.StoreCache(s3_env), kube=kube)
+    monkeypatch.setattr(runtime_mod, "RUNTIME", runtime)
+    state = buildstate.BuildState(status=_ready_status(output), written={})
     observed = [_job("vit-01234567-export"), _job("vit-01234567-h100", "engine", "h100")]
 
     def recheck() -> bool:
         cs = ConditionSet(state.status["conditions"], 1)
-        restarted = asyncio.run(handlers._recheck("ml", "vit", "uid-a", spec, KEY, state, cs, observed))
+        restarted = asyncio.run(ownership.recheck("ml", "vit", "uid-a", spec, KEY, state, cs, observed))
         state.status["conditions"] = cs.conditions
         return restarted
 

@@ -226,8 +226,13 @@ def test_project_installs_are_constrained_by_the_lock(stages: dict[str, Stage]) 
             assert "-c" in words and words[words.index("-c") + 1] == "requirements.lock", f"line {line}"
         if "--no-index" in words:
             continue
-        for w in words[words.index("pip") + 2:]:
+        args = words[words.index("pip") + 2:]
+        for i, w in enumerate(args):
             if w.startswith("-") or w in (".",) or w.startswith(".[") or w == "requirements.lock" or "==" in w:
+                continue
+            if i and args[i - 1] == "-r":  # a requirements file of the repo: every line in it pinned
+                pins = [s for s in (x.split("#", 1)[0].strip() for x in (REPO / w).read_text().splitlines()) if s]
+                assert pins and all("==" in s for s in pins), f"line {line}: {w} has unpinned requirements: {pins}"
                 continue
             if w in ("/wheels",):
                 continue
@@ -327,3 +332,16 @@ def test_documented_ngc_login_for_the_builder_base_image(stages: dict[str, Stage
     (login,) = [shlex.split(c) for c in commands if "nvcr.io" in c]
     assert login[login.index("docker"):login.index("docker") + 3] == ["docker", "login", "nvcr.io"]
     assert login[login.index("--username") + 1] == "$oauthtoken" and "--password-stdin" in login
+
+
+def test_builder_replaces_the_cpu_onnxruntime_by_the_cuda_build(stages: dict[str, Stage]) -> None:
+    """The gate runs on the Job's GPU only if the builder image has ONNX Runtime's CUDA build, and the
+    two builds share one module name: the CPU one must go before the CUDA one is installed."""
+    installs = [" ".join(words) for _, words in _pip_installs({"builder": stages["builder"]})]
+    run = " ".join(i.args for i in stages["builder"].instructions if i.keyword == "RUN")
+    assert "pip uninstall -y onnxruntime" in run
+    assert run.index("pip uninstall -y onnxruntime") < run.index("-r builder-gpu.lock")
+    assert any("-r builder-gpu.lock" in i for i in installs)
+    pins = [s for s in (x.split("#", 1)[0].strip() for x in (REPO / "builder-gpu.lock").read_text().splitlines()) if s]
+    assert [p.split("==")[0] for p in pins] == ["onnxruntime-gpu"]
+    assert "CUDAExecutionProvider" in run  # the image build fails if the CUDA provider is missing

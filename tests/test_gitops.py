@@ -178,7 +178,7 @@ def test_kstatus_port_follows_its_rules() -> None:
 
 def _phase(name: str) -> tuple[dict[str, Any], str, str, str]:
     """(status, kstatus, Argo CD health, Flux) of one build phase, built by the operator's own functions
-    (reconcile.mark_*/apply_*) and written as handlers._write writes it (with_kstatus, the status model)."""
+    (reconcile.mark_*/apply_*) and written as buildstate.write_status writes it (with_kstatus, the status model)."""
     from enginebuild_operator import reconcile
     from enginebuild_operator.conditions import ConditionSet, with_kstatus
 

@@ -2,7 +2,7 @@
 
 `spec.image` lets every EngineBuild run its own builder release, so the operator reads documents it
 did not write. Each shape goes through the real readers (`Report.read`, the termination-message
-parser, the S3 readers in operator/artifacts.py, the handlers' `_collect`): the unversioned shape of
+parser, the S3 readers in operator/artifacts.py, collect.collect): the unversioned shape of
 before (read as 1.x), a newer minor with fields this code does not know (read, extras ignored), and
 an unknown major (refused with its own reason, naming both versions). S3 is a real SeaweedFS; the
 only stand-in is the Pod list the Kubernetes API would return (`_Pods`), which carries the
@@ -26,7 +26,8 @@ from enginebuild_contract.spec import parse_spec
 from enginebuild_contract import layout as publish
 from enginebuild_contract.s3.store import S3Store
 from enginebuild_contract.s3.uri import S3Uri
-from enginebuild_operator import artifacts, handlers, jobs, reconcile, results
+from enginebuild_operator import artifacts, buildstate, collect, jobs, reconcile, results
+from enginebuild_operator import runtime as runtime_mod
 from enginebuild_operator.conditions import ConditionSet
 from enginebuild_operator.config import OperatorConfig
 from enginebuild_operator.queue import BuildQueue
@@ -248,22 +249,22 @@ class _Pods:
 
 def _collect(s3_env: dict[str, str], bucket: str, message: str) -> tuple[str | None, dict[str, Any], ConditionSet]:
     spec = _spec(bucket)
-    handlers.RUNTIME = handlers.Runtime(config=OperatorConfig(builder_image="unused:1"), queue=BuildQueue(10),
+    runtime_mod.RUNTIME = runtime_mod.Runtime(config=OperatorConfig(builder_image="unused:1"), queue=BuildQueue(10),
                                         stores=artifacts.StoreCache(s3_env), kube=_Pods(message))  # type: ignore[arg-type]
     try:
         name = jobs.engine_job_name("vit", KEY, "h100")
         status = reconcile.fresh_status({}, KEY, 1, f"s3://{bucket}/engines/{KEY}/")
         status["jobs"] = [{"name": name, "stage": "engine", "target": "h100", "state": "Running"}]
-        state = handlers.BuildState(status=status, written={})
+        state = buildstate.BuildState(status=status, written={})
         cs = ConditionSet(status["conditions"], 1)
         job = reconcile.ObservedJob(name=name, component="engine", target="h100", key_label=jobs.key_label(KEY),
                                     build_key=KEY, state="Succeeded", start_time="2026-01-01T00:00:00Z",
                                     completion_time="2026-01-01T00:01:40Z", uid="u1")
-        failed = asyncio.run(handlers._collect(None, "ml", spec, jobs.Owner("ml", "vit", "uid"), KEY, 600,  # type: ignore[arg-type]
+        failed = asyncio.run(collect.collect("ml", spec, jobs.Owner("ml", "vit", "uid"), KEY, 600,  # type: ignore[arg-type]
                                                (name,), [job], state, cs, IMAGE))
         return failed, state.status, cs
     finally:
-        handlers.RUNTIME = None
+        runtime_mod.RUNTIME = None
 
 
 def test_an_engine_job_summary_of_another_major_ends_the_build(s3_env: dict[str, str], s3_bucket: str) -> None:

@@ -27,7 +27,7 @@ from prometheus_client import REGISTRY
 
 from enginebuild_contract.constants import GROUP, KIND, VERSION
 from enginebuild_contract.errors import StorageAccessDenied
-from enginebuild_operator import artifacts, handlers, reconcile, results
+from enginebuild_operator import artifacts, buildstate, reconcile, results, steps
 from enginebuild_operator.conditions import ConditionSet
 from enginebuild_operator.kubeapi import KubeApi
 
@@ -57,7 +57,7 @@ def _written_status() -> dict[str, Any]:
     reconcile.apply_engine_result(status, summary)
     reconcile.apply_engines_done(status, cs, ["h100"])
     status["conditions"] = cs.conditions
-    return handlers._sanitize(status)
+    return buildstate.sanitize(status)
 
 
 def test_numbers_the_builder_did_not_report_are_absent_from_the_status() -> None:
@@ -91,9 +91,9 @@ def test_the_kopf_index_failing_is_not_no_jobs() -> None:
         def get(self, key: Any, default: Any = None) -> Any:
             raise RuntimeError("index store unavailable")
 
-    state = handlers.BuildState(status={}, written={})
+    state = buildstate.BuildState(status={}, written={})
     with pytest.raises(RuntimeError, match="index store unavailable"):
-        handlers._observed(BrokenIndex(), ("ml", "vit"), state)
+        steps.observed_jobs(BrokenIndex(), ("ml", "vit"), state)
 
 
 # ---- the Kubernetes API's errors -----------------------------------------------------------------------

@@ -1,0 +1,158 @@
+"""Where the operator's blocking calls run (issue 13, tenant isolation).
+
+Two bounded thread pools, so that one tenant's S3 trouble cannot hold up anyone's Kubernetes calls:
+- Kubernetes calls (status writes, Jobs, Secret reads) and the S3 client set-up run in the event
+  loop's default executor, `ENGINEBUILD_KUBE_THREADS` threads (16);
+- S3 calls run in their own pool, `ENGINEBUILD_S3_THREADS` threads (16), at most
+  `ENGINEBUILD_S3_CALLS_PER_ENDPOINT` (4) at a time per endpoint: an endpoint that hangs ties up
+  that many threads, never the whole pool. The calls over the cap wait in the event loop (no thread).
+Each endpoint has a circuit breaker (breaker.py): after `ENGINEBUILD_S3_BREAKER_FAILURES` (3)
+consecutive connection failures its calls fail fast with StorageError for
+`ENGINEBUILD_S3_BREAKER_COOLDOWN_SECONDS` (30), then one trial call decides. The gauge
+`enginebuild_s3_circuit_open{s3_endpoint=...}` is 1 while an endpoint's circuit is not closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import os
+import threading
+from typing import Any, Callable, Mapping, TypeVar
+from urllib.parse import urlsplit
+
+from enginebuild_contract.errors import StorageError
+
+from . import metrics
+from .breaker import CLOSED, Breaker
+
+T = TypeVar("T")
+
+AWS = "aws"  # the label of calls without a custom endpoint (AWS S3 itself)
+
+
+def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a whole number") from None
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be within {low}..{high}")
+    return value
+
+
+def endpoint_of(store: Any) -> str:
+    """scheme://host:port of the store's endpoint, never any user part or path (a metric label)."""
+    url = getattr(getattr(store, "config", None), "endpoint_url", None)
+    if not url:
+        return AWS
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
+
+
+def is_connection_failure(exc: BaseException) -> bool:
+    """The endpoint could not be reached or did not answer (not: it answered with an error).
+    S3Store maps botocore's errors `from None`, so the original is found in __context__."""
+    from botocore import exceptions as bce
+
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, (bce.ConnectionError, bce.HTTPClientError, ConnectionError, TimeoutError)):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+class Pools:
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        env = env or {}
+        self.kube_threads = _int(env, "ENGINEBUILD_KUBE_THREADS", 16, 1, 1024)
+        self.s3_threads = _int(env, "ENGINEBUILD_S3_THREADS", 16, 1, 1024)
+        self.per_endpoint = min(self.s3_threads, _int(env, "ENGINEBUILD_S3_CALLS_PER_ENDPOINT", 4, 1, 1024))
+        self.failures = _int(env, "ENGINEBUILD_S3_BREAKER_FAILURES", 3, 1, 1000)
+        self.cooldown_s = float(_int(env, "ENGINEBUILD_S3_BREAKER_COOLDOWN_SECONDS", 30, 1, 3600))
+        self.kube = concurrent.futures.ThreadPoolExecutor(self.kube_threads, thread_name_prefix="kube")
+        self.s3 = concurrent.futures.ThreadPoolExecutor(self.s3_threads, thread_name_prefix="s3")
+        self._lock = threading.Lock()
+        self._breakers: dict[str, Breaker] = {}
+        self._slots: dict[tuple[int, str], asyncio.Semaphore] = {}
+        self.in_flight: dict[str, int] = {}  # S3 calls running now, by endpoint (for tests and logs)
+
+    def breaker(self, endpoint: str) -> Breaker:
+        with self._lock:
+            b = self._breakers.get(endpoint)
+            if b is None:
+                b = self._breakers[endpoint] = Breaker(endpoint, self.failures, self.cooldown_s,
+                                                       on_change=_export_state)
+                metrics.S3_CIRCUIT_OPEN.labels(s3_endpoint=endpoint).set(0)
+            return b
+
+    def _slot(self, endpoint: str) -> asyncio.Semaphore:
+        key = (id(asyncio.get_running_loop()), endpoint)  # a semaphore belongs to one loop
+        sem = self._slots.get(key)  # event-loop thread only
+        if sem is None:
+            sem = self._slots[key] = asyncio.Semaphore(self.per_endpoint)
+        return sem
+
+    async def run_s3(self, store: Any, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) in the S3 pool, within the endpoint's cap and behind its breaker."""
+        endpoint = endpoint_of(store)
+        breaker = self.breaker(endpoint)
+        async with self._slot(endpoint):
+            rejected = breaker.admit()  # after the wait: the circuit may have opened meanwhile
+            if rejected is not None:
+                raise StorageError(
+                    f"S3 endpoint {endpoint} is unreachable: {rejected.failures} consecutive connection failures, "
+                    f"so its calls fail fast for now (circuit open; next try in {rejected.retry_in_s:.0f} s); "
+                    "check AWS_ENDPOINT_URL in spec.output.secretRef and that the S3 service is up; the build is retried")
+            self.in_flight[endpoint] = self.in_flight.get(endpoint, 0) + 1
+            try:
+                result = await asyncio.get_running_loop().run_in_executor(self.s3, functools.partial(fn, *args))
+            except BaseException as exc:
+                if not isinstance(exc, Exception):
+                    breaker.release()  # cancelled: says nothing about the endpoint
+                elif is_connection_failure(exc):
+                    breaker.failure()
+                else:
+                    breaker.success()  # the endpoint answered (403, 404, 5xx, a bad report, ...)
+                raise
+            finally:
+                self.in_flight[endpoint] -= 1
+            breaker.success()
+            return result
+
+    def shutdown(self) -> None:
+        self.s3.shutdown(wait=False, cancel_futures=True)
+        self.kube.shutdown(wait=False, cancel_futures=True)
+
+
+def _export_state(endpoint: str, state: str) -> None:
+    metrics.S3_CIRCUIT_OPEN.labels(s3_endpoint=endpoint).set(0 if state == CLOSED else 1)
+
+
+POOLS: Pools | None = None
+
+
+def install(env: Mapping[str, str]) -> Pools:
+    """At operator start-up: the Kubernetes pool becomes the loop's default executor (asyncio.to_thread)."""
+    global POOLS
+    POOLS = Pools(env)
+    asyncio.get_running_loop().set_default_executor(POOLS.kube)
+    return POOLS
+
+
+async def s3(store: Any, fn: Callable[..., T], *args: Any) -> T:
+    """await pools.s3(store, artifacts.adopt, store, ...): an S3 call of `store`'s endpoint."""
+    global POOLS
+    if POOLS is None:  # handlers called without the startup handler (unit tests): default sizes
+        POOLS = Pools(os.environ)
+    return await POOLS.run_s3(store, fn, *args)

@@ -1,0 +1,186 @@
+"""The S3 circuit breaker's state machine (injected clock), the per-endpoint cap of the S3 pool, and
+the store cache's locking (issue 13, tenant isolation). No network: calls are stand-ins."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from enginebuild_contract.errors import StorageError
+from enginebuild_contract.s3.config import S3Config
+from enginebuild_operator import artifacts, metrics, pools
+from enginebuild_operator.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_breaker_closed_open_half_open_closed() -> None:
+    clock, changes = Clock(), []
+    b = Breaker("http://s3:9000", failures=3, cooldown_s=30, clock=clock, on_change=lambda e, s: changes.append(s))
+    assert b.state == CLOSED and b.admit() is None
+    b.failure(); b.failure()
+    assert b.state == CLOSED and b.admit() is None  # two failures: still closed
+    b.success()  # a success resets the count: failures must be consecutive
+    b.failure(); b.failure()
+    assert b.state == CLOSED
+    b.failure()
+    assert b.state == OPEN and changes == [OPEN]
+    rejected = b.admit()
+    assert rejected is not None and rejected.failures == 3 and rejected.retry_in_s == 30
+    clock.t += 29.9
+    assert b.state == OPEN and b.admit() is not None
+    clock.t += 0.1
+    assert b.state == HALF_OPEN
+    assert b.admit() is None  # the one trial call
+    assert b.admit() is not None  # the others still fail fast while it is out
+    b.success()
+    assert b.state == CLOSED and b.admit() is None and changes == [OPEN, HALF_OPEN, CLOSED]
+
+
+def test_breaker_half_open_trial_failure_reopens_for_a_full_cooldown() -> None:
+    clock = Clock()
+    b = Breaker("e", failures=1, cooldown_s=10, clock=clock)
+    b.failure()
+    assert b.state == OPEN
+    clock.t += 10
+    assert b.admit() is None and b.state == HALF_OPEN
+    b.failure()
+    assert b.state == OPEN and b.admit().retry_in_s == 10  # type: ignore[union-attr]
+    b.failure()  # a late failure of a call admitted earlier does not extend the cool-down
+    clock.t += 10
+    assert b.state == HALF_OPEN
+    assert b.admit() is None
+    b.release()  # the trial was cancelled: the next call is the trial
+    assert b.admit() is None
+
+
+class _Store:
+    def __init__(self, url: str | None) -> None:
+        self.config = S3Config(endpoint_url=url)
+
+
+def test_endpoint_label_has_no_credentials_or_path() -> None:
+    assert pools.endpoint_of(_Store("http://user:pw@127.0.0.1:9000/x")) == "http://127.0.0.1:9000"
+    assert pools.endpoint_of(_Store(None)) == pools.AWS
+
+
+def test_connection_failures_are_told_from_answers() -> None:
+    from botocore import exceptions as bce
+
+    from enginebuild_contract.s3.errors import map_error
+
+    timeout = map_error(bce.ConnectTimeoutError(endpoint_url="http://x"), "HEAD", "s3://b/k")
+    try:
+        try:
+            raise bce.ConnectTimeoutError(endpoint_url="http://x")
+        except Exception as exc:  # the way S3Store raises: mapped `from None`
+            raise map_error(exc, "HEAD", "s3://b/k") from None
+    except StorageError as mapped:
+        assert pools.is_connection_failure(mapped)
+    assert not pools.is_connection_failure(StorageError("HEAD s3://b/k: endpoint answered 503 (retriable)"))
+    assert isinstance(timeout, StorageError)
+
+
+def test_one_hanging_endpoint_takes_at_most_its_cap_and_then_fails_fast() -> None:
+    p = pools.Pools({"ENGINEBUILD_S3_THREADS": "8", "ENGINEBUILD_S3_CALLS_PER_ENDPOINT": "2",
+                     "ENGINEBUILD_S3_BREAKER_FAILURES": "2", "ENGINEBUILD_S3_BREAKER_COOLDOWN_SECONDS": "60"})
+    bad, good = _Store("http://127.0.0.1:1"), _Store("http://127.0.0.1:2")
+    release = threading.Event()
+    peak = {"bad": 0}
+
+    def hang() -> None:
+        peak["bad"] = max(peak["bad"], p.in_flight.get("http://127.0.0.1:1", 0))
+        release.wait(10)
+        raise ConnectionError("connect timeout")
+
+    async def main() -> None:
+        stuck = [asyncio.ensure_future(p.run_s3(bad, hang)) for _ in range(10)]
+        # Wait until both capped calls hang in their threads (no fixed sleep: a loaded machine may be slow).
+        for _ in range(1000):
+            if p.in_flight.get("http://127.0.0.1:1", 0) >= 2:
+                break
+            await asyncio.sleep(0.01)
+        assert p.in_flight["http://127.0.0.1:1"] == 2  # the cap: the other 8 wait without a thread
+        # Another endpoint's calls run at once, while the bad one's hang.
+        assert await asyncio.gather(*(p.run_s3(good, lambda i=i: i) for i in range(20))) == list(range(20))
+        release.set()
+        results = await asyncio.gather(*stuck, return_exceptions=True)
+        assert all(isinstance(r, (ConnectionError, StorageError)) for r in results)
+        fast = [r for r in results if isinstance(r, StorageError)]
+        # The first two failed on the network and opened the circuit; the 8 that waited failed fast.
+        assert len(fast) == 8 and "is unreachable" in str(fast[0]) and "circuit open" in str(fast[0])
+
+    asyncio.run(main())
+    assert peak["bad"] <= 2
+    assert p.breaker("http://127.0.0.1:1").state == OPEN and p.breaker("http://127.0.0.1:2").state == CLOSED
+    assert metrics.S3_CIRCUIT_OPEN.labels(s3_endpoint="http://127.0.0.1:1")._value.get() == 1  # noqa: SLF001
+    assert metrics.S3_CIRCUIT_OPEN.labels(s3_endpoint="http://127.0.0.1:2")._value.get() == 0  # noqa: SLF001
+    p.shutdown()
+
+
+def test_store_cache_holds_no_lock_across_a_slow_secret_read() -> None:
+    """A Secret GET that hangs for one tenant does not hold up another tenant's store, and a burst of
+    one tenant's builds reads its Secret once."""
+    cache = artifacts.StoreCache({})
+    slow_started, slow_go, slow_done = threading.Event(), threading.Event(), threading.Event()
+    reads: list[str] = []
+
+    def read(namespace: str, name: str) -> dict[str, object]:
+        reads.append(name)
+        if name == "slow":
+            slow_started.set()
+            slow_go.wait(10)
+            slow_done.set()
+        return {"data": {}}
+
+    slow = [threading.Thread(target=cache.get, args=("a", "slow", read)) for _ in range(3)]
+    for t in slow:
+        t.start()
+    assert slow_started.wait(5)
+    cache.get("b", "fast", read)  # returns while "slow" is still being read
+    assert not slow_done.is_set()
+    cache.secrets()  # iterating while another thread creates is safe
+    slow_go.set()
+    for t in slow:
+        t.join(5)
+    assert reads.count("slow") == 1 and reads.count("fast") == 1
+
+
+def test_store_cache_secrets_snapshot_under_concurrent_inserts() -> None:
+    cache = artifacts.StoreCache({})
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def insert() -> None:
+        i = 0
+        while not stop.is_set():
+            cache.get("ns", f"s{i}", lambda ns, name: {"data": {}})
+            i += 1
+
+    def iterate() -> None:
+        try:
+            for _ in range(200):
+                cache.secrets()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    writer = threading.Thread(target=insert)
+    writer.start()
+    iterate()
+    stop.set()
+    writer.join(5)
+    assert errors == []
+
+
+@pytest.mark.parametrize("name,value", [("ENGINEBUILD_S3_CALLS_PER_ENDPOINT", "0"), ("ENGINEBUILD_S3_THREADS", "x")])
+def test_pool_settings_are_checked(name: str, value: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        pools.Pools({name: value})

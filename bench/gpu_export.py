@@ -22,6 +22,7 @@ The builder package is not installed on the GPU box: `enginebuild_builder` is al
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import json
 import subprocess
@@ -33,21 +34,23 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def alias_package() -> None:
-    """Import ./builder as `enginebuild_builder` (folder and import names differ; nothing installed)."""
-    if "enginebuild_builder" in sys.modules:
-        return
-    try:
-        import enginebuild_builder  # noqa: F401  (installed editable on dev machines)
-        return
-    except ImportError:
-        pass
-    spec = importlib.util.spec_from_file_location(
-        "enginebuild_builder", REPO / "builder" / "__init__.py", submodule_search_locations=[str(REPO / "builder")]
-    )
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["enginebuild_builder"] = module
-    spec.loader.exec_module(module)
+    """Import ./contract and ./builder as `enginebuild_contract` and `enginebuild_builder` (folder and
+    import names differ; nothing is installed on the GPU box)."""
+    for name, folder in (("enginebuild_contract", "contract"), ("enginebuild_builder", "builder")):
+        if name in sys.modules:
+            continue
+        try:
+            importlib.import_module(name)  # installed editable on dev machines
+            continue
+        except ImportError:
+            pass
+        spec = importlib.util.spec_from_file_location(
+            name, REPO / folder / "__init__.py", submodule_search_locations=[str(REPO / folder)]
+        )
+        assert spec and spec.loader
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
 
 
 def _spec_doc(args: argparse.Namespace) -> dict:

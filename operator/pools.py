@@ -104,31 +104,48 @@ class Pools:
         return sem
 
     async def run_s3(self, store: Any, fn: Callable[..., T], *args: Any) -> T:
-        """fn(*args) in the S3 pool, within the endpoint's cap and behind its breaker."""
+        """fn(*args) in the S3 pool, within the endpoint's cap and behind its breaker.
+
+        The slot, the in-flight count and the breaker's verdict belong to the *thread*, not to the
+        caller: a cancelled caller (kopf stopping a daemon) stops waiting, but a thread cannot be
+        stopped, so its slot is held, it is counted in flight, and its outcome is reported to the
+        breaker (a cancelled half-open trial still blocks a second trial) until it ends."""
         endpoint = endpoint_of(store)
         breaker = self.breaker(endpoint)
-        async with self._slot(endpoint):
+        sem = self._slot(endpoint)
+        await sem.acquire()
+        try:
             rejected = breaker.admit()  # after the wait: the circuit may have opened meanwhile
             if rejected is not None:
                 raise StorageError(
                     f"S3 endpoint {endpoint} is unreachable: {rejected.failures} consecutive connection failures, "
                     f"so its calls fail fast for now (circuit open; next try in {rejected.retry_in_s:.0f} s); "
                     "check AWS_ENDPOINT_URL in spec.output.secretRef and that the S3 service is up; the build is retried")
-            self.in_flight[endpoint] = self.in_flight.get(endpoint, 0) + 1
             try:
-                result = await asyncio.get_running_loop().run_in_executor(self.s3, functools.partial(fn, *args))
-            except BaseException as exc:
-                if not isinstance(exc, Exception):
-                    breaker.release()  # cancelled: says nothing about the endpoint
-                elif is_connection_failure(exc):
+                fut = asyncio.get_running_loop().run_in_executor(self.s3, functools.partial(fn, *args))
+            except BaseException:
+                breaker.release()  # not submitted (e.g. the pool is shut down): nothing about the endpoint
+                raise
+        except BaseException:
+            sem.release()
+            raise
+        self.in_flight[endpoint] = self.in_flight.get(endpoint, 0) + 1
+
+        def done(f: asyncio.Future[T]) -> None:  # in the event loop, when the thread's call has ended
+            self.in_flight[endpoint] -= 1
+            try:
+                exc = None if f.cancelled() else f.exception()
+                if f.cancelled() or (exc is not None and not isinstance(exc, Exception)):
+                    breaker.release()  # never ran (pool shut down): says nothing about the endpoint
+                elif exc is not None and is_connection_failure(exc):
                     breaker.failure()
                 else:
                     breaker.success()  # the endpoint answered (403, 404, 5xx, a bad report, ...)
-                raise
             finally:
-                self.in_flight[endpoint] -= 1
-            breaker.success()
-            return result
+                sem.release()  # after the verdict: a waiter admitted now sees it
+
+        fut.add_done_callback(done)
+        return await asyncio.shield(fut)
 
     def shutdown(self) -> None:
         self.s3.shutdown(wait=False, cancel_futures=True)

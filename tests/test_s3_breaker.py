@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 
 import pytest
 
@@ -123,6 +124,84 @@ def test_one_hanging_endpoint_takes_at_most_its_cap_and_then_fails_fast() -> Non
     assert p.breaker("http://127.0.0.1:1").state == OPEN and p.breaker("http://127.0.0.1:2").state == CLOSED
     assert metrics.S3_CIRCUIT_OPEN.labels(s3_endpoint="http://127.0.0.1:1")._value.get() == 1  # noqa: SLF001
     assert metrics.S3_CIRCUIT_OPEN.labels(s3_endpoint="http://127.0.0.1:2")._value.get() == 0  # noqa: SLF001
+    p.shutdown()
+
+
+async def _until(check: Callable[[], bool]) -> None:
+    """Wait (in the event loop, no fixed sleep) until `check()` holds; a hang is pytest-timeout's."""
+    while not check():
+        await asyncio.sleep(0.005)
+
+
+async def _settle() -> None:
+    """Let every runnable task take its next step (admission is synchronous once a slot is free)."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+def test_a_cancelled_call_keeps_its_slot_until_its_thread_ends() -> None:
+    """kopf cancels a daemon (deletion, shutdown) whose S3 call hangs: the caller stops waiting, the
+    thread does not. Its slot stays taken and it is counted in flight until the thread ends."""
+    ep = "http://127.0.0.1:1"
+    p = pools.Pools({"ENGINEBUILD_S3_THREADS": "8", "ENGINEBUILD_S3_CALLS_PER_ENDPOINT": "2"})
+    bad = _Store(ep)
+    go = threading.Event()
+    entered: list[int] = []
+
+    def hang() -> str:
+        entered.append(1)
+        go.wait(30)
+        return "late"
+
+    async def main() -> None:
+        for _ in range(3):  # three rounds of cancelled callers
+            callers = [asyncio.ensure_future(p.run_s3(bad, hang)) for _ in range(2)]
+            await _settle()
+            for c in callers:
+                c.cancel()
+            await asyncio.gather(*callers, return_exceptions=True)
+        await _settle()
+        # the first two threads still hang: they hold the cap; the later callers never got a thread
+        assert p.in_flight[ep] == 2 and len(entered) <= 2
+        waiting = asyncio.ensure_future(p.run_s3(bad, lambda: "next"))
+        await _settle()
+        assert not waiting.done() and p.in_flight[ep] == 2
+        go.set()
+        assert await waiting == "next"
+        await _until(lambda: p.in_flight[ep] == 0)
+        assert len(entered) == 2
+
+    asyncio.run(main())
+    p.shutdown()
+
+
+def test_a_cancelled_half_open_trial_still_blocks_a_second_trial() -> None:
+    ep = "http://127.0.0.1:1"
+    p = pools.Pools({"ENGINEBUILD_S3_BREAKER_FAILURES": "1"})
+    clock = Clock()
+    p._breakers[ep] = Breaker(ep, failures=1, cooldown_s=10, clock=clock)  # noqa: SLF001
+    bad = _Store(ep)
+    go, entered = threading.Event(), threading.Event()
+
+    def trial() -> None:
+        entered.set()
+        go.wait(30)
+        raise ConnectionError("connect timeout")
+
+    async def main() -> None:
+        p.breaker(ep).failure()
+        clock.t += 10  # half-open: the next call is the one trial
+        first = asyncio.ensure_future(p.run_s3(bad, trial))
+        await _until(entered.is_set)
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        with pytest.raises(StorageError, match="circuit open"):  # the trial's thread still hangs
+            await p.run_s3(bad, lambda: None)
+        go.set()
+        await _until(lambda: p.in_flight[ep] == 0)
+        assert p.breaker(ep).state == OPEN  # the hung trial's failure was reported, after all
+
+    asyncio.run(main())
     p.shutdown()
 
 

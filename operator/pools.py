@@ -19,6 +19,7 @@ import concurrent.futures
 import functools
 import os
 import threading
+import weakref
 from typing import Any, Callable, Mapping, TypeVar
 from urllib.parse import urlsplit
 
@@ -84,7 +85,11 @@ class Pools:
         self.s3 = concurrent.futures.ThreadPoolExecutor(self.s3_threads, thread_name_prefix="s3")
         self._lock = threading.Lock()
         self._breakers: dict[str, Breaker] = {}
-        self._slots: dict[tuple[int, str], asyncio.Semaphore] = {}
+        # A semaphore belongs to one event loop; a loop's go with it (id() of a dead loop can be
+        # reused). An endpoint's entry is dropped when no call holds or waits for it: a contended
+        # semaphore refers to its loop, and an idle endpoint's semaphore is not kept forever.
+        self._slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _Slot]] = (
+            weakref.WeakKeyDictionary())
         self.in_flight: dict[str, int] = {}  # S3 calls running now, by endpoint (for tests and logs)
 
     def breaker(self, endpoint: str) -> Breaker:
@@ -96,12 +101,20 @@ class Pools:
                 metrics.S3_CIRCUIT_OPEN.labels(s3_endpoint=endpoint).set(0)
             return b
 
-    def _slot(self, endpoint: str) -> asyncio.Semaphore:
-        key = (id(asyncio.get_running_loop()), endpoint)  # a semaphore belongs to one loop
-        sem = self._slots.get(key)  # event-loop thread only
-        if sem is None:
-            sem = self._slots[key] = asyncio.Semaphore(self.per_endpoint)
-        return sem
+    def _enter(self, endpoint: str) -> tuple[dict[str, _Slot], _Slot]:
+        """The endpoint's slot in this loop, with one more user (event-loop thread only)."""
+        slots = self._slots.setdefault(asyncio.get_running_loop(), {})
+        slot = slots.get(endpoint)
+        if slot is None:
+            slot = slots[endpoint] = _Slot(asyncio.Semaphore(self.per_endpoint))
+        slot.users += 1
+        return slots, slot
+
+    @staticmethod
+    def _leave(slots: dict[str, _Slot], endpoint: str, slot: _Slot) -> None:
+        slot.users -= 1
+        if slot.users == 0 and slots.get(endpoint) is slot:
+            del slots[endpoint]
 
     async def run_s3(self, store: Any, fn: Callable[..., T], *args: Any) -> T:
         """fn(*args) in the S3 pool, within the endpoint's cap and behind its breaker.
@@ -112,9 +125,11 @@ class Pools:
         breaker (a cancelled half-open trial still blocks a second trial) until it ends."""
         endpoint = endpoint_of(store)
         breaker = self.breaker(endpoint)
-        sem = self._slot(endpoint)
-        await sem.acquire()
+        slots, slot = self._enter(endpoint)
+        sem, acquired = slot.sem, False
         try:
+            await sem.acquire()
+            acquired = True
             rejected = breaker.admit()  # after the wait: the circuit may have opened meanwhile
             if rejected is not None:
                 raise StorageError(
@@ -127,7 +142,9 @@ class Pools:
                 breaker.release()  # not submitted (e.g. the pool is shut down): nothing about the endpoint
                 raise
         except BaseException:
-            sem.release()
+            if acquired:
+                sem.release()
+            self._leave(slots, endpoint, slot)
             raise
         self.in_flight[endpoint] = self.in_flight.get(endpoint, 0) + 1
 
@@ -143,6 +160,7 @@ class Pools:
                     breaker.success()  # the endpoint answered (403, 404, 5xx, a bad report, ...)
             finally:
                 sem.release()  # after the verdict: a waiter admitted now sees it
+                self._leave(slots, endpoint, slot)
 
         fut.add_done_callback(done)
         return await asyncio.shield(fut)
@@ -150,6 +168,14 @@ class Pools:
     def shutdown(self) -> None:
         self.s3.shutdown(wait=False, cancel_futures=True)
         self.kube.shutdown(wait=False, cancel_futures=True)
+
+
+class _Slot:
+    """An endpoint's cap in one event loop, and how many calls hold or wait for it."""
+
+    def __init__(self, sem: asyncio.Semaphore) -> None:
+        self.sem = sem
+        self.users = 0
 
 
 def _export_state(endpoint: str, state: str) -> None:
@@ -160,9 +186,12 @@ POOLS: Pools | None = None
 
 
 def install(env: Mapping[str, str]) -> Pools:
-    """At operator start-up: the Kubernetes pool becomes the loop's default executor (asyncio.to_thread)."""
+    """At operator start-up: the Kubernetes pool becomes the loop's default executor (asyncio.to_thread).
+    The pools of an earlier start-up (in the same process) are shut down, not left with idle threads."""
     global POOLS
-    POOLS = Pools(env)
+    old, POOLS = POOLS, Pools(env)
+    if old is not None:
+        old.shutdown()
     asyncio.get_running_loop().set_default_executor(POOLS.kube)
     return POOLS
 

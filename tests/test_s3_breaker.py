@@ -207,6 +207,34 @@ def test_a_cancelled_half_open_trial_still_blocks_a_second_trial() -> None:
     p.shutdown()
 
 
+def test_per_loop_slots_go_with_their_loop_and_install_shuts_the_old_pools_down(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    p = pools.Pools({"ENGINEBUILD_S3_CALLS_PER_ENDPOINT": "1"})
+
+    async def call() -> list[int]:  # three calls for one slot: the semaphore is contended
+        return await asyncio.gather(*(p.run_s3(_Store("http://127.0.0.1:2"), lambda: 1) for _ in range(3)))
+
+    for _ in range(3):
+        assert asyncio.run(call()) == [1, 1, 1]
+    gc.collect()
+    assert len(p._slots) == 0  # noqa: SLF001 - no semaphore of a closed loop is kept
+    p.shutdown()
+
+    monkeypatch.setattr(pools, "POOLS", None)
+
+    async def start() -> pools.Pools:
+        return pools.install({})
+
+    first = asyncio.run(start())
+    second = asyncio.run(start())
+    assert pools.POOLS is second and first is not second
+    with pytest.raises(RuntimeError):  # the first start-up's pools were shut down
+        first.s3.submit(lambda: None)
+    second.shutdown()
+
+
 def test_store_cache_holds_no_lock_across_a_slow_secret_read() -> None:
     """A Secret GET that hangs for one tenant does not hold up another tenant's store, and a burst of
     one tenant's builds reads its Secret once."""

@@ -4,12 +4,21 @@ Two bounded thread pools, so that one tenant's S3 trouble cannot hold up anyone'
 - Kubernetes calls (status writes, Jobs, Secret reads) and the S3 client set-up run in the event
   loop's default executor, `ENGINEBUILD_KUBE_THREADS` threads (16);
 - S3 calls run in their own pool, `ENGINEBUILD_S3_THREADS` threads (16), at most
-  `ENGINEBUILD_S3_CALLS_PER_ENDPOINT` (4) at a time per endpoint: an endpoint that hangs ties up
-  that many threads, never the whole pool. The calls over the cap wait in the event loop (no thread).
+  `ENGINEBUILD_S3_CALLS_PER_ENDPOINT` (4) at a time per endpoint, and at most
+  `ENGINEBUILD_S3_SUSPECT_THREADS` (half the S3 threads) at a time to all "suspect" endpoints
+  together: those whose circuit is not closed or whose last call failed to connect. So once their
+  calls have failed, any number of unreachable endpoints hold at most that share, and the healthy
+  endpoints keep the rest. Calls admitted while an endpoint still looked healthy (before its first
+  failure) are not in that share: a burst of first calls to several dead endpoints can fill the pool
+  until they time out. The calls over a cap wait in the event loop (no thread).
 Each endpoint has a circuit breaker (breaker.py): after `ENGINEBUILD_S3_BREAKER_FAILURES` (3)
 consecutive connection failures its calls fail fast with StorageError for
 `ENGINEBUILD_S3_BREAKER_COOLDOWN_SECONDS` (30), then one trial call decides. The gauge
 `enginebuild_s3_circuit_open{s3_endpoint=...}` is 1 while an endpoint's circuit is not closed.
+
+Per-endpoint state is bounded: past MAX_ENDPOINTS endpoints, the breakers (and gauge series) of
+endpoints with a clean record and no call in flight are forgotten; a loop's semaphores are dropped as
+soon as no call holds or waits for them.
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ from .breaker import CLOSED, Breaker
 
 T = TypeVar("T")
 
+MAX_ENDPOINTS = 256  # breakers kept before idle ones are forgotten
+_SUSPECT = ""  # the slot key of the suspect endpoints' shared cap (no endpoint label is empty)
 AWS = "aws"  # the label of calls without a custom endpoint (AWS S3 itself)
 
 
@@ -79,6 +90,8 @@ class Pools:
         self.kube_threads = _int(env, "ENGINEBUILD_KUBE_THREADS", 16, 1, 1024)
         self.s3_threads = _int(env, "ENGINEBUILD_S3_THREADS", 16, 1, 1024)
         self.per_endpoint = min(self.s3_threads, _int(env, "ENGINEBUILD_S3_CALLS_PER_ENDPOINT", 4, 1, 1024))
+        self.suspect_threads = min(self.s3_threads, _int(env, "ENGINEBUILD_S3_SUSPECT_THREADS",
+                                                         max(1, self.s3_threads // 2), 1, 1024))
         self.failures = _int(env, "ENGINEBUILD_S3_BREAKER_FAILURES", 3, 1, 1000)
         self.cooldown_s = float(_int(env, "ENGINEBUILD_S3_BREAKER_COOLDOWN_SECONDS", 30, 1, 3600))
         self.kube = concurrent.futures.ThreadPoolExecutor(self.kube_threads, thread_name_prefix="kube")
@@ -96,17 +109,30 @@ class Pools:
         with self._lock:
             b = self._breakers.get(endpoint)
             if b is None:
+                if len(self._breakers) >= MAX_ENDPOINTS:
+                    self._forget_idle()
                 b = self._breakers[endpoint] = Breaker(endpoint, self.failures, self.cooldown_s,
                                                        on_change=_export_state)
                 metrics.S3_CIRCUIT_OPEN.labels(s3_endpoint=endpoint).set(0)
             return b
 
-    def _enter(self, endpoint: str) -> tuple[dict[str, _Slot], _Slot]:
+    def _forget_idle(self) -> None:
+        """Drop the breakers of endpoints with a clean record and no call in flight (under _lock)."""
+        for endpoint, b in list(self._breakers.items()):
+            if b.idle and not self.in_flight.get(endpoint):
+                del self._breakers[endpoint]
+                self.in_flight.pop(endpoint, None)
+                try:
+                    metrics.S3_CIRCUIT_OPEN.remove(endpoint)
+                except KeyError:
+                    pass
+
+    def _enter(self, endpoint: str, cap: int) -> tuple[dict[str, _Slot], _Slot]:
         """The endpoint's slot in this loop, with one more user (event-loop thread only)."""
         slots = self._slots.setdefault(asyncio.get_running_loop(), {})
         slot = slots.get(endpoint)
         if slot is None:
-            slot = slots[endpoint] = _Slot(asyncio.Semaphore(self.per_endpoint))
+            slot = slots[endpoint] = _Slot(asyncio.Semaphore(cap))
         slot.users += 1
         return slots, slot
 
@@ -125,26 +151,37 @@ class Pools:
         breaker (a cancelled half-open trial still blocks a second trial) until it ends."""
         endpoint = endpoint_of(store)
         breaker = self.breaker(endpoint)
-        slots, slot = self._enter(endpoint)
-        sem, acquired = slot.sem, False
+        taken: list[tuple[dict[str, _Slot], str, _Slot, bool]] = []  # (slots, key, slot, acquired)
+
+        def give_back() -> None:
+            for slots, key, slot, acquired in reversed(taken):
+                if acquired:
+                    slot.sem.release()
+                self._leave(slots, key, slot)
+
+        async def take(key: str, cap: int) -> None:
+            slots, slot = self._enter(key, cap)
+            taken.append((slots, key, slot, False))
+            await slot.sem.acquire()
+            taken[-1] = (slots, key, slot, True)
+
+        admitted = False
         try:
-            await sem.acquire()
-            acquired = True
+            await take(endpoint, self.per_endpoint)
             rejected = breaker.admit()  # after the wait: the circuit may have opened meanwhile
             if rejected is not None:
                 raise StorageError(
                     f"S3 endpoint {endpoint} is unreachable: {rejected.failures} consecutive connection failures, "
                     f"so its calls fail fast for now (circuit open; next try in {rejected.retry_in_s:.0f} s); "
                     "check AWS_ENDPOINT_URL in spec.output.secretRef and that the S3 service is up; the build is retried")
-            try:
-                fut = asyncio.get_running_loop().run_in_executor(self.s3, functools.partial(fn, *args))
-            except BaseException:
-                breaker.release()  # not submitted (e.g. the pool is shut down): nothing about the endpoint
-                raise
+            admitted = True
+            if breaker.suspect:  # a half-open trial, or failures on record: within the suspects' share
+                await take(_SUSPECT, self.suspect_threads)
+            fut = asyncio.get_running_loop().run_in_executor(self.s3, functools.partial(fn, *args))
         except BaseException:
-            if acquired:
-                sem.release()
-            self._leave(slots, endpoint, slot)
+            if admitted:
+                breaker.release()  # not submitted (cancelled, the pool shut down): nothing about the endpoint
+            give_back()
             raise
         self.in_flight[endpoint] = self.in_flight.get(endpoint, 0) + 1
 
@@ -159,8 +196,7 @@ class Pools:
                 else:
                     breaker.success()  # the endpoint answered (403, 404, 5xx, a bad report, ...)
             finally:
-                sem.release()  # after the verdict: a waiter admitted now sees it
-                self._leave(slots, endpoint, slot)
+                give_back()  # after the verdict: a waiter admitted now sees it
 
         fut.add_done_callback(done)
         return await asyncio.shield(fut)

@@ -235,6 +235,53 @@ def test_per_loop_slots_go_with_their_loop_and_install_shuts_the_old_pools_down(
     second.shutdown()
 
 
+def test_unreachable_endpoints_share_half_the_pool_and_a_healthy_one_keeps_threads() -> None:
+    """Three endpoints that failed to connect, four calls each hanging: with 8 threads and 4 calls per
+    endpoint they would take the whole pool. As suspects they share half of it (4), and a healthy
+    endpoint's calls run meanwhile."""
+    p = pools.Pools({"ENGINEBUILD_S3_THREADS": "8", "ENGINEBUILD_S3_CALLS_PER_ENDPOINT": "4",
+                     "ENGINEBUILD_S3_BREAKER_FAILURES": "100"})  # closed: suspect by the failures alone
+    assert p.suspect_threads == 4
+    bad = [f"http://127.0.0.1:{port}" for port in (11, 12, 13)]
+    go = threading.Event()
+
+    def refused() -> None:
+        raise ConnectionError("connection refused")
+
+    def hang() -> None:
+        go.wait(30)
+        raise ConnectionError("read timeout")
+
+    async def main() -> None:
+        for ep in bad:
+            with pytest.raises(ConnectionError):
+                await p.run_s3(_Store(ep), refused)
+            assert p.breaker(ep).state == CLOSED and p.breaker(ep).suspect
+        stuck = [asyncio.ensure_future(p.run_s3(_Store(ep), hang)) for ep in bad for _ in range(4)]
+        await _settle()
+        assert sum(p.in_flight.get(ep, 0) for ep in bad) == 4  # the rest wait in the loop, no thread
+        healthy = await asyncio.gather(*(p.run_s3(_Store("http://127.0.0.1:2"), lambda i=i: i) for i in range(20)))
+        assert healthy == list(range(20)) and not p.breaker("http://127.0.0.1:2").suspect
+        go.set()
+        results = await asyncio.gather(*stuck, return_exceptions=True)
+        assert all(isinstance(r, ConnectionError) for r in results)
+        await _until(lambda: sum(p.in_flight.get(ep, 0) for ep in bad) == 0)
+        assert p._slots[asyncio.get_running_loop()] == {}  # noqa: SLF001 - idle slots are dropped
+
+    asyncio.run(main())
+    p.shutdown()
+
+
+def test_idle_breakers_are_forgotten_past_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pools, "MAX_ENDPOINTS", 3)
+    p = pools.Pools({})
+    p.breaker("http://a:1").failure()  # a failure on record: kept
+    for port in range(2, 8):
+        p.breaker(f"http://a:{port}")
+    assert len(p._breakers) <= 3 and "http://a:1" in p._breakers  # noqa: SLF001
+    p.shutdown()
+
+
 def test_store_cache_holds_no_lock_across_a_slow_secret_read() -> None:
     """A Secret GET that hangs for one tenant does not hold up another tenant's store, and a burst of
     one tenant's builds reads its Secret once."""

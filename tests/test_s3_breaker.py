@@ -307,19 +307,28 @@ def test_store_cache_holds_no_lock_across_a_slow_secret_read() -> None:
     slow_go.set()
     for t in slow:
         t.join(5)
+    assert not any(t.is_alive() for t in slow)
     assert reads.count("slow") == 1 and reads.count("fast") == 1
 
 
-def test_store_cache_secrets_snapshot_under_concurrent_inserts() -> None:
-    cache = artifacts.StoreCache({})
+def test_store_cache_secrets_snapshot_under_concurrent_inserts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """secrets() runs in the event loop while threads insert stores. The client set-up is stubbed
+    (a real one takes milliseconds, so inserts would be too rare to race) and the interpreter switches
+    threads every microsecond: iterating the live dict instead of a snapshot fails here at once."""
+    import sys
+
+    monkeypatch.setattr(artifacts, "S3Store", lambda config: object())
+    cache = artifacts.StoreCache({"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "k"})
+    for i in range(2000):  # a cache large enough that one secrets() call spans many switches
+        cache.get("ns", f"pre{i}", lambda ns, name: {"data": {}})
     stop = threading.Event()
     errors: list[BaseException] = []
+    inserted = [0]
 
     def insert() -> None:
-        i = 0
         while not stop.is_set():
-            cache.get("ns", f"s{i}", lambda ns, name: {"data": {}})
-            i += 1
+            cache.get("ns", f"s{inserted[0]}", lambda ns, name: {"data": {}})
+            inserted[0] += 1
 
     def iterate() -> None:
         try:
@@ -328,12 +337,18 @@ def test_store_cache_secrets_snapshot_under_concurrent_inserts() -> None:
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
-    writer = threading.Thread(target=insert)
-    writer.start()
-    iterate()
-    stop.set()
-    writer.join(5)
-    assert errors == []
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        writer = threading.Thread(target=insert)
+        writer.start()
+        iterate()
+        stop.set()
+        writer.join(10)
+    finally:
+        sys.setswitchinterval(old)
+    assert not writer.is_alive()
+    assert inserted[0] > 0 and errors == []
 
 
 @pytest.mark.parametrize("name,value", [("ENGINEBUILD_S3_CALLS_PER_ENDPOINT", "0"), ("ENGINEBUILD_S3_THREADS", "x")])

@@ -286,3 +286,9 @@ def test_a_rerun_finalizer_announces_one_outcome(monkeypatch: pytest.MonkeyPatch
     keys = runtime_mod.RecentKeys(limit=3)
     assert [keys.add((str(i),)) for i in range(5)] == [True] * 5 and len(keys) == 3
     assert ("4",) in keys and ("0",) not in keys and keys.add(("4",)) is False
+
+
+def test_a_resync_makes_the_manifest_check_due_again() -> None:
+    state = buildstate.BuildState(status={}, written={}, next_recheck=1e12)
+    state.resync(None)
+    assert state.next_recheck == 0.0

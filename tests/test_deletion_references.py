@@ -292,3 +292,25 @@ def test_a_resync_makes_the_manifest_check_due_again() -> None:
     state = buildstate.BuildState(status={}, written={}, next_recheck=1e12)
     state.resync(None)
     assert state.next_recheck == 0.0
+
+
+def test_a_reverted_spec_keeps_the_reference_on_the_build_in_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Spec A -> B: A's reference is to go after the write naming B. The write is refused (resync back
+    to A's status), the spec goes back to A, and the next write names A again: A is the build in use,
+    its reference stays. A pending release of another build still happens."""
+    config = load_config({"ENGINEBUILD_READ_SECRETS": "false"})
+    rt = runtime_mod.Runtime(config=config, queue=BuildQueue(1), stores=_Stores(), kube=_FinalizerKube())  # type: ignore[arg-type]
+    monkeypatch.setattr(runtime_mod, "RUNTIME", rt)
+    released: list[str] = []
+    monkeypatch.setattr(artifacts, "release_previous", lambda s3, uri, who: released.append(uri))
+    a, b = f"s3://engines/clip/{KEY}/", f"s3://engines/clip/{'f' * 32}/"
+    state = buildstate.BuildState(status={"artifactsUri": a}, written={"artifactsUri": a})
+    state.release_after_write.append(a)  # _new_key for B
+    state.resync({"artifactsUri": a})  # B's status write was refused
+    spec, _ = _validate(SPEC_DOC)
+    asyncio.run(ownership.release_previous("ml", "vit", "uid-a", spec, state))  # after writing A again
+    assert released == [] and state.release_after_write == []
+    state.written = {"artifactsUri": b}
+    state.release_after_write.append(a)
+    asyncio.run(ownership.release_previous("ml", "vit", "uid-a", spec, state))
+    assert released == [a]

@@ -51,6 +51,18 @@ class Breaker:
         with self._lock:
             return self._current()
 
+    @property
+    def suspect(self) -> bool:
+        """Not known to be reachable: the circuit is not closed, or the last calls failed to connect."""
+        with self._lock:
+            return self._current() != CLOSED or self._failures > 0
+
+    @property
+    def idle(self) -> bool:
+        """Closed with no failure on record: nothing is lost by forgetting this breaker."""
+        with self._lock:
+            return self._current() == CLOSED and self._failures == 0 and not self._trial_out
+
     def _current(self) -> str:
         if self._state == OPEN and self._clock() - self._opened_at >= self.cooldown_s:
             self._set(HALF_OPEN)

@@ -67,6 +67,9 @@ class BuildState:
         # A cache check whose outcome was not written must run again: taken as done, the pass
         # after a refused cache-hit write would build the key instead.
         self.cache_checked_for = None
+        # The manifest check is due again: the copy that pushed it out may be the one discarded (a
+        # restarted build's refused write), and a Ready status must not go unchecked for a whole interval.
+        self.next_recheck = 0.0
         dropped = self.effects.discard()
         if dropped:
             log.debug("dropped %d side effects of an unwritten status", dropped)

@@ -17,10 +17,13 @@ from .conditions import ConditionSet
 from .runtime import runtime, store
 
 
-def _count_job(stage: str, wall: float, gpus: int, target: str, product: str) -> Callable[[], None]:
-    """The metrics of one collected Job (an effect: applied once the status records the Job as read)."""
+def _count_job(stage: str, wall: float | None, gpus: int, target: str, product: str) -> Callable[[], None]:
+    """The metrics of one collected Job (an effect: applied once the status records the Job as read).
+    A Job whose duration is unknown (wall None) adds nothing: unknown is absent, not 0."""
 
     def apply() -> None:
+        if wall is None:
+            return
         metrics.STAGE_DURATION.labels(stage=stage).observe(wall)
         if gpus:
             metrics.GPU_SECONDS.labels(target=target, gpu_product=product).inc(wall * gpus)
@@ -60,7 +63,7 @@ async def collect(
         product = target.gpu_product if target else (spec.targets[0].gpu_product if spec.targets else "")
         label = job.target or (spec.targets[0].name if spec.targets else "")
         state.effects.add(("collected", job.uid or job_name), _count_job(stage, wall, gpus, label, product))
-        if gpus:
+        if gpus and wall is not None:  # an unknown duration adds nothing (not 0 s) to the status either
             status["gpuSeconds"] = int(status.get("gpuSeconds") or 0) + wall * gpus
         reconcile.set_job_state(status, job_name, job.state, stage, job.target)
         if unusable is not None:

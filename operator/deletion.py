@@ -12,7 +12,8 @@ holds it.
 `plan_deletion` and `stale_refs` do no I/O; `remove` is the finalizer's work (handlers.on_delete
 delegates to it). kopf re-runs the finalizer when it raises for a retry or when removing the
 finalizer fails, so what `remove` counts and announces is keyed by the EngineBuild's uid and applied
-once per process (Runtime.deletion_effects).
+once per process (Runtime.deletion_effects, which remembers the last 4096 keys: a re-run
+that far behind may announce again).
 """
 
 from __future__ import annotations
@@ -135,8 +136,7 @@ async def remove(body: kopf.Body, spec: Mapping[str, Any] | None, status: Mappin
     build = (namespace, name)
 
     def once(key: tuple[str, ...], apply: Any) -> None:
-        if (uid, *key) not in rt.deletion_effects:
-            rt.deletion_effects.add((uid, *key))
+        if rt.deletion_effects.add((uid, *key)):
             apply()
 
     existing = list(index.get(build, []))  # an error must keep the finalizer (kopf retries), not skip Jobs
@@ -165,14 +165,16 @@ async def remove(body: kopf.Body, spec: Mapping[str, Any] | None, status: Mappin
                 raise kopf.TemporaryError(f"could not apply deletionPolicy {plan.policy} to {where}: {message}",
                                           delay=10) from None
             reason = "ArtifactsNotDeleted" if plan.policy == "Delete" else "ArtifactsNotPinned"
-            once((reason,), lambda: kopf.warn(
+            once(("outcome",), lambda: kopf.warn(
                 body, reason=reason, message=f"deletionPolicy {plan.policy} could not be applied to {where}, which "
                                              f"is left as it is: {message}"[:1000]))
             raise kopf.PermanentError(f"could not apply deletionPolicy {plan.policy} to {where}: {message}") from None
         reason = {"deleted": "ArtifactsDeleted", "kept": "ArtifactsKept", "retained": "ArtifactsRetained"}.get(
             outcome.outcome, "ArtifactsReleased")
         text = outcome.describe(parse_s3_uri(where))
-        once((reason,), lambda: kopf.info(body, reason=reason, message=text[:1000]))
+        # One outcome per deletion, whatever it is: a re-run that finds S3 changed (another holder went,
+        # so "kept" became "deleted") must not post a second Event contradicting the first.
+        once(("outcome",), lambda: kopf.info(body, reason=reason, message=text[:1000]))
         logger.info("%s", text)
     was_running = bool(key) and not reconcile.is_terminal(st, key) and any(
         j.get("state") in ("Pending", "Running") for j in st.get("jobs") or [])

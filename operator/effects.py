@@ -12,6 +12,10 @@ Each effect carries a key naming the transition it belongs to (e.g. "build K of 
 succeeded", "Job uid U collected"). A key applied once is never applied again by this daemon, so a
 pass that resynced from a lagging copy of the object and redid an already written transition cannot
 count it twice either.
+
+The limit (docs/operator.md, "Counted once"): the applied keys live in the daemon's memory. A daemon
+that kopf starts anew for the same EngineBuild, from a body that lags behind the old daemon's last
+status write, may redo the transitions in between and apply their effects again.
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ status write that records them).
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import logging
 import os

@@ -38,9 +38,17 @@ async def adopt(namespace: str, name: str, uid: str, spec: EngineBuildSpec, key:
 
 async def release_previous(namespace: str, name: str, uid: str, spec: EngineBuildSpec, state: BuildState) -> None:
     """Drop the reference on builds a spec change moved away from (after the status names the new one).
-    Best effort: a reference left behind only keeps that build until this EngineBuild is deleted."""
+    Best effort: a reference left behind only keeps that build until this EngineBuild is deleted.
+
+    The list outlives a resync on purpose: a move whose status write was refused is redone by the next
+    pass (and its release with it), while a move already recorded by an earlier (mid-pass) write is not
+    redone, and its release would otherwise be lost. So a build the written status names again (the
+    spec was reverted meanwhile) is the build in use: its reference is kept, never dropped."""
+    in_use = state.written.get("artifactsUri")
     while state.release_after_write:
         old = state.release_after_write.pop()
+        if old == in_use:
+            continue
         try:
             s3 = await asyncio.to_thread(store, namespace, spec)
             await pools.s3(s3, artifacts.release_previous, s3, old, artifacts.holder(namespace, name, uid))

@@ -116,7 +116,7 @@ async def _new_key(p: Pass) -> None:
         state.effects.add(("cancelled", old_key, p.generation, key), cancelled)
         await release(p.build)
     old_uri, new_uri = status.get("artifactsUri"), artifacts.artifacts_uri(p.spec, key)
-    if old_uri and old_uri != new_uri:
+    if old_uri and old_uri != new_uri and old_uri not in state.release_after_write:
         state.release_after_write.append(old_uri)
     state.status = status = reconcile.fresh_status(status, key, p.generation, new_uri)
     p.cs = cs = ConditionSet(status["conditions"], p.generation)

@@ -139,10 +139,12 @@ def parse_time(value: str | None) -> datetime.datetime | None:
         return None
 
 
-def wall_seconds(job: ObservedJob) -> int:
+def wall_seconds(job: ObservedJob) -> int | None:
+    """The Job's run time in seconds; None when unknown (no start or end time, or an end before the
+    start): an unknown duration is left out of metrics and GPU-seconds, never counted as 0."""
     start, end = parse_time(job.start_time), parse_time(job.completion_time)
     if not start or not end or end < start:
-        return 0
+        return None
     return int(round((end - start).total_seconds()))
 
 

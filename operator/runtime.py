@@ -7,6 +7,7 @@ every module of the reconcile loop reaches the same instances without kopf in it
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,31 @@ from . import artifacts
 from .config import OperatorConfig
 from .kubeapi import KubeApi
 from .queue import BuildId, BuildQueue
+
+
+class RecentKeys:
+    """A set that remembers the last `limit` keys added (the oldest is forgotten first), so that a
+    long-running operator does not keep one entry per EngineBuild it ever deleted."""
+
+    def __init__(self, limit: int = 4096) -> None:
+        self.limit = limit
+        self._keys: OrderedDict[tuple[str, ...], None] = OrderedDict()
+
+    def add(self, key: tuple[str, ...]) -> bool:
+        """Remember `key`; True when it was not remembered already (the effect is to be applied)."""
+        if key in self._keys:
+            self._keys.move_to_end(key)
+            return False
+        self._keys[key] = None
+        while len(self._keys) > self.limit:
+            self._keys.popitem(last=False)
+        return True
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 @dataclass
@@ -28,8 +54,8 @@ class Runtime:
     kube: KubeApi
     wakeups: dict[BuildId, asyncio.Event] = field(default_factory=dict)
     # Effect keys (effects.py) of finalizer runs: kopf re-runs the handler when removing the finalizer
-    # fails or a retry is asked for, and a deletion is counted and announced once.
-    deletion_effects: set[tuple[str, ...]] = field(default_factory=set)
+    # fails or a retry is asked for, and a deletion is counted and announced once. Bounded (RecentKeys).
+    deletion_effects: RecentKeys = field(default_factory=RecentKeys)
 
     def wake(self, build: BuildId) -> None:
         ev = self.wakeups.get(build)
@@ -70,4 +96,4 @@ async def release(build: BuildId) -> None:
         rt.wake(other)
 
 
-__all__ = ["RUNTIME", "Runtime", "release", "runtime", "secret", "store"]
+__all__ = ["RUNTIME", "RecentKeys", "Runtime", "release", "runtime", "secret", "store"]

@@ -244,3 +244,73 @@ def test_the_periodic_recheck_restarts_a_build_whose_manifest_is_gone(
     assert state.cache_checked_for is None and state.adopted_for is None
     ready = next(c for c in state.status["conditions"] if c["type"] == "Ready")
     assert (ready["status"], ready["reason"]) == ("False", "ArtifactsMissing")
+
+
+class _FinalizerKube:
+    def delete_job(self, namespace: str, name: str) -> None:
+        pass
+
+    def enginebuild_uid(self, namespace: str, name: str) -> str | None:
+        return None
+
+
+class _Stores:
+    def get(self, namespace: str, secret: str | None, read: Any) -> object:
+        return object()
+
+    def secrets(self) -> list[str]:
+        return []
+
+
+def test_a_rerun_finalizer_announces_one_outcome(monkeypatch: pytest.MonkeyPatch) -> None:
+    """kopf re-runs the finalizer (its removal failed); meanwhile the other holder went, so the build
+    that was "kept" is now "deleted". The first outcome was announced: the re-run posts no second,
+    contradicting Event. And the keys remembered are bounded."""
+    config = load_config({"ENGINEBUILD_READ_SECRETS": "false"})
+    rt = runtime_mod.Runtime(config=config, queue=BuildQueue(1), stores=_Stores(), kube=_FinalizerKube())  # type: ignore[arg-type]
+    monkeypatch.setattr(runtime_mod, "RUNTIME", rt)
+    outcomes = iter([references.Release("kept", held_by=()), references.Release("deleted", deleted_objects=3)])
+    monkeypatch.setattr(artifacts, "release", lambda *a: next(outcomes))
+    events: list[str] = []
+    monkeypatch.setattr(deletion.kopf, "info", lambda body, reason, message: events.append(reason))
+    monkeypatch.setattr(deletion.kopf, "warn", lambda body, reason, message: events.append(reason))
+
+    class _Log:
+        def info(self, *a: Any) -> None:
+            pass
+
+    for _ in range(2):
+        asyncio.run(deletion.remove({}, SPEC_DOC, STATUS, "ml", "vit", "uid-a", {}, _Log()))
+    assert events == ["ArtifactsKept"]
+
+    keys = runtime_mod.RecentKeys(limit=3)
+    assert [keys.add((str(i),)) for i in range(5)] == [True] * 5 and len(keys) == 3
+    assert ("4",) in keys and ("0",) not in keys and keys.add(("4",)) is False
+
+
+def test_a_resync_makes_the_manifest_check_due_again() -> None:
+    state = buildstate.BuildState(status={}, written={}, next_recheck=1e12)
+    state.resync(None)
+    assert state.next_recheck == 0.0
+
+
+def test_a_reverted_spec_keeps_the_reference_on_the_build_in_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Spec A -> B: A's reference is to go after the write naming B. The write is refused (resync back
+    to A's status), the spec goes back to A, and the next write names A again: A is the build in use,
+    its reference stays. A pending release of another build still happens."""
+    config = load_config({"ENGINEBUILD_READ_SECRETS": "false"})
+    rt = runtime_mod.Runtime(config=config, queue=BuildQueue(1), stores=_Stores(), kube=_FinalizerKube())  # type: ignore[arg-type]
+    monkeypatch.setattr(runtime_mod, "RUNTIME", rt)
+    released: list[str] = []
+    monkeypatch.setattr(artifacts, "release_previous", lambda s3, uri, who: released.append(uri))
+    a, b = f"s3://engines/clip/{KEY}/", f"s3://engines/clip/{'f' * 32}/"
+    state = buildstate.BuildState(status={"artifactsUri": a}, written={"artifactsUri": a})
+    state.release_after_write.append(a)  # _new_key for B
+    state.resync({"artifactsUri": a})  # B's status write was refused
+    spec, _ = _validate(SPEC_DOC)
+    asyncio.run(ownership.release_previous("ml", "vit", "uid-a", spec, state))  # after writing A again
+    assert released == [] and state.release_after_write == []
+    state.written = {"artifactsUri": b}
+    state.release_after_write.append(a)
+    asyncio.run(ownership.release_previous("ml", "vit", "uid-a", spec, state))
+    assert released == [a]

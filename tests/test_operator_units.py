@@ -403,3 +403,30 @@ def test_evicted_pods_until_the_backoff_limit():
     assert result == PodResult(None, None, None, "Evicted")
     job = _job("x", state="Failed", reason="BackoffLimitExceeded")
     assert reconcile.classify_failure(job, result, None)[0] == "PodEvicted"
+
+
+def test_unknown_job_duration_is_absent_not_zero():
+    """A Job without a start or completion time has no known duration: it adds nothing to the stage
+    histogram or the GPU-seconds counter (0 s would be a made-up number)."""
+    from enginebuild_operator import collect, metrics
+
+    base = {"metadata": {"name": "j", "labels": {"app.kubernetes.io/component": "engine", "enginebuild.io/target": "h100",
+                                                  "enginebuild.io/build-key": KEY}}}
+    no_start = reconcile.observe_job({**base, "status": {"completionTime": "2026-01-01T00:02:05Z",
+                                                          "conditions": [{"type": "Complete", "status": "True"}]}})
+    assert reconcile.wall_seconds(no_start) is None
+    backwards = reconcile.observe_job({**base, "status": {"startTime": "2026-01-01T00:02:05Z",
+                                                           "completionTime": "2026-01-01T00:00:00Z",
+                                                           "conditions": [{"type": "Complete", "status": "True"}]}})
+    assert reconcile.wall_seconds(backwards) is None
+
+    def count() -> float:
+        return sum(s.value for m in metrics.STAGE_DURATION.collect() for s in m.samples
+                   if s.name.endswith("_count") and s.labels.get("stage") == "engine")
+
+    gpu = metrics.GPU_SECONDS.labels(target="t-unknown", gpu_product="P-unknown")
+    before_count, before_gpu = count(), gpu._value.get()  # noqa: SLF001
+    collect._count_job("engine", None, 2, "t-unknown", "P-unknown")()  # noqa: SLF001
+    assert count() == before_count and gpu._value.get() == before_gpu  # noqa: SLF001
+    collect._count_job("engine", 10, 2, "t-unknown", "P-unknown")()  # noqa: SLF001
+    assert count() == before_count + 1 and gpu._value.get() == before_gpu + 20  # noqa: SLF001

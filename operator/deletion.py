@@ -6,7 +6,7 @@ changed since, or no longer validate. So `deletionPolicy: Delete` with a spec th
 validates still deletes (the policy and the Secret's name are read from the raw spec), and says so
 in an Event; it never turns into a silent Retain. Only when nothing usable is recorded is nothing
 deleted, and the Event says why. Whether anything is deleted at all is decided in S3 by the
-references (enginebuild_builder.stages.references): the build goes only when no other EngineBuild
+references (enginebuild_contract.references): the build goes only when no other EngineBuild
 holds it.
 
 `plan_deletion` and `stale_refs` do no I/O; `remove` is the finalizer's work (handlers.on_delete

@@ -425,7 +425,7 @@ def apply_engines_done(status: dict[str, Any], cs: ConditionSet, targets: list[s
         status["warnings"] = _merge_warnings(status.get("warnings"), [msg])
     elif any(e["precision"] == "fp8" and e.get("speedupOverFp16") for e in engines):
         cs.set("FP8Faster", True, "FP8Faster", "every FP8 engine is faster than its FP16 baseline")
-    status["summary"] = results.summary_columns(engines)
+    status["summary"] = results.printer_columns(engines)
 
 
 def apply_success(status: dict[str, Any], cs: ConditionSet, now: str, cached: bool) -> None:

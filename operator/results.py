@@ -1,6 +1,6 @@
 """From what a build Job leaves behind to status fields and metrics.
 
-A builder Job ends by writing the compact summary (`report.summarize()`) to its termination message;
+A builder Job ends by writing the compact summary (`report.termination_message()`) to its termination message;
 when the summary had to drop the per-engine rows to fit 4 KiB (`truncated`), the full `report.json` in
 S3 is read instead. Both become the same status parts. Kubernetes API conventions forbid floats in
 status, so ratios are decimal strings and latencies integer microseconds; metrics (which are floats
@@ -151,7 +151,7 @@ def slower_fp8(engines: list[dict[str, Any]]) -> list[str]:
     ]
 
 
-def summary_columns(engines: list[dict[str, Any]]) -> dict[str, str | None]:
+def printer_columns(engines: list[dict[str, Any]]) -> dict[str, str | None]:
     """Printer-column strings from the first target's FP8 rows (ms with 3 decimals; speedup of the image
     encoder, else the text encoder)."""
     if not engines:

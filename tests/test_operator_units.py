@@ -182,7 +182,7 @@ def test_summary_to_status_parts_no_floats():
     fp8 = engines[1]
     assert fp8["precision"] == "fp8" and fp8["latencyP50Micros"] == 30100 and fp8["speedupOverFp16"] == "1.653"
     assert engines[0]["speedupOverFp16"] is None
-    status = {"onnx": onnx, "accuracy": acc, "engines": engines, "summary": results.summary_columns(engines)}
+    status = {"onnx": onnx, "accuracy": acc, "engines": engines, "summary": results.printer_columns(engines)}
     assert status["summary"] == {"imageFp8LatencyMs": "30.100", "textFp8LatencyMs": None, "fp8Speedup": "1.653"}
     EngineBuildStatus.model_validate(status)
     assert not any(isinstance(v, float) for row in engines for v in row.values())

@@ -21,7 +21,7 @@ from enginebuild_contract.constants import GROUP, VERSION
 from enginebuild_contract.s3.store import S3Store
 from enginebuild_devstack.kube_http import KubeApiError, resource_path
 from plugins.operator_proc import (  # noqa: F401  (fixtures)
-    Cluster, OperatorProcess, eb_cluster, metric_value, operator_kubeconfig, wait_until,
+    Cluster, OperatorProcess, eb_cluster, metric_value, operator_kubeconfig, wait_metric, wait_until,
 )
 from test_operator_e2e import engine_half, export_half, message
 
@@ -129,8 +129,8 @@ def _run(c: Cluster, store: S3Store, tmp_path: Path) -> None:
     _refused_while(c, op, "once", "Succeeded",
                    lambda: c.complete_job(engine, 0, message(engine_half(store, uri, key, tmp_path / "e", "h100"))))
     c.wait_condition("once", "Ready", "True", "Succeeded")
-    # Checked here already: each later step adds to these counters.
-    text = op.metrics()
+    # Checked here already: each later step adds to these counters (applied just after the write).
+    text = wait_metric(op, "enginebuild_builds_total", result="succeeded", reason="")
     assert metric_value(text, "enginebuild_builds_total", result="succeeded", reason="") == 1.0
     assert [metric_value(text, "enginebuild_stage_duration_seconds_count", stage=s)
             for s in ("export", "engine", "total")] == [1.0, 1.0, 1.0]

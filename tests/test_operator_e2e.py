@@ -27,7 +27,9 @@ from enginebuild_contract.s3.uri import parse_s3_uri
 from enginebuild_operator import artifacts
 from enginebuild_devstack.kube_http import resource_path
 from plugins.kube import delete_namespace
-from plugins.operator_proc import Cluster, eb_cluster, metric_value, operator_kubeconfig, private_cluster, wait_until  # noqa: F401  (fixtures)
+from plugins.operator_proc import (  # noqa: F401  (fixtures)
+    Cluster, eb_cluster, metric_value, operator_kubeconfig, private_cluster, wait_metric, wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -129,9 +131,9 @@ def test_build_runs_to_ready_with_status_s3_manifest_events_and_metrics(eb_clust
     manifest = publish.build_exists(s3_store, f"s3://{c.bucket}/engines", key)
     assert manifest is not None and len(manifest.report["engines"]) == 2 and "image" in manifest.report["encoders"]
     assert manifest.key_document["toolchain"] == {"image": "registry.test/builder:1"}
-    reasons = {e["reason"] for e in c.events("clip")}
+    reasons = {e["reason"] for e in c.wait_event("clip", "Published")}
     assert {"JobCreated", "Succeeded", "Exported", "Published"} <= reasons
-    text = op.metrics()
+    text = wait_metric(op, "enginebuild_builds_total", result="succeeded", reason="")
     assert metric_value(text, "enginebuild_builds_total", result="succeeded", reason="") == 1.0
     assert metric_value(text, "enginebuild_builds_total", result="failed", reason="DeadlineExceeded") == 0.0
     assert metric_value(text, "enginebuild_engine_size_bytes", namespace=c.namespace, name="clip", target="h100",
@@ -148,7 +150,7 @@ def test_build_runs_to_ready_with_status_s3_manifest_events_and_metrics(eb_clust
     again = c.status("clip-again")
     assert again["cached"] is True and again["buildKey"] == key and again["engines"] == st["engines"]
     assert c.jobs("clip-again") == []
-    assert metric_value(op.metrics(), "enginebuild_cache_hits_total") == 1.0
+    assert metric_value(wait_metric(op, "enginebuild_cache_hits_total"), "enginebuild_cache_hits_total") == 1.0
 
 
 def test_cache_hit_from_a_prepublished_build_creates_no_job(eb_cluster: Cluster, s3_store: S3Store, tmp_path: Path) -> None:
@@ -170,8 +172,9 @@ def test_cache_hit_from_a_prepublished_build_creates_no_job(eb_cluster: Cluster,
     fp8 = c.condition("cached", "FP8Faster")
     assert fp8["status"] == "False" and fp8["reason"] == "FP8Slower" and "h100/image" in fp8["message"]
     assert any("slower" in w for w in st["warnings"])
-    assert any(e["reason"] == "FP8Slower" and e["type"] == "Warning" for e in c.events("cached"))
-    assert metric_value(op.metrics(), "enginebuild_builds_total", result="cached", reason="") == 1.0
+    c.wait_event("cached", "FP8Slower", "Warning")
+    text = wait_metric(op, "enginebuild_builds_total", result="cached", reason="")
+    assert metric_value(text, "enginebuild_builds_total", result="cached", reason="") == 1.0
     # deletionPolicy: Delete removes the artefacts with the resource.
     assert s3_store.list(publish.build_uri(uri, key))
     c.http.delete(c.eb_path("cached"))
@@ -193,7 +196,7 @@ def test_deletion_with_retain_keeps_artefacts_and_removes_jobs(eb_cluster: Clust
     wait_until(lambda: c.get("kept") is None and c.get("half") is None, 30, "both EngineBuilds gone")
     wait_until(lambda: c.jobs("kept") == [] and c.jobs("half") == [], 30, "their Jobs gone")
     assert publish.build_exists(s3_store, f"s3://{c.bucket}/engines", key) is not None
-    text = op.metrics()
+    text = wait_metric(op, "enginebuild_builds_total", result="cancelled", reason="Deleted")
     assert metric_value(text, "enginebuild_builds_total", result="cancelled", reason="Deleted") == 1.0  # "half" only
     assert metric_value(text, "enginebuild_builds_in_progress") == 0.0
 
@@ -343,10 +346,10 @@ def test_each_failure_class_ends_in_its_reason(eb_cluster: Cluster, s3_store: S3
     assert c.condition("trtexec", "EnginesBuilt")["reason"] == "EngineBuildFailed"
     assert "activeDeadlineSeconds=60" in c.condition("deadline", "Ready")["message"]
     assert "Segmentation fault" in c.condition("segfault", "Ready")["message"]  # the log tail, via FallbackToLogsOnError
-    text = op.metrics()
     for name, (_, reason) in FAILURES.items():
+        text = wait_metric(op, "enginebuild_builds_total", result="failed", reason=reason)
         assert metric_value(text, "enginebuild_builds_total", result="failed", reason=reason) == 1.0, reason
-    assert any(e["type"] == "Warning" and e["reason"] == "DeadlineExceeded" for e in c.events("deadline"))
+    c.wait_event("deadline", "DeadlineExceeded", "Warning")
     assert "shouldnotleak" not in json.dumps(c.events("accuracy"))
 
 
@@ -512,7 +515,7 @@ def test_deleting_one_of_two_builds_that_share_artefacts_keeps_them(eb_cluster: 
     before = {o.uri.key for o in s3_store.list(publish.build_uri(uri, key))}
     c.http.delete(c.eb_path("first"))
     wait_until(lambda: c.get("first") is None, 60, "the first EngineBuild gone")
-    assert any(e["reason"] == "ArtifactsKept" for e in c.events("first")), c.events("first")
+    c.wait_event("first", "ArtifactsKept")
     after = {o.uri.key for o in s3_store.list(publish.build_uri(uri, key))}
     assert {k for k in before if "/refs/" not in k} <= after  # every engine and the manifest still there
     assert publish.build_exists(s3_store, uri, key) is not None

@@ -27,7 +27,7 @@ from enginebuild_contract.s3.uri import new_bucket_name, parse_s3_uri
 from enginebuild_operator import artifacts
 from enginebuild_devstack.seaweedfs import SeaweedFS
 from plugins.operator_proc import (  # noqa: F401  (fixtures)
-    Cluster, OperatorProcess, eb_cluster, metric_value, operator_kubeconfig, private_cluster, wait_until,
+    Cluster, OperatorProcess, eb_cluster, metric_value, wait_metric, operator_kubeconfig, private_cluster, wait_until,
 )
 from plugins.reliability import publish_engine, publish_export
 
@@ -143,7 +143,8 @@ def test_operator_sigkilled_at_every_phase_converges_without_duplicates(
     assert manifest is not None
     keys = [o.key for o in manifest.objects]
     assert len(keys) == len(set(keys))
-    assert metric_value(op.metrics(), "enginebuild_builds_total", result="succeeded", reason="") == 1.0
+    text = wait_metric(op, "enginebuild_builds_total", result="succeeded", reason="")
+    assert metric_value(text, "enginebuild_builds_total", result="succeeded", reason="") == 1.0
 
 
 def test_api_server_restarted_mid_watch_the_operator_resumes_and_converges(

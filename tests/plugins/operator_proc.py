@@ -199,6 +199,26 @@ class Cluster:
         items = self.http.get(resource_path("v1", "events", self.namespace)).get("items") or []
         return [e for e in items if (e.get("involvedObject") or {}).get("name") == name]
 
+    def wait_event(self, name: str, reason: str, type: str | None = None, timeout: float = 30.0) -> list[dict[str, Any]]:
+        """The object's Events once one with `reason` (and `type`) exists. The operator posts Events
+        after the status write that records them, so they can trail the status a test just read."""
+        def found() -> list[dict[str, Any]] | None:
+            events = self.events(name)
+            ok = any(e["reason"] == reason and (type is None or e["type"] == type) for e in events)
+            return events if ok else None
+        return wait_until(found, timeout, f"Event {reason} on {name}")
+
+
+def wait_metric(op: Any, metric_name: str, /, timeout: float = 30.0, **labels: str) -> str:
+    """The operator's /metrics text once `metric_name{labels}` is above 0. Counters are incremented
+    right after the status write that records them, so they can trail the status a test just read;
+    callers then assert the exact value (a count that went past it is still caught)."""
+    def found() -> str | None:
+        text = op.metrics()
+        value = metric_value(text, metric_name, **labels)
+        return text if value else None
+    return wait_until(found, timeout, f"{metric_name}{labels} counted")
+
     def close(self) -> None:
         for op in self.operators:
             op.stop()

@@ -58,6 +58,17 @@ def metric_value(text: str, metric_name: str, /, **labels: str) -> float | None:
     return None
 
 
+def wait_metric(op: Any, metric_name: str, /, timeout: float = 30.0, **labels: str) -> str:
+    """The operator's /metrics text once `metric_name{labels}` is above 0. Counters are incremented
+    right after the status write that records them, so they can trail the status a test just read;
+    callers then assert the exact value (a count that went past it is still caught)."""
+    def found() -> str | None:
+        text = op.metrics()
+        value = metric_value(text, metric_name, **labels)
+        return text if value else None
+    return wait_until(found, timeout, f"{metric_name}{labels} counted")
+
+
 def _split_labels(text: str) -> list[str]:
     out, cur, quoted = [], "", False
     for ch in text:
@@ -207,17 +218,6 @@ class Cluster:
             ok = any(e["reason"] == reason and (type is None or e["type"] == type) for e in events)
             return events if ok else None
         return wait_until(found, timeout, f"Event {reason} on {name}")
-
-
-def wait_metric(op: Any, metric_name: str, /, timeout: float = 30.0, **labels: str) -> str:
-    """The operator's /metrics text once `metric_name{labels}` is above 0. Counters are incremented
-    right after the status write that records them, so they can trail the status a test just read;
-    callers then assert the exact value (a count that went past it is still caught)."""
-    def found() -> str | None:
-        text = op.metrics()
-        value = metric_value(text, metric_name, **labels)
-        return text if value else None
-    return wait_until(found, timeout, f"{metric_name}{labels} counted")
 
     def close(self) -> None:
         for op in self.operators:

@@ -36,25 +36,13 @@ from enginebuild_contract.errors import StorageError
 
 from . import metrics
 from .breaker import CLOSED, Breaker
+from .config import _int  # the operator's one parser of integer settings (ConfigError names the fix)
 
 T = TypeVar("T")
 
 MAX_ENDPOINTS = 256  # breakers kept before idle ones are forgotten
 _SUSPECT = ""  # the slot key of the suspect endpoints' shared cap (no endpoint label is empty)
 AWS = "aws"  # the label of calls without a custom endpoint (AWS S3 itself)
-
-
-def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a whole number") from None
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be within {low}..{high}")
-    return value
 
 
 def endpoint_of(store: Any) -> str:

@@ -25,6 +25,7 @@ from torch import nn
 
 from enginebuild_contract.errors import QuantizationError
 from ..onnx import onnx_checks, onnx_io
+from . import modelopt_large
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,8 @@ def _modelopt_export(quant_wrapper: nn.Module, example: torch.Tensor, name: str,
     """Run ModelOpt's exporter; returns the folder (inside `scratch`) holding `<name>.onnx` (+ its data)."""
     from modelopt.torch._deploy.utils import OnnxBytes, get_onnx_bytes_and_metadata
 
-    with _files_on_disk(scratch) as on_disk, contextlib.redirect_stdout(log_sink):
+    with (_files_on_disk(scratch) as on_disk, modelopt_large.without_disk_round_trips(),
+          contextlib.redirect_stdout(log_sink)):
         raw, _meta = get_onnx_bytes_and_metadata(
             quant_wrapper, (example,), model_name=name, dynamic_axes=axes,
             onnx_opset=opset, weights_dtype="fp16", remove_exported_model=not on_disk,

@@ -12,6 +12,12 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `large_memory` (tests/test_export_large.py: a ~19 GiB peak) run first, while no
+    other test's servers, processes or models hold memory; the rest keep their order."""
+    items.sort(key=lambda item: item.get_closest_marker("large_memory") is None)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO

@@ -12,6 +12,7 @@ Plans (one device call each; docs/benchmarks.md has the numbers and the commands
   vit-l  warm-up (ModelOpt's CUDA extension JIT-compiled once: the cold cost), ours on ViT-L-14 both
          towers, the plain ModelOpt recipe on ViT-L-14, then the gate's variants on our FP8 files.
   sizes  ours on ViT-bigG-14 (image tower), ViT-B-32 (both towers), ViT-H-14 (both towers).
+  bigg   ours on ViT-bigG-14 (image tower) alone: the >2 GiB path after a change to it.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ PLANS: dict[str, list[tuple[str, list[str]]]] = {
         ("vit-bigg-14-image.ours", ["--mode", "ours", "--arch", "ViT-bigG-14", "--encoders", "image"]),
         ("vit-b-32.ours", ["--mode", "ours", "--arch", "ViT-B-32"]),
         ("vit-h-14.ours", ["--mode", "ours", "--arch", "ViT-H-14"]),
+    ],
+    "bigg": [
+        ("vit-bigg-14-image.ours", ["--mode", "ours", "--arch", "ViT-bigG-14", "--encoders", "image"]),
     ],
 }
 

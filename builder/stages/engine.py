@@ -18,7 +18,8 @@ class EngineStage(Stage):
         self.name = f"engine:{target.name}"
 
     def run(self, context: BuildContext) -> None:
-        from ..engine.trtexec import find_trtexec, run_engines
+        from ..engine.trtexec import run_engines
+        from ..engine.trtexec_binary import find_trtexec
 
         spec, report = context.spec, context.report
         if context.trtexec is None:

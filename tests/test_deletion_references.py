@@ -18,7 +18,8 @@ import pytest
 
 from enginebuild_contract.spec import parse_spec
 from enginebuild_contract import references
-from enginebuild_contract.layout import build_exists, build_uri
+from enginebuild_contract.layout import build_uri
+from enginebuild_contract.manifests import build_exists
 from enginebuild_contract.references import Holder, RefRecord
 from enginebuild_contract.s3.store import S3Store
 from enginebuild_operator import artifacts, buildstate, deletion, ownership, reconcile, transitions

@@ -31,7 +31,7 @@ from enginebuild_builder.engine import trtexec_binary
 from enginebuild_builder.engine.trtexec import run_engines
 from enginebuild_builder.engine.trtexec_argv import BUILD_FLAGS, RUN_FLAGS
 from enginebuild_builder.engine.trtexec_binary import find_trtexec
-from enginebuild_contract.layout import timing_cache_name
+from enginebuild_contract.timing_caches import timing_cache_name
 
 DOUBLE_DIR = Path(__file__).resolve().parent / "doubles"
 DOUBLE = DOUBLE_DIR / "trtexec"

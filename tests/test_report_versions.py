@@ -23,7 +23,7 @@ from enginebuild_contract.report import (
     ReportVersionUnsupported, termination_message,
 )
 from enginebuild_contract.spec import parse_spec
-from enginebuild_contract import layout as publish
+from enginebuild_contract import manifests as publish
 from enginebuild_contract.s3.store import S3Store
 from enginebuild_contract.s3.uri import S3Uri
 from enginebuild_operator import artifacts, buildstate, collect, jobs, results, transitions

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from enginebuild_contract.layout import get_timing_cache, put_timing_cache, timing_cache_name
+from enginebuild_contract.timing_caches import get_timing_cache, put_timing_cache, timing_cache_name
 from enginebuild_contract.spec import TargetSpec
 
 from .. import inputs

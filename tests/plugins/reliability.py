@@ -21,7 +21,7 @@ from typing import Any
 from enginebuild_contract.report import (
     Accuracy, Artifact, EncoderReport, EngineReport, OnnxPair, Percentiles, Report, termination_message,
 )
-from enginebuild_contract import layout as publish
+from enginebuild_contract import manifests as publish
 from enginebuild_contract.s3.store import S3Store
 
 

@@ -28,7 +28,8 @@ from .digests import sha256_file
 from .errors import BuildError, StorageError
 from .layout import STAGES_DIR, build_uri, check_name
 from .s3.errors import ChecksumMismatch, ObjectNotFound
-from .s3.store import ProgressCallback, S3Store
+from .s3.objects import ProgressCallback
+from .s3.store import S3Store
 from .s3.uri import InvalidS3Uri, S3Uri, join_key
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from .layout import check_name
 from .s3.errors import ChecksumMismatch, ObjectNotFound
-from .s3.store import ObjectInfo, S3Store
+from .s3.objects import ObjectInfo
+from .s3.store import S3Store
 from .s3.uri import S3Uri, join_key, parse_s3_uri
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from enginebuild_contract.errors import BuildError
-from enginebuild_contract.report import ReportContractError, ReportUnreadable
+from enginebuild_contract.report_versions import ReportContractError, ReportUnreadable
 from enginebuild_contract.spec import EngineBuildSpec
 
 from . import artifacts, jobs, metrics, pools, results, transitions

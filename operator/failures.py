@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from enginebuild_contract.errors import KINDS, kind_for_exit_code
-from enginebuild_contract.report import ReportContractError, ReportVersionUnsupported
+from enginebuild_contract.report_versions import ReportContractError, ReportVersionUnsupported
 
 from . import results
 from .observed import ObservedJob, PodResult

@@ -10,7 +10,7 @@ steps must spell them identically.
 from __future__ import annotations
 
 from enginebuild_contract.errors import KINDS
-from enginebuild_contract.report import ReportUnreadable, ReportVersionUnsupported
+from enginebuild_contract.report_versions import ReportUnreadable, ReportVersionUnsupported
 
 R_SUCCEEDED = "Succeeded"
 R_CACHED = "CacheHit"
@@ -25,7 +25,7 @@ R_JOB_DELETED = "JobDeleted"
 R_INVALID = "InvalidSpec"
 R_STORAGE = KINDS["storage"].reason
 R_EVICTED = "PodEvicted"
-# The builder's result (summary or report) exists but this operator cannot use it (contract/report.py).
+# The builder's result (summary or report) exists but this operator cannot use it (contract/report_versions.py).
 R_REPORT_VERSION = ReportVersionUnsupported.reason
 R_REPORT_UNREADABLE = ReportUnreadable.reason
 R_ARTIFACTS_MISSING = "ArtifactsMissing"

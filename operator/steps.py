@@ -18,7 +18,7 @@ from typing import Any, Literal, Mapping
 import kopf
 
 from enginebuild_contract.errors import BuildError, StorageAccessDenied
-from enginebuild_contract.report import ReportContractError
+from enginebuild_contract.report_versions import ReportContractError
 from enginebuild_contract.spec import EngineBuildSpec
 
 from . import artifacts, jobs, metrics, pools, reconcile, results, transitions

@@ -18,8 +18,9 @@ import pytest
 
 from enginebuild_contract.errors import KINDS
 from enginebuild_contract.report import (
-    Accuracy, Artifact, EncoderReport, EngineReport, ErrorInfo, OnnxPair, Percentiles, Report, termination_message,
+    Accuracy, Artifact, EncoderReport, EngineReport, ErrorInfo, OnnxPair, Percentiles, Report,
 )
+from enginebuild_contract.report_summary import termination_message
 from enginebuild_contract.spec import parse_spec
 from enginebuild_contract import layout
 from enginebuild_contract import manifests as publish

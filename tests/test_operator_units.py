@@ -13,8 +13,9 @@ import pytest
 
 from enginebuild_contract.errors import KINDS, PERMANENT_EXIT_CODES
 from enginebuild_contract.report import (
-    Accuracy, Artifact, EncoderReport, EngineReport, ErrorInfo, OnnxPair, Percentiles, Report, termination_message,
+    Accuracy, Artifact, EncoderReport, EngineReport, ErrorInfo, OnnxPair, Percentiles, Report,
 )
+from enginebuild_contract.report_summary import termination_message
 from enginebuild_contract.spec import parse_spec
 from enginebuild_contract.status_model import EngineBuildStatus
 from enginebuild_operator import conditions, jobs, reconcile, results

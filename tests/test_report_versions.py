@@ -18,10 +18,9 @@ from typing import Any
 
 import pytest
 
-from enginebuild_contract.report import (
-    Accuracy, Artifact, EncoderReport, EngineReport, OnnxPair, Percentiles, Report, ReportUnreadable,
-    ReportVersionUnsupported, termination_message,
-)
+from enginebuild_contract.report import Accuracy, Artifact, EncoderReport, EngineReport, OnnxPair, Percentiles, Report
+from enginebuild_contract.report_summary import termination_message
+from enginebuild_contract.report_versions import ReportUnreadable, ReportVersionUnsupported
 from enginebuild_contract.spec import parse_spec
 from enginebuild_contract import manifests as publish
 from enginebuild_contract.s3.store import S3Store

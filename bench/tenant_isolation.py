@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 def scenario(cluster: Any, store: Any, bad: int, healthy: int, workdir: Path) -> dict[str, Any]:
     from enginebuild_contract.spec import parse_spec
-    from enginebuild_contract import layout as publish
+    from enginebuild_contract import manifests as publish
     from enginebuild_devstack.kube_http import resource_path
     from enginebuild_operator import artifacts
     from plugins.operator_proc import wait_until

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from enginebuild_contract.constants import REPORT_FILE
 from enginebuild_contract.errors import BuildError, SpecError
-from enginebuild_contract.report import ErrorInfo, Report, termination_message
+from enginebuild_contract.report import ErrorInfo, Report
+from enginebuild_contract.report_summary import termination_message
 from enginebuild_contract.spec import EngineBuildSpec, load_spec
 
 from . import inputs

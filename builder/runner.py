@@ -22,7 +22,7 @@ from enginebuild_contract.report import Report
 from enginebuild_contract.spec import EngineBuildSpec, TargetSpec
 
 if TYPE_CHECKING:
-    from .engine.trtexec import TrtexecInfo
+    from .engine.trtexec_binary import TrtexecInfo
 
 log = logging.getLogger("enginebuild.build")
 

@@ -1,5 +1,5 @@
-"""The one SHA-256 file hasher of both planes: manifests, reports, the build key and verified
-transfers all name a file by the digest computed here."""
+"""The one SHA-256 hasher of both planes: manifests, reports, the build key and verified
+transfers all name a file (or a small object held in memory) by the digest computed here."""
 
 from __future__ import annotations
 
@@ -51,6 +51,12 @@ def file_digest(path: Path, part_size: int | None = None) -> FileDigest:
     else:
         s3_checksum = base64.b64encode(full.digest()).decode()
     return FileDigest(size=size, sha256=full.hexdigest(), s3_checksum=s3_checksum)
+
+
+def bytes_digest(data: bytes) -> FileDigest:
+    """The digests of an object held in memory (a manifest, a config): always a single-part upload."""
+    sha = hashlib.sha256(data)
+    return FileDigest(size=len(data), sha256=sha.hexdigest(), s3_checksum=base64.b64encode(sha.digest()).decode())
 
 
 def sha256_file(path: Path) -> str:

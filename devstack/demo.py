@@ -80,7 +80,7 @@ def human_bytes(n: float) -> str:
 def detect_trtexec() -> tuple[str | None, str | None]:
     """(path, version) of trtexec, or (None, why not) when engines cannot be built here."""
     from enginebuild_contract.errors import BuildError
-    from enginebuild_builder.engine.trtexec import find_trtexec
+    from enginebuild_builder.engine.trtexec_binary import find_trtexec
 
     try:
         info = find_trtexec()

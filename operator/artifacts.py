@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 
 from kubernetes.client.exceptions import ApiException
 
-from enginebuild_contract import buildkey, references
+from enginebuild_contract import buildkey, layout, manifests, references
 from enginebuild_contract.constants import MANIFEST_FILE, REPORT_FILE, REPORT_SCHEMA_VERSION
 from enginebuild_contract.errors import StorageAccessDenied
 from enginebuild_contract.report import Report, parse_report
@@ -141,19 +141,13 @@ def compute_key(spec: EngineBuildSpec, store: S3Store, image: str) -> str:
 
 def artifacts_uri(spec: EngineBuildSpec, build_key: str) -> str:
     assert spec.output is not None
-    return str(_publish().build_uri(spec.output.uri, build_key))
-
-
-def _publish() -> Any:
-    from enginebuild_contract import layout as publish
-
-    return publish
+    return str(layout.build_uri(spec.output.uri, build_key))
 
 
 def build_exists(store: S3Store, spec: EngineBuildSpec, build_key: str) -> Any:
     """The manifest when the build is complete in S3 (every listed object present), else None."""
     assert spec.output is not None
-    return _publish().build_exists(store, spec.output.uri, build_key)
+    return manifests.build_exists(store, spec.output.uri, build_key)
 
 
 def report_of(store: S3Store, manifest: Any, artifacts: str) -> Report | None:
@@ -188,11 +182,10 @@ def read_report(store: S3Store, artifacts: str, target: str | None = None) -> Re
 def _stage_reports(store: S3Store, output_uri: str, build_key: str) -> list[Report]:
     """Every report a stage Job published (found through the stage manifests). One that cannot be
     read raises ReportContractError: dropping it would drop its engines from the build's manifest."""
-    publish = _publish()
-    root = publish.build_uri(output_uri, build_key)
+    root = layout.build_uri(output_uri, build_key)
     found: list[Report] = []
     seen: set[str] = set()
-    for sm in publish.read_stage_manifests(store, output_uri, build_key):
+    for sm in manifests.read_stage_manifests(store, output_uri, build_key):
         for entry in sm.objects:
             name = entry.key.rsplit("/", 1)[-1]
             if entry.key in seen or not (name == REPORT_FILE or (name.startswith("report.") and name.endswith(".json"))):
@@ -237,8 +230,7 @@ def finalize(store: S3Store, spec: EngineBuildSpec, build_key: str, image: str) 
     """Write the top manifest once every Job succeeded (the operator's job when there are targets:
     no single Job sees the whole build). Idempotent: a complete build is left as it is."""
     assert spec.output is not None
-    publish = _publish()
-    existing = publish.build_exists(store, spec.output.uri, build_key)
+    existing = manifests.build_exists(store, spec.output.uri, build_key)
     if existing is not None:
         return existing
     merged = merge_reports(_stage_reports(store, spec.output.uri, build_key))
@@ -252,7 +244,7 @@ def finalize(store: S3Store, spec: EngineBuildSpec, build_key: str, image: str) 
         if merged is not None:
             path = Path(tmp) / REPORT_FILE
             merged.write(path)
-        return publish.finalize_build(store, spec.output.uri, build_key, path, key_document=key_document)
+        return manifests.finalize_build(store, spec.output.uri, build_key, path, key_document=key_document)
 
 
 def holder(namespace: str, name: str, uid: str) -> references.Holder:
@@ -273,7 +265,7 @@ def recheck(store: S3Store, spec: EngineBuildSpec, build_key: str, who: referenc
     assert spec.output is not None
     if not references.has_ref(store, spec.output.uri, build_key, who):
         references.adopt(store, spec.output.uri, build_key, who)
-    return store.head(_publish().build_uri(spec.output.uri, build_key).child(MANIFEST_FILE)) is not None
+    return store.head(layout.build_uri(spec.output.uri, build_key).child(MANIFEST_FILE)) is not None
 
 
 def release_previous(store: S3Store, artifacts: str, who: references.Holder) -> references.Release | None:

@@ -8,12 +8,15 @@ from collections.abc import Callable
 from typing import Any
 
 from enginebuild_contract.errors import BuildError
-from enginebuild_contract.report import ReportContractError, ReportUnreadable
+from enginebuild_contract.report_versions import ReportContractError, ReportUnreadable
 from enginebuild_contract.spec import EngineBuildSpec
 
-from . import artifacts, jobs, metrics, pools, reconcile, results
+from . import artifacts, jobs, metrics, pools, results, transitions
 from .buildstate import BuildState, RetryLater
 from .conditions import ConditionSet
+from .failures import classify_failure, report_failure
+from .observed import ObservedJob, PodResult, pod_result, wall_seconds
+from .redaction import redact
 from .runtime import runtime, store
 
 
@@ -32,7 +35,7 @@ def _count_job(stage: str, wall: float | None, gpus: int, target: str, product: 
 
 async def collect(
     namespace: str, spec: EngineBuildSpec, owner: jobs.Owner, key: str, deadline: int,
-    names: tuple[str, ...], observed: list[reconcile.ObservedJob], state: BuildState, cs: ConditionSet,
+    names: tuple[str, ...], observed: list[ObservedJob], state: BuildState, cs: ConditionSet,
     image: str,
 ) -> str | None:
     """Read finished Jobs' results into the status; return the failure reason if one failed.
@@ -46,7 +49,7 @@ async def collect(
     for job_name in names:
         job = by_name[job_name]
         pods = await asyncio.to_thread(runtime().kube.job_pods, namespace, job)
-        pod = reconcile.pod_result(pods)
+        pod = pod_result(pods)
         unusable: ReportContractError | None = None
         summary: dict[str, Any] | None = None
         try:
@@ -58,34 +61,34 @@ async def collect(
         manifest = (jobs.export_job(owner, spec, key, runtime().config, deadline) if job.component == "export"
                     else jobs.engine_job(owner, spec, key, target, runtime().config, deadline) if target else None)
         gpus = jobs.gpus_requested(manifest) if manifest else 0
-        wall = reconcile.wall_seconds(job)
+        wall = wall_seconds(job)
         stage = "export" if job.component == "export" else "engine"
         product = target.gpu_product if target else (spec.targets[0].gpu_product if spec.targets else "")
         label = job.target or (spec.targets[0].name if spec.targets else "")
         state.effects.add(("collected", job.uid or job_name), _count_job(stage, wall, gpus, label, product))
         if gpus and wall is not None:  # an unknown duration adds nothing (not 0 s) to the status either
             status["gpuSeconds"] = int(status.get("gpuSeconds") or 0) + wall * gpus
-        reconcile.set_job_state(status, job_name, job.state, stage, job.target)
+        transitions.set_job_state(status, job_name, job.state, stage, job.target)
         if unusable is not None:
-            reason, message = reconcile.report_failure(unusable, f"the result of Job {job_name} cannot be used", image)
-            reconcile.apply_failure(status, cs, stage, reason, reconcile.redact(message, runtime().stores.secrets()),
+            reason, message = report_failure(unusable, f"the result of Job {job_name} cannot be used", image)
+            transitions.apply_failure(status, cs, stage, reason, redact(message, runtime().stores.secrets()),
                                     cs.now)
             return reason
         if job.state == "Succeeded":
             if stage == "export":
-                reconcile.apply_export_result(status, cs, summary, spec.accuracy.min_cosine)
+                transitions.apply_export_result(status, cs, summary, spec.accuracy.min_cosine)
             else:
-                reconcile.apply_engine_result(status, summary)
+                transitions.apply_engine_result(status, summary)
             continue
-        reason, message = reconcile.classify_failure(job, pod, summary, deadline)
-        message = reconcile.redact(message, runtime().stores.secrets())
-        reconcile.apply_failure(status, cs, stage, reason, message, cs.now)
+        reason, message = classify_failure(job, pod, summary, deadline)
+        message = redact(message, runtime().stores.secrets())
+        transitions.apply_failure(status, cs, stage, reason, message, cs.now)
         return reason
     return None
 
 
-async def job_summary(namespace: str, spec: EngineBuildSpec, status: dict[str, Any], job: reconcile.ObservedJob,
-                      pod: reconcile.PodResult | None) -> dict[str, Any] | None:
+async def job_summary(namespace: str, spec: EngineBuildSpec, status: dict[str, Any], job: ObservedJob,
+                      pod: PodResult | None) -> dict[str, Any] | None:
     """A finished Job's summary: its termination message, or its full report in S3 when the message
     had to drop the per-engine rows (`truncated`). Raises ReportContractError for a result that
     cannot be used, RetryLater when S3 cannot be reached."""

@@ -12,11 +12,17 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from enginebuild_contract.envvars import env_bool, env_int
+
 DEFAULT_BUILDER_IMAGE = "ghcr.io/enginebuild/builder:0.1.0"
 
 
 class ConfigError(ValueError):
-    """An environment variable has a value the operator cannot use."""
+    """An environment variable has a value the operator cannot use; `field` names it when known."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -69,31 +75,6 @@ class OperatorConfig:
     @property
     def liveness_url(self) -> str:
         return f"http://{self.bind_address}:{self.health_port}/healthz"
-
-
-def _int(env: Mapping[str, str], name: str, default: int | None, lo: int, hi: int) -> int | None:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not an integer; set it to a whole number in {lo}..{hi}") from None
-    if not lo <= value <= hi:
-        raise ConfigError(f"{name}={value} is out of range; set it to a whole number in {lo}..{hi}")
-    return value
-
-
-def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    low = raw.strip().lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{name}={raw!r} is not a boolean; use true or false")
 
 
 def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
@@ -172,25 +153,27 @@ def load_config(env: Mapping[str, str] | None = None) -> OperatorConfig:
     return OperatorConfig(
         default_targets=_default_targets(env.get("ENGINEBUILD_DEFAULT_TARGETS", "")),
         builder_image=image,
-        max_concurrent_builds=_int(env, "ENGINEBUILD_MAX_CONCURRENT_BUILDS", 10, 1, 100_000) or 10,
-        default_deadline_seconds=_int(env, "ENGINEBUILD_DEFAULT_DEADLINE_SECONDS", None, 60, 7 * 24 * 3600),
-        metrics_port=_int(env, "ENGINEBUILD_METRICS_PORT", 9090, 1, 65535) or 9090,
-        health_port=_int(env, "ENGINEBUILD_HEALTH_PORT", 8080, 1, 65535) or 8080,
+        max_concurrent_builds=env_int(env, "ENGINEBUILD_MAX_CONCURRENT_BUILDS", 10, 1, 100_000, error=ConfigError),
+        default_deadline_seconds=env_int(env, "ENGINEBUILD_DEFAULT_DEADLINE_SECONDS", None, 60, 7 * 24 * 3600,
+                                         error=ConfigError),
+        metrics_port=env_int(env, "ENGINEBUILD_METRICS_PORT", 9090, 1, 65535, error=ConfigError),
+        health_port=env_int(env, "ENGINEBUILD_HEALTH_PORT", 8080, 1, 65535, error=ConfigError),
         bind_address=env.get("ENGINEBUILD_BIND_ADDRESS", "").strip() or "0.0.0.0",
         reconcile_interval_seconds=interval_s,
-        artifacts_recheck_seconds=_int(env, "ENGINEBUILD_ARTIFACTS_RECHECK_SECONDS", 300, 0, 7 * 24 * 3600) or 0,
+        artifacts_recheck_seconds=env_int(env, "ENGINEBUILD_ARTIFACTS_RECHECK_SECONDS", 300, 0, 7 * 24 * 3600,
+                                          error=ConfigError),
         peering_name=env.get("ENGINEBUILD_PEERING_NAME", "").strip() or "enginebuild",
-        peering_mandatory=_bool(env, "ENGINEBUILD_PEERING_MANDATORY", False),
-        peering_priority=_int(env, "ENGINEBUILD_PEERING_PRIORITY", None, 0, 2**31 - 1),
-        peering_lifetime_seconds=_int(env, "ENGINEBUILD_PEERING_LIFETIME_SECONDS", 60, 5, 3600) or 60,
-        allow_local_paths=_bool(env, "ENGINEBUILD_ALLOW_LOCAL_PATHS", False),
-        read_secrets=_bool(env, "ENGINEBUILD_READ_SECRETS", True),
+        peering_mandatory=env_bool(env, "ENGINEBUILD_PEERING_MANDATORY", False, error=ConfigError),
+        peering_priority=env_int(env, "ENGINEBUILD_PEERING_PRIORITY", None, 0, 2**31 - 1, error=ConfigError),
+        peering_lifetime_seconds=env_int(env, "ENGINEBUILD_PEERING_LIFETIME_SECONDS", 60, 5, 3600, error=ConfigError),
+        allow_local_paths=env_bool(env, "ENGINEBUILD_ALLOW_LOCAL_PATHS", False, error=ConfigError),
+        read_secrets=env_bool(env, "ENGINEBUILD_READ_SECRETS", True, error=ConfigError),
         job_service_account=env.get("ENGINEBUILD_JOB_SERVICE_ACCOUNT", "").strip() or None,
         export_cpu_resources=resources,
         workdir_size_limit=env.get("ENGINEBUILD_WORKDIR_SIZE_LIMIT", "").strip() or "20Gi",
-        allow_custom_image=_bool(env, "ENGINEBUILD_ALLOW_CUSTOM_IMAGE", True),
+        allow_custom_image=env_bool(env, "ENGINEBUILD_ALLOW_CUSTOM_IMAGE", True, error=ConfigError),
         allowed_image_prefixes=_list(env, "ENGINEBUILD_ALLOWED_IMAGES"),
-        allow_custom_service_account=_bool(env, "ENGINEBUILD_ALLOW_CUSTOM_SERVICE_ACCOUNT", True),
+        allow_custom_service_account=env_bool(env, "ENGINEBUILD_ALLOW_CUSTOM_SERVICE_ACCOUNT", True, error=ConfigError),
         allowed_service_accounts=_list(env, "ENGINEBUILD_ALLOWED_SERVICE_ACCOUNTS"),
         s3_env=s3_env,
         s3_endpoint_for_jobs=job_endpoint,

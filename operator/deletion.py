@@ -129,6 +129,7 @@ async def remove(body: kopf.Body, spec: Mapping[str, Any] | None, status: Mappin
     lets the EngineBuild go with a Warning Event naming what was left where.
     """
     from . import artifacts, metrics, pools, reconcile
+    from .redaction import redact
     from .runtime import release, runtime
     from .validation import InvalidSpec, validate
 
@@ -160,7 +161,7 @@ async def remove(body: kopf.Body, spec: Mapping[str, Any] | None, status: Mappin
             outcome = await pools.s3(store, artifacts.release, store, plan, artifacts.holder(namespace, name, uid),
                                      rt.kube.enginebuild_uid)
         except BuildError as exc:
-            message = reconcile.redact(str(exc), rt.stores.secrets())
+            message = redact(str(exc), rt.stores.secrets())
             if exc.retriable:
                 raise kopf.TemporaryError(f"could not apply deletionPolicy {plan.policy} to {where}: {message}",
                                           delay=10) from None

@@ -25,17 +25,19 @@ import kopf
 
 from enginebuild_contract.constants import GROUP, LABEL_INSTANCE, LABEL_MANAGED_BY, PLURAL, VERSION
 
-from . import artifacts, deletion, jobs, metrics, passes, pools, reconcile, results
+from . import artifacts, deletion, jobs, metrics, passes, pools, results
 from . import runtime as runtime_mod
 from .buildstate import BuildState, safe_sanitize
 from .config import load_config
 from .kubeapi import KubeApi
+from .observed import ObservedJob, observe_job
 from .queue import BuildId, BuildQueue
+from .reasons import ALL_FAILURE_REASONS
 from .runtime import Runtime, release, runtime
 
 log = logging.getLogger("enginebuild.operator")
 
-for _reason in reconcile.ALL_FAILURE_REASONS:
+for _reason in ALL_FAILURE_REASONS:
     metrics.BUILDS.labels(result="failed", reason=_reason)
 for _reason in ("SpecChanged", "Deleted"):
     metrics.BUILDS.labels(result="cancelled", reason=_reason)
@@ -73,10 +75,10 @@ MANAGED = {LABEL_MANAGED_BY: jobs.MANAGED_BY}
 
 
 @kopf.index("batch", "v1", "jobs", labels=MANAGED)
-async def build_jobs(namespace: str, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict[BuildId, reconcile.ObservedJob]:
+async def build_jobs(namespace: str, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> dict[BuildId, ObservedJob]:
     """Every managed Job's state, by owning EngineBuild: the daemons read this instead of listing Jobs.
     (The small handlers here are async: nothing in them blocks, and kopf runs sync ones in threads.)"""
-    return {(namespace, labels.get(LABEL_INSTANCE, "")): reconcile.observe_job(body)}
+    return {(namespace, labels.get(LABEL_INSTANCE, "")): observe_job(body)}
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=MANAGED)

@@ -21,7 +21,7 @@ from kubernetes.client.exceptions import ApiException
 
 from enginebuild_contract.constants import GROUP, PLURAL, VERSION
 
-from .reconcile import ObservedJob
+from .observed import ObservedJob
 from .s3settings import SecretView
 
 

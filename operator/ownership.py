@@ -11,9 +11,11 @@ import time
 from enginebuild_contract.errors import BuildError
 from enginebuild_contract.spec import EngineBuildSpec
 
-from . import artifacts, pools, reconcile
+from . import artifacts, pools, reconcile, transitions
 from .buildstate import BuildState, write_status
 from .conditions import ConditionSet
+from .observed import ObservedJob
+from .redaction import redact
 from .runtime import runtime, store
 
 log = logging.getLogger("enginebuild.operator")
@@ -55,11 +57,11 @@ async def release_previous(namespace: str, name: str, uid: str, spec: EngineBuil
         except BuildError as exc:
             log.warning("%s/%s: could not release the reference on %s (it keeps that build until this "
                         "EngineBuild is deleted): %s", namespace, name, old,
-                        reconcile.redact(str(exc), runtime().stores.secrets()))
+                        redact(str(exc), runtime().stores.secrets()))
 
 
 async def recheck(namespace: str, name: str, uid: str, spec: EngineBuildSpec, key: str, state: BuildState,
-                  cs: ConditionSet, observed: list[reconcile.ObservedJob]) -> bool:
+                  cs: ConditionSet, observed: list[ObservedJob]) -> bool:
     """Every ENGINEBUILD_ARTIFACTS_RECHECK_SECONDS, a succeeded build checks that its manifest still
     exists (and that its reference does). Gone: ArtifactsMissing, and the same key is built again
     (its old Jobs are deleted first: their results describe objects that no longer exist). Returns
@@ -74,11 +76,11 @@ async def recheck(namespace: str, name: str, uid: str, spec: EngineBuildSpec, ke
         present = await pools.s3(s3, artifacts.recheck, s3, spec, key, artifacts.holder(namespace, name, uid))
     except BuildError as exc:
         log.warning("%s/%s: could not check the artefacts of %s: %s", namespace, name, key,
-                    reconcile.redact(str(exc), runtime().stores.secrets()))
+                    redact(str(exc), runtime().stores.secrets()))
         return False
     if present:
         return False
-    message = reconcile.mark_artifacts_missing(state.status, cs)
+    message = transitions.mark_artifacts_missing(state.status, cs)
     for job in observed:
         await asyncio.to_thread(runtime().kube.delete_job, namespace, job.name)
         state.deleted_uids.add(job.uid or "")

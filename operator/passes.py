@@ -13,10 +13,12 @@ import kopf
 
 from enginebuild_contract.errors import BuildError
 
-from . import artifacts, metrics, pools, reconcile
+from . import artifacts, metrics, pools, reconcile, transitions
 from .buildstate import BuildState, RetryLater, write_status
 from .conditions import ConditionSet
 from .ownership import adopt, recheck, release_previous
+from .reasons import R_CHECKING, R_INVALID
+from .redaction import redact
 from .runtime import release, runtime, store
 from .steps import EXECUTORS, Flow, Pass, observed_jobs, queue_events, storage_problem
 from .validation import InvalidSpec, deadline_seconds, validate
@@ -41,7 +43,7 @@ async def reconcile_once(
     except InvalidSpec as exc:
         await _invalid(body, namespace, name, index, state, cs, generation, exc)
         return None
-    reconcile.mark_valid(cs)
+    transitions.mark_valid(cs)
     p = Pass(body=body, namespace=namespace, name=name, uid=uid, index=index, state=state, generation=generation,
              cs=cs, spec=spec, key="", deadline=deadline_seconds(spec, rt.config),
              image=spec.image or rt.config.builder_image)
@@ -69,8 +71,8 @@ async def reconcile_once(
         return flow.delay
     status, cs = state.status, p.cs
     if not reconcile.is_terminal(status, p.key) and rt.queue.holds(build):
-        reason, message = reconcile.progress_reason(status, name, p.key)
-        reconcile.mark_in_progress(cs, reason, message)
+        reason, message = transitions.progress_reason(status, name, p.key)
+        transitions.mark_in_progress(cs, reason, message)
     status["conditions"] = cs.conditions
     queue_events(body, state, cs)
     await write_status(namespace, name, state)
@@ -89,11 +91,11 @@ async def _invalid(body: kopf.Body, namespace: str, name: str, index: Any, state
         await asyncio.to_thread(runtime().kube.delete_job, namespace, job.name)
         state.deleted_uids.add(job.uid or "")
     await release((namespace, name))
-    reconcile.mark_invalid(cs, str(exc))
+    transitions.mark_invalid(cs, str(exc))
     status.update({"observedGeneration": generation, "conditions": cs.conditions, "buildKey": None, "jobs": []})
     if not was_invalid:
-        state.effects.add(("failed", None, generation, reconcile.R_INVALID),
-                          lambda: metrics.BUILDS.labels(result="failed", reason=reconcile.R_INVALID).inc())
+        state.effects.add(("failed", None, generation, R_INVALID),
+                          lambda: metrics.BUILDS.labels(result="failed", reason=R_INVALID).inc())
         log.warning("%s/%s: invalid spec", namespace, name)
     queue_events(body, state, cs)
     await write_status(namespace, name, state)
@@ -118,12 +120,12 @@ async def _new_key(p: Pass) -> None:
     old_uri, new_uri = status.get("artifactsUri"), artifacts.artifacts_uri(p.spec, key)
     if old_uri and old_uri != new_uri and old_uri not in state.release_after_write:
         state.release_after_write.append(old_uri)
-    state.status = status = reconcile.fresh_status(status, key, p.generation, new_uri)
+    state.status = status = transitions.fresh_status(status, key, p.generation, new_uri)
     p.cs = cs = ConditionSet(status["conditions"], p.generation)
-    reconcile.mark_valid(cs)
+    transitions.mark_valid(cs)
     for ctype in ("Exported", "AccuracyPassed", "EnginesBuilt", "Published", "FP8Faster"):
         cs.remove(ctype)
-    reconcile.mark_in_progress(cs, reconcile.R_CHECKING, "computing the build key and checking the cache")
+    transitions.mark_in_progress(cs, R_CHECKING, "computing the build key and checking the cache")
 
 
 async def _steps(p: Pass) -> Flow | None:
@@ -145,7 +147,7 @@ async def _steps(p: Pass) -> Flow | None:
                     await adopt(p.namespace, p.name, p.uid, p.spec, key, state)
                 except BuildError as exc:
                     log.warning("%s/%s: could not write the reference on %s (retried next pass): %s", p.namespace,
-                                p.name, key, reconcile.redact(str(exc), rt.stores.secrets()))
+                                p.name, key, redact(str(exc), rt.stores.secrets()))
             if plan.step == reconcile.Step.DONE and await recheck(p.namespace, p.name, p.uid, p.spec, key, state,
                                                                   p.cs, observed):
                 continue  # the same key again: cache check, then Jobs (the flips are Warning Events)

@@ -32,11 +32,12 @@ import weakref
 from typing import Any, Callable, Mapping, TypeVar
 from urllib.parse import urlsplit
 
+from enginebuild_contract.envvars import env_int
 from enginebuild_contract.errors import StorageError
 
 from . import metrics
 from .breaker import CLOSED, Breaker
-from .config import _int  # the operator's one parser of integer settings (ConfigError names the fix)
+from .config import ConfigError
 
 T = TypeVar("T")
 
@@ -75,13 +76,15 @@ def is_connection_failure(exc: BaseException) -> bool:
 class Pools:
     def __init__(self, env: Mapping[str, str] | None = None) -> None:
         env = env or {}
-        self.kube_threads = _int(env, "ENGINEBUILD_KUBE_THREADS", 16, 1, 1024)
-        self.s3_threads = _int(env, "ENGINEBUILD_S3_THREADS", 16, 1, 1024)
-        self.per_endpoint = min(self.s3_threads, _int(env, "ENGINEBUILD_S3_CALLS_PER_ENDPOINT", 4, 1, 1024))
-        self.suspect_threads = min(self.s3_threads, _int(env, "ENGINEBUILD_S3_SUSPECT_THREADS",
-                                                         max(1, self.s3_threads // 2), 1, 1024))
-        self.failures = _int(env, "ENGINEBUILD_S3_BREAKER_FAILURES", 3, 1, 1000)
-        self.cooldown_s = float(_int(env, "ENGINEBUILD_S3_BREAKER_COOLDOWN_SECONDS", 30, 1, 3600))
+        # Bad values fail at start-up with ConfigError, like the rest of the operator's configuration.
+        self.kube_threads = env_int(env, "ENGINEBUILD_KUBE_THREADS", 16, 1, 1024, error=ConfigError)
+        self.s3_threads = env_int(env, "ENGINEBUILD_S3_THREADS", 16, 1, 1024, error=ConfigError)
+        self.per_endpoint = min(self.s3_threads, env_int(env, "ENGINEBUILD_S3_CALLS_PER_ENDPOINT", 4, 1, 1024,
+                                                         error=ConfigError))
+        self.suspect_threads = min(self.s3_threads, env_int(env, "ENGINEBUILD_S3_SUSPECT_THREADS",
+                                                            max(1, self.s3_threads // 2), 1, 1024, error=ConfigError))
+        self.failures = env_int(env, "ENGINEBUILD_S3_BREAKER_FAILURES", 3, 1, 1000, error=ConfigError)
+        self.cooldown_s = float(env_int(env, "ENGINEBUILD_S3_BREAKER_COOLDOWN_SECONDS", 30, 1, 3600, error=ConfigError))
         self.kube = concurrent.futures.ThreadPoolExecutor(self.kube_threads, thread_name_prefix="kube")
         self.s3 = concurrent.futures.ThreadPoolExecutor(self.s3_threads, thread_name_prefix="s3")
         self._lock = threading.Lock()

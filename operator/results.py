@@ -1,8 +1,8 @@
 """From what a build Job leaves behind to status fields and metrics.
 
-A builder Job ends by writing the compact summary (`report.termination_message()`) to its termination message;
-when the summary had to drop the per-engine rows to fit 4 KiB (`truncated`), the full `report.json` in
-S3 is read instead. Both become the same status parts. Kubernetes API conventions forbid floats in
+A builder Job ends by writing the compact summary (`report_summary.termination_message()`) to its
+termination message; when the summary had to drop the per-engine rows to fit 4 KiB (`truncated`),
+the full `report.json` in S3 is read instead. Both become the same status parts. Kubernetes API conventions forbid floats in
 status, so ratios are decimal strings and latencies integer microseconds; metrics (which are floats
 by nature) are derived from those status parts, so a restarted operator can re-export them. A number
 the builder did not report is None in the parts and absent from the status, never 0: a zero would
@@ -15,7 +15,8 @@ import json
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any, Mapping
 
-from enginebuild_contract.report import Report, is_summary, read_summary, summary_document
+from enginebuild_contract.report import Report
+from enginebuild_contract.report_summary import is_summary, read_summary, summary_document
 
 from . import metrics
 
@@ -38,7 +39,7 @@ def micros(ms: float | None) -> int | None:
 def parse_termination_message(text: str | None, *, source: str = "the termination message") -> dict[str, Any] | None:
     """The summary (every key present, None when unknown), or None when the message is absent or not
     a summary (e.g. a log tail on OOM kill). A summary of another major schema version or with fields
-    of the wrong type raises ReportContractError (report.read_summary), which ends the build."""
+    of the wrong type raises ReportContractError (report_summary.read_summary), which ends the build."""
     return read_summary(text, source=source)
 
 

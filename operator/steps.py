@@ -18,15 +18,19 @@ from typing import Any, Literal, Mapping
 import kopf
 
 from enginebuild_contract.errors import BuildError, StorageAccessDenied
-from enginebuild_contract.report import ReportContractError
+from enginebuild_contract.report_versions import ReportContractError
 from enginebuild_contract.spec import EngineBuildSpec
 
-from . import artifacts, jobs, metrics, pools, reconcile, results
+from . import artifacts, jobs, metrics, pools, reconcile, results, transitions
 from .buildstate import BuildState, write_status
 from .collect import collect
 from .conditions import KSTATUS_TYPES, ConditionSet
+from .failures import report_failure
+from .observed import ObservedJob, parse_time
 from .ownership import adopt
 from .queue import BuildId
+from .reasons import R_ENGINES, R_EXPORTING, R_JOB_DELETED
+from .redaction import redact
 from .runtime import release, runtime, secret, store
 
 log = logging.getLogger("enginebuild.operator")
@@ -109,7 +113,7 @@ def _event(body: kopf.Body, type_: str, reason: str, message: str) -> Callable[[
 
 
 def _observe_total(status: Mapping[str, Any]) -> None:
-    start, end = reconcile.parse_time(status.get("startTime")), reconcile.parse_time(status.get("completionTime"))
+    start, end = parse_time(status.get("startTime")), parse_time(status.get("completionTime"))
     if start and end and end >= start:
         metrics.STAGE_DURATION.labels(stage="total").observe((end - start).total_seconds())
 
@@ -123,11 +127,11 @@ def _clear_running_gauges(namespace: str, name: str) -> None:
 
 
 def _epoch(rfc3339: str) -> float:
-    t = reconcile.parse_time(rfc3339)
+    t = parse_time(rfc3339)
     return t.timestamp() if t else time.time()
 
 
-def observed_jobs(index: Any, build: BuildId, state: BuildState) -> list[reconcile.ObservedJob]:
+def observed_jobs(index: Any, build: BuildId, state: BuildState) -> list[ObservedJob]:
     """The build's Jobs from the kopf index (a build without Jobs has no key there). Anything the index
     raises propagates: taken as "no Jobs", it would make the planner re-create or give up on Jobs."""
     return [j for j in index.get(build, []) if j.uid not in state.deleted_uids]
@@ -136,14 +140,14 @@ def observed_jobs(index: Any, build: BuildId, state: BuildState) -> list[reconci
 # --- endings ---------------------------------------------------------------------------------------------
 
 
-async def finish_failed(p: Pass, reason: str, observed: list[reconcile.ObservedJob]) -> None:
+async def finish_failed(p: Pass, reason: str, observed: list[ObservedJob]) -> None:
     """A failed build stops its other Jobs (no GPU time for a build that cannot succeed) and frees its slot."""
     state = p.state
     for job in observed:
         if job.state in ("Pending", "Running"):
             await asyncio.to_thread(runtime().kube.delete_job, p.namespace, job.name)
             state.deleted_uids.add(job.uid or "")
-            reconcile.set_job_state(state.status, job.name, "Deleted")
+            transitions.set_job_state(state.status, job.name, "Deleted")
     await release(p.build)
     status = dict(state.status)
 
@@ -160,9 +164,9 @@ async def storage_problem(p: Pass, exc: BuildError) -> Flow:
     CalibrationUnreadable, ... naming its spec field): say so in Ready, keep everything else, retry
     with backoff (the input may be uploaded, the Secret fixed)."""
     state, cs = p.state, p.cs
-    message = reconcile.redact(str(exc), runtime().stores.secrets())
+    message = redact(str(exc), runtime().stores.secrets())
     fix = "fix the Secret or bucket" if isinstance(exc, StorageAccessDenied) else f"fix {exc.field or 'the spec'}"
-    reconcile.mark_storage_problem(cs, exc.reason, message, retriable=exc.retriable, fix=fix)
+    transitions.mark_storage_problem(cs, exc.reason, message, retriable=exc.retriable, fix=fix)
     state.status["conditions"] = cs.conditions
     state.status["observedGeneration"] = p.generation
     queue_events(p.body, state, cs)
@@ -175,7 +179,7 @@ async def storage_problem(p: Pass, exc: BuildError) -> Flow:
 # --- one executor per step -----------------------------------------------------------------------------------
 
 
-async def delete_stale(p: Pass, step: reconcile.Plan, observed: list[reconcile.ObservedJob]) -> Flow | None:
+async def delete_stale(p: Pass, step: reconcile.Plan, observed: list[ObservedJob]) -> Flow | None:
     uids = {j.name: j.uid for j in observed}
     for job_name in step.jobs:
         await asyncio.to_thread(runtime().kube.delete_job, p.namespace, job_name)
@@ -184,7 +188,7 @@ async def delete_stale(p: Pass, step: reconcile.Plan, observed: list[reconcile.O
     return None
 
 
-async def confirm_missing(p: Pass, step: reconcile.Plan, observed: list[reconcile.ObservedJob]) -> Flow | None:
+async def confirm_missing(p: Pass, step: reconcile.Plan, observed: list[ObservedJob]) -> Flow | None:
     state, status, cs = p.state, p.status, p.cs
     fresh = [n for n in step.jobs if time.monotonic() - state.created.get(n, -1e9) < JUST_CREATED_S]
     if fresh:
@@ -194,15 +198,15 @@ async def confirm_missing(p: Pass, step: reconcile.Plan, observed: list[reconcil
         return Flow("break", 1.0)  # the Job exists; our watch is behind
     for job_name in gone:
         ref = reconcile.job_refs(status)[job_name]
-        reconcile.set_job_state(status, job_name, "Deleted")
+        transitions.set_job_state(status, job_name, "Deleted")
         message = (f"Job {job_name} was deleted before it finished; change the spec (or delete and "
                    "re-create the EngineBuild) to build again")
-        reconcile.apply_failure(status, cs, ref.get("stage", "engine"), reconcile.R_JOB_DELETED, message, cs.now)
-    await finish_failed(p, reconcile.R_JOB_DELETED, observed)
+        transitions.apply_failure(status, cs, ref.get("stage", "engine"), R_JOB_DELETED, message, cs.now)
+    await finish_failed(p, R_JOB_DELETED, observed)
     return None
 
 
-async def collect_jobs(p: Pass, step: reconcile.Plan, observed: list[reconcile.ObservedJob]) -> Flow | None:
+async def collect_jobs(p: Pass, step: reconcile.Plan, observed: list[ObservedJob]) -> Flow | None:
     failed = await collect(p.namespace, p.spec, p.owner, p.key, p.deadline, step.jobs, observed, p.state, p.cs,
                            p.image)
     if failed:
@@ -210,7 +214,7 @@ async def collect_jobs(p: Pass, step: reconcile.Plan, observed: list[reconcile.O
     return None
 
 
-async def check_cache(p: Pass, step: reconcile.Plan, observed: list[reconcile.ObservedJob]) -> Flow | None:
+async def check_cache(p: Pass, step: reconcile.Plan, observed: list[ObservedJob]) -> Flow | None:
     state, status, cs, spec, key = p.state, p.status, p.cs, p.spec, p.key
     try:
         await adopt(p.namespace, p.name, p.uid, spec, key, state)  # before reading the manifest
@@ -221,16 +225,16 @@ async def check_cache(p: Pass, step: reconcile.Plan, observed: list[reconcile.Ob
         return await storage_problem(p, exc)
     except ReportContractError as exc:
         state.cache_checked_for = key
-        reason, message = reconcile.report_failure(
+        reason, message = report_failure(
             exc, f"the build found in S3 at {status.get('artifactsUri')} cannot be used (delete it to rebuild)",
             p.image)
-        reconcile.apply_failure(status, cs, "export", reason, message, cs.now)
+        transitions.apply_failure(status, cs, "export", reason, message, cs.now)
         await finish_failed(p, reason, observed)
         return None
     state.cache_checked_for = key
     if hit is not None:
         _fill_from_report(status, cs, report, spec, p.targets)
-        reconcile.apply_success(status, cs, cs.now, cached=True)
+        transitions.apply_success(status, cs, cs.now, cached=True)
         recorded = dict(status)
 
         def count() -> None:
@@ -246,15 +250,15 @@ def _fill_from_report(status: dict[str, Any], cs: ConditionSet, report: Any, spe
                       targets: list[str]) -> None:
     if report is not None:
         summary = results.summary_from_report(report)
-        reconcile.apply_export_result(status, cs, summary, spec.accuracy.min_cosine)
-        reconcile.apply_engine_result(status, summary)
+        transitions.apply_export_result(status, cs, summary, spec.accuracy.min_cosine)
+        transitions.apply_engine_result(status, summary)
         status["artifactsUri"] = report.artifacts_uri or status.get("artifactsUri")
     else:
         cs.set("Exported", True, "Exported", "from the cached build")
-    reconcile.apply_engines_done(status, cs, targets)
+    transitions.apply_engines_done(status, cs, targets)
 
 
-async def acquire_slot(p: Pass, step: reconcile.Plan, observed: list[reconcile.ObservedJob]) -> Flow | None:
+async def acquire_slot(p: Pass, step: reconcile.Plan, observed: list[ObservedJob]) -> Flow | None:
     rt, state, status, cs = runtime(), p.state, p.status, p.cs
     meta = p.body.get("metadata") or {}
     running = any(j.state in ("Pending", "Running") for j in observed) or any(
@@ -263,14 +267,14 @@ async def acquire_slot(p: Pass, step: reconcile.Plan, observed: list[reconcile.O
     if running:
         rt.queue.hold(p.build)
     elif not rt.queue.try_acquire(p.build, _order(meta)):
-        reconcile.mark_queued(cs, rt.queue.message())
+        transitions.mark_queued(cs, rt.queue.message())
         state.was_queued = True
         return Flow("break")
     elif state.was_queued:
         # Another EngineBuild may have built this key while we waited: check S3 once more.
         state.was_queued = False
         state.cache_checked_for = None
-    reconcile.mark_started(cs)
+    transitions.mark_started(cs)
     status["startTime"] = status.get("startTime") or cs.now
     started, targets, deadline = _epoch(status["startTime"]), list(p.spec.targets), p.deadline
 
@@ -287,7 +291,7 @@ def _order(meta: Mapping[str, Any]) -> tuple[str, str, str]:
     return (meta.get("creationTimestamp") or "", meta.get("namespace") or "", meta.get("name") or "")
 
 
-async def create_jobs(p: Pass, step: reconcile.Plan, observed: list[reconcile.ObservedJob]) -> Flow | None:
+async def create_jobs(p: Pass, step: reconcile.Plan, observed: list[ObservedJob]) -> Flow | None:
     cfg, state, spec, key = runtime().config, p.state, p.spec, p.key
     try:
         await adopt(p.namespace, p.name, p.uid, spec, key, state)  # before any Job publishes
@@ -304,40 +308,40 @@ async def create_jobs(p: Pass, step: reconcile.Plan, observed: list[reconcile.Ob
             delay = 1.0
             continue
         state.created[job_name] = time.monotonic()
-        reconcile.set_job_state(p.status, job_name, "Pending", "export" if target is None else "engine", target)
+        transitions.set_job_state(p.status, job_name, "Pending", "export" if target is None else "engine", target)
         if outcome == "created":
             kopf.info(p.body, reason="JobCreated", message=f"created Job {job_name}")
             log.info("%s/%s: created Job %s", p.namespace, p.name, job_name)
     if delay is not None:
         return Flow("break", delay)  # a name is still held by a deleted Job
     if step.targets == (None,):
-        p.cs.set("Exported", "Unknown", reconcile.R_EXPORTING, "export Job created")
+        p.cs.set("Exported", "Unknown", R_EXPORTING, "export Job created")
     else:
-        p.cs.set("EnginesBuilt", "Unknown", reconcile.R_ENGINES, f"engine Jobs for {', '.join(map(str, step.targets))}")
+        p.cs.set("EnginesBuilt", "Unknown", R_ENGINES, f"engine Jobs for {', '.join(map(str, step.targets))}")
     return None
 
 
-async def finalize(p: Pass, step: reconcile.Plan, observed: list[reconcile.ObservedJob]) -> Flow | None:
+async def finalize(p: Pass, step: reconcile.Plan, observed: list[ObservedJob]) -> Flow | None:
     status, cs = p.status, p.cs
-    reconcile.apply_engines_done(status, cs, p.targets)
+    transitions.apply_engines_done(status, cs, p.targets)
     try:
         s3 = await asyncio.to_thread(store, p.namespace, p.spec)
         await pools.s3(s3, artifacts.finalize, s3, p.spec, p.key, p.image)
     except BuildError as exc:
         return await storage_problem(p, exc)
     except ReportContractError as exc:
-        reason, message = reconcile.report_failure(exc, "a Job's published report cannot be merged", p.image)
-        reconcile.apply_failure(status, cs, "publish", reason, message, cs.now)
+        reason, message = report_failure(exc, "a Job's published report cannot be merged", p.image)
+        transitions.apply_failure(status, cs, "publish", reason, message, cs.now)
         await finish_failed(p, reason, observed)
         return None
     cs.set("Published", True, "Published", f"manifest written at {status.get('artifactsUri')}")
     return None
 
 
-async def succeed(p: Pass, step: reconcile.Plan, observed: list[reconcile.ObservedJob]) -> Flow | None:
+async def succeed(p: Pass, step: reconcile.Plan, observed: list[ObservedJob]) -> Flow | None:
     status = p.status
-    reconcile.apply_engines_done(status, p.cs, p.targets)
-    reconcile.apply_success(status, p.cs, p.cs.now, cached=False)
+    transitions.apply_engines_done(status, p.cs, p.targets)
+    transitions.apply_success(status, p.cs, p.cs.now, cached=False)
     await release(p.build)
     recorded, gate = dict(status), p.spec.accuracy.min_cosine
 

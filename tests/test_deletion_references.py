@@ -2,7 +2,7 @@
 never turns Delete into a silent Retain, and a Ready build whose manifest disappeared is noticed and
 built again.
 
-The decisions are the operator's pure functions (deletion.py, reconcile.py); the S3 side runs against
+The decisions are the operator's pure functions (deletion.py, reconcile.py, transitions.py); the S3 side runs against
 the real SeaweedFS (tests/plugins/s3.py; the release order itself is tested in test_references.py).
 The operator-process-level scenario (kopf, finalizer, API server) is left to the end-to-end suite on
 a real control plane.
@@ -18,16 +18,18 @@ import pytest
 
 from enginebuild_contract.spec import parse_spec
 from enginebuild_contract import references
-from enginebuild_contract.layout import build_exists, build_uri
+from enginebuild_contract.layout import build_uri
+from enginebuild_contract.manifests import build_exists
 from enginebuild_contract.references import Holder, RefRecord
 from enginebuild_contract.s3.store import S3Store
-from enginebuild_operator import artifacts, buildstate, deletion, ownership, reconcile
+from enginebuild_operator import artifacts, buildstate, deletion, ownership, reconcile, transitions
 from enginebuild_operator import runtime as runtime_mod
 from enginebuild_operator.conditions import ConditionSet
 from enginebuild_operator.config import OperatorConfig, load_config
 from enginebuild_operator.jobs import key_label
 from enginebuild_operator.queue import BuildQueue
-from enginebuild_operator.reconcile import ObservedJob, Step
+from enginebuild_operator.observed import ObservedJob
+from enginebuild_operator.reconcile import Step
 from enginebuild_operator.validation import InvalidSpec, validate
 from test_references import A, C, KEY, publish_build
 
@@ -187,7 +189,7 @@ def test_a_missing_manifest_marks_the_build_and_starts_it_again(s3_store: S3Stor
     assert artifacts.recheck(s3_store, spec, KEY, A) is False
 
     cs = ConditionSet(status["conditions"], 1)
-    message = reconcile.mark_artifacts_missing(status, cs)
+    message = transitions.mark_artifacts_missing(status, cs)
     status["conditions"] = cs.conditions
     assert "manifest.json is gone" in message and str(build_uri(output, KEY)) in message
     for ctype, value in (("Ready", "False"), ("Published", "False"), ("Succeeded", "Unknown")):

@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from enginebuild_contract.layout import build_exists
+from enginebuild_contract.manifests import build_exists
 from enginebuild_operator.dashboards import alert_exprs, alert_rules, dashboard_exprs, metric_names
 from enginebuild_devstack.demo import demo_manifest, stack_for
 from enginebuild_devstack.prometheus import find_prometheus

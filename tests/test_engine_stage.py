@@ -27,14 +27,11 @@ from enginebuild_contract.errors import (
 )
 from enginebuild_contract.report import Artifact, EncoderReport, OnnxPair, Report
 from enginebuild_contract.spec import parse_spec
-from enginebuild_builder.engine import trtexec as stage
-from enginebuild_builder.engine.trtexec import (
-    BUILD_FLAGS,
-    RUN_FLAGS,
-    find_trtexec,
-    run_engines,
-)
-from enginebuild_contract.layout import timing_cache_name
+from enginebuild_builder.engine import trtexec_binary
+from enginebuild_builder.engine.trtexec import run_engines
+from enginebuild_builder.engine.trtexec_argv import BUILD_FLAGS, RUN_FLAGS
+from enginebuild_builder.engine.trtexec_binary import find_trtexec
+from enginebuild_contract.timing_caches import timing_cache_name
 
 DOUBLE_DIR = Path(__file__).resolve().parent / "doubles"
 DOUBLE = DOUBLE_DIR / "trtexec"
@@ -105,7 +102,7 @@ def test_find_trtexec_on_path_and_missing(double_env: Path, monkeypatch: pytest.
     env = {"PATH": os.pathsep.join([str(DOUBLE_DIR), str(Path(sys.executable).parent)])}
     assert find_trtexec(env).path == DOUBLE
     assert find_trtexec({**env, "TRTEXEC": "trtexec"}).path == DOUBLE  # a bare name is looked up on PATH
-    monkeypatch.setattr(stage, "DEFAULT_TRTEXEC", tmp_path / "nope")
+    monkeypatch.setattr(trtexec_binary, "DEFAULT_TRTEXEC", tmp_path / "nope")
     with pytest.raises(TrtexecNotFound) as err:
         find_trtexec({"PATH": str(tmp_path)})
     assert err.value.exit_code == 30 and "TRTEXEC" in str(err.value)
@@ -337,7 +334,7 @@ def test_trtexec_vanishing_mid_stage_is_not_found(double_env: Path, tmp_path: Pa
     report = _report(tmp_path, BASE)
     spec = parse_spec(BASE)
     info = find_trtexec()
-    gone = stage.TrtexecInfo(path=tmp_path / "gone" / "trtexec", version=info.version)
+    gone = trtexec_binary.TrtexecInfo(path=tmp_path / "gone" / "trtexec", version=info.version)
     with pytest.raises(TrtexecNotFound) as err:
         run_engines(spec, tmp_path, report, spec.targets[0], None, gone)
     assert err.value.exit_code == 30

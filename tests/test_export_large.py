@@ -25,7 +25,7 @@ import yaml
 from enginebuild_builder import inputs, pipeline
 from enginebuild_contract.report import Report
 from enginebuild_builder.onnx import onnx_io
-from enginebuild_contract.layout import build_exists
+from enginebuild_contract.manifests import build_exists
 from enginebuild_contract.s3.store import S3Store
 from enginebuild_contract.s3.uri import S3Uri
 

@@ -209,7 +209,8 @@ def test_report_records_model_calibration_tools_timings_memory(built: ExportRun)
 
 
 def test_report_round_trips_and_summarizes_under_4k(built: ExportRun, tmp_path: Path) -> None:
-    from enginebuild_contract.report import Report, termination_message
+    from enginebuild_contract.report import Report
+    from enginebuild_contract.report_summary import termination_message
 
     built.report.write(tmp_path / "report.json")
     again = Report.read(tmp_path / "report.json")

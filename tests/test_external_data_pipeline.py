@@ -18,7 +18,7 @@ from enginebuild_builder import inputs, pipeline
 from enginebuild_contract.errors import BuildError
 from enginebuild_contract.report import Report
 from enginebuild_builder.onnx import onnx_io
-from enginebuild_contract.layout import build_exists
+from enginebuild_contract.manifests import build_exists
 from enginebuild_contract.s3.store import S3Store
 
 import tinyclip

@@ -13,7 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from enginebuild_builder.onnx import onnx_checks, onnx_io, ort_runner
+from enginebuild_builder.onnx import batch_axis, onnx_checks, onnx_io, ort_runner
 from enginebuild_builder.export import accuracy_gate
 
 import tinyclip
@@ -42,7 +42,7 @@ def _reference_path(fp8: Path, x: np.ndarray, tmp: Path) -> np.ndarray:
     copy, _ = onnx_checks.to_ort_runnable(onnx.load(str(fp8)))
     path = tmp / f"ref.{fp8.name}"
     onnx.save_model(copy, str(path))
-    return accuracy_gate.run_onnx(path, x, onnx_checks.static_batch(copy))
+    return accuracy_gate.run_onnx(path, x, batch_axis.static_batch(copy))
 
 
 def _fast(fp8: Path, x: np.ndarray, **options: object) -> ort_runner.GateRun:
@@ -75,8 +75,8 @@ def test_freed_batch_axis_is_bit_identical_to_the_padded_static_graph(exported, 
     graph, _ = onnx_checks.to_ort_runnable(onnx.load(str(fp8)))
     static = tmp_path / "static.onnx"
     onnx.save_model(graph, str(static))
-    assert onnx_checks.free_batch_axis(graph) > 0
-    assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param == onnx_checks.BATCH_PARAM
+    assert batch_axis.free_batch_axis(graph) > 0
+    assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param == batch_axis.BATCH_PARAM
     free = tmp_path / "free.onnx"
     onnx.save_model(graph, str(free))
     for n in (2, 3, 8, 11):
@@ -153,7 +153,7 @@ def _graph(batch: int, extra: str) -> onnx.ModelProto:
 
 def test_batch_elsewhere_in_a_shape_keeps_the_static_graph(tmp_path: Path) -> None:
     model = _graph(8, "batch-in-second-place")
-    assert onnx_checks.free_batch_axis(model) is None
+    assert batch_axis.free_batch_axis(model) is None
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 8  # untouched
     onnx_io.save(model, tmp_path / "m.onnx")
     x = np.arange(20, dtype=np.float32).reshape(5, 4)
@@ -164,7 +164,7 @@ def test_batch_elsewhere_in_a_shape_keeps_the_static_graph(tmp_path: Path) -> No
 
 def test_rows_that_depend_on_the_batch_are_caught_at_run_time(tmp_path: Path) -> None:
     model = _graph(8, "mixes-rows")
-    assert onnx_checks.free_batch_axis(onnx.load_model_from_string(model.SerializeToString())) == 2
+    assert batch_axis.free_batch_axis(onnx.load_model_from_string(model.SerializeToString())) == 2
     onnx_io.save(model, tmp_path / "m.onnx")
     x = np.arange(20, dtype=np.float32).reshape(5, 4)
     run = ort_runner.evaluate(onnx_io.load_graph(tmp_path / "m.onnx"), tmp_path / "m.onnx", x, "cpu")

@@ -178,13 +178,14 @@ def test_kstatus_port_follows_its_rules() -> None:
 
 def _phase(name: str) -> tuple[dict[str, Any], str, str, str]:
     """(status, kstatus, Argo CD health, Flux) of one build phase, built by the operator's own functions
-    (reconcile.mark_*/apply_*) and written as buildstate.write_status writes it (with_kstatus, the status model)."""
-    from enginebuild_operator import reconcile
+    (transitions.mark_*/apply_*) and written as buildstate.write_status writes it (with_kstatus, the status model)."""
+    from enginebuild_operator import transitions
     from enginebuild_operator.conditions import ConditionSet, with_kstatus
+    from enginebuild_operator.reasons import R_CHECKING, R_ENGINES, R_EXPORTING
 
     cs = ConditionSet([], 1, now=T0)
     status: dict[str, Any] = {"observedGeneration": 1}
-    reconcile.mark_valid(cs)
+    transitions.mark_valid(cs)
     expect = {"queued": ("InProgress", "Progressing", "InProgress"), "checking-cache": ("InProgress", "Progressing", "InProgress"),
               "running": ("InProgress", "Progressing", "InProgress"),
               "failed-retriable-storage": ("InProgress", "Progressing", "InProgress"),
@@ -192,25 +193,25 @@ def _phase(name: str) -> tuple[dict[str, Any], str, str, str]:
               "succeeded": ("Current", "Healthy", "Current"), "cache-hit": ("Current", "Healthy", "Current"),
               "failed-permanently": ("Failed", "Degraded", "Failed"), "invalid-spec": ("Failed", "Degraded", "Failed")}
     if name == "queued":
-        reconcile.mark_queued(cs, "waiting for a slot: 10 builds running, limit 10")
+        transitions.mark_queued(cs, "waiting for a slot: 10 builds running, limit 10")
     elif name == "checking-cache":
-        reconcile.mark_in_progress(cs, reconcile.R_CHECKING, "computing the build key and checking the cache")
+        transitions.mark_in_progress(cs, R_CHECKING, "computing the build key and checking the cache")
     elif name == "running":  # also while a Job retries a Pod (backoffLimit): the build runs on
-        reconcile.mark_queued(cs, "waiting")
-        reconcile.mark_started(cs)
-        reconcile.mark_in_progress(cs, reconcile.R_EXPORTING, "export Job running: quantizing to FP8 and exporting ONNX")
+        transitions.mark_queued(cs, "waiting")
+        transitions.mark_started(cs)
+        transitions.mark_in_progress(cs, R_EXPORTING, "export Job running: quantizing to FP8 and exporting ONNX")
     elif name == "failed-retriable-storage":
-        reconcile.mark_storage_problem(cs, "StorageUnavailable", "s3://engines unreachable", retriable=True)
+        transitions.mark_storage_problem(cs, "StorageUnavailable", "s3://engines unreachable", retriable=True)
     elif name == "storage-access-denied":
-        reconcile.mark_storage_problem(cs, "StorageAccessDenied", "access denied", retriable=False)
+        transitions.mark_storage_problem(cs, "StorageAccessDenied", "access denied", retriable=False)
     elif name in ("succeeded", "cache-hit"):
-        reconcile.mark_in_progress(cs, reconcile.R_ENGINES, "engine Jobs: 0/1 targets done")
-        reconcile.apply_success(status, cs, T0, cached=name == "cache-hit")
+        transitions.mark_in_progress(cs, R_ENGINES, "engine Jobs: 0/1 targets done")
+        transitions.apply_success(status, cs, T0, cached=name == "cache-hit")
     elif name == "failed-permanently":
-        reconcile.mark_in_progress(cs, reconcile.R_EXPORTING, "export Job running")
-        reconcile.apply_failure(status, cs, "export", "AccuracyGateFailed", "image cosine min 0.9812 < 0.99", T0)
+        transitions.mark_in_progress(cs, R_EXPORTING, "export Job running")
+        transitions.apply_failure(status, cs, "export", "AccuracyGateFailed", "image cosine min 0.9812 < 0.99", T0)
     elif name == "invalid-spec":
-        reconcile.mark_invalid(cs, "invalid spec:\n  spec.image: 'x' is not allowed")
+        transitions.mark_invalid(cs, "invalid spec:\n  spec.image: 'x' is not allowed")
     status["conditions"] = with_kstatus(cs.conditions, 1, now=T0)
     model = EngineBuildStatus.model_validate(status)
     return (model.model_dump(mode="json", by_alias=True), *expect[name])
@@ -260,14 +261,15 @@ def test_kstatus_agrees_with_flux_expressions(scenario: tuple[Any, ...], exclude
 
 def test_reconciling_and_stalled_keep_their_transition_time() -> None:
     """A pass that changes only Ready's message keeps Reconciling's lastTransitionTime (no status churn)."""
-    from enginebuild_operator import reconcile
+    from enginebuild_operator import transitions
     from enginebuild_operator.conditions import ConditionSet, find, with_kstatus
+    from enginebuild_operator.reasons import R_ENGINES
 
     cs = ConditionSet([], 1, now=T0)
-    reconcile.mark_in_progress(cs, reconcile.R_ENGINES, "engine Jobs: 0/2 targets done")
+    transitions.mark_in_progress(cs, R_ENGINES, "engine Jobs: 0/2 targets done")
     first = with_kstatus(cs.conditions, 1, now=T0)
     cs2 = ConditionSet(first, 1, now="2026-11-30T02:00:00Z")
-    reconcile.mark_in_progress(cs2, reconcile.R_ENGINES, "engine Jobs: 1/2 targets done")
+    transitions.mark_in_progress(cs2, R_ENGINES, "engine Jobs: 1/2 targets done")
     second = with_kstatus(cs2.conditions, 1, now="2026-11-30T02:00:00Z")
     rec = find(second, "Reconciling")
     assert rec is not None and rec["lastTransitionTime"] == T0 and rec["message"] == "engine Jobs: 1/2 targets done"

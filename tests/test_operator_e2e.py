@@ -3,8 +3,8 @@ controller, the garbage collector, the scheduler) and SeaweedFS for S3, under th
 
 The tests play only the kubelet's part: they report the end of each Pod the Job controller created
 (devstack/podplay.py: a terminated container with the builder's termination message), and publish
-into S3 what the builder's Jobs would publish (enginebuild_contract.layout). The real Job controller turns that into
-Job conditions; the operator must do everything else: Jobs, status, events, the manifest, metrics,
+into S3 what the builder's Jobs would publish (enginebuild_contract.manifests). The real Job controller turns
+that into Job conditions; the operator must do everything else: Jobs, status, events, the manifest, metrics,
 deletion.
 """
 
@@ -18,10 +18,12 @@ import pytest
 
 from enginebuild_contract.errors import KINDS
 from enginebuild_contract.report import (
-    Accuracy, Artifact, EncoderReport, EngineReport, ErrorInfo, OnnxPair, Percentiles, Report, termination_message,
+    Accuracy, Artifact, EncoderReport, EngineReport, ErrorInfo, OnnxPair, Percentiles, Report,
 )
+from enginebuild_contract.report_summary import termination_message
 from enginebuild_contract.spec import parse_spec
-from enginebuild_contract import layout as publish
+from enginebuild_contract import layout
+from enginebuild_contract import manifests as publish
 from enginebuild_contract.s3.store import S3Store
 from enginebuild_contract.s3.uri import parse_s3_uri
 from enginebuild_operator import artifacts
@@ -176,10 +178,10 @@ def test_cache_hit_from_a_prepublished_build_creates_no_job(eb_cluster: Cluster,
     text = wait_metric(op, "enginebuild_builds_total", result="cached", reason="")
     assert metric_value(text, "enginebuild_builds_total", result="cached", reason="") == 1.0
     # deletionPolicy: Delete removes the artefacts with the resource.
-    assert s3_store.list(publish.build_uri(uri, key))
+    assert s3_store.list(layout.build_uri(uri, key))
     c.http.delete(c.eb_path("cached"))
     wait_until(lambda: c.get("cached") is None, 30, "the EngineBuild to be gone")
-    assert s3_store.list(publish.build_uri(uri, key)) == []
+    assert s3_store.list(layout.build_uri(uri, key)) == []
     assert metric_value(op.metrics(), "enginebuild_engine_size_bytes", name="cached", precision="fp8") is None
 
 
@@ -510,19 +512,19 @@ def test_deleting_one_of_two_builds_that_share_artefacts_keeps_them(eb_cluster: 
     c.wait_condition("first", "Ready", "True", "Succeeded")
     c.create("second", c.spec(deletionPolicy="Delete"))
     c.wait_condition("second", "Ready", "True", "CacheHit")
-    refs = parse_s3_uri(f"{publish.build_uri(uri, key)}refs/")
+    refs = parse_s3_uri(f"{layout.build_uri(uri, key)}refs/")
     wait_until(lambda: len(s3_store.list(refs)) == 2, 30, "a reference per holder")
-    before = {o.uri.key for o in s3_store.list(publish.build_uri(uri, key))}
+    before = {o.uri.key for o in s3_store.list(layout.build_uri(uri, key))}
     c.http.delete(c.eb_path("first"))
     wait_until(lambda: c.get("first") is None, 60, "the first EngineBuild gone")
     c.wait_event("first", "ArtifactsKept")
-    after = {o.uri.key for o in s3_store.list(publish.build_uri(uri, key))}
+    after = {o.uri.key for o in s3_store.list(layout.build_uri(uri, key))}
     assert {k for k in before if "/refs/" not in k} <= after  # every engine and the manifest still there
     assert publish.build_exists(s3_store, uri, key) is not None
     assert c.condition("second", "Ready")["status"] == "True"
     c.http.delete(c.eb_path("second"))
     wait_until(lambda: c.get("second") is None, 60, "the second EngineBuild gone")
-    wait_until(lambda: s3_store.list(publish.build_uri(uri, key)) == [], 30, "the build's objects deleted")
+    wait_until(lambda: s3_store.list(layout.build_uri(uri, key)) == [], 30, "the build's objects deleted")
 
 
 def test_a_ready_build_whose_manifest_vanished_is_rebuilt(eb_cluster: Cluster, s3_store: S3Store, tmp_path: Path) -> None:
@@ -532,7 +534,7 @@ def test_a_ready_build_whose_manifest_vanished_is_rebuilt(eb_cluster: Cluster, s
     c.create("vanish", c.spec())
     key = run_build(c, s3_store, "vanish", tmp_path)
     c.wait_condition("vanish", "Ready", "True", "Succeeded")
-    s3_store.delete(publish.build_uri(uri, key).child("manifest.json"))
+    s3_store.delete(layout.build_uri(uri, key).child("manifest.json"))
     # Published says why (Ready moves on to Exporting at once: the rebuild starts in the same pass).
     c.wait_condition("vanish", "Published", "False", "ArtifactsMissing", timeout=60)
     export = c.wait_job("vanish", "export", timeout=60)

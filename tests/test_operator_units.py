@@ -13,14 +13,18 @@ import pytest
 
 from enginebuild_contract.errors import KINDS, PERMANENT_EXIT_CODES
 from enginebuild_contract.report import (
-    Accuracy, Artifact, EncoderReport, EngineReport, ErrorInfo, OnnxPair, Percentiles, Report, termination_message,
+    Accuracy, Artifact, EncoderReport, EngineReport, ErrorInfo, OnnxPair, Percentiles, Report,
 )
+from enginebuild_contract.report_summary import termination_message
 from enginebuild_contract.spec import parse_spec
 from enginebuild_contract.status_model import EngineBuildStatus
 from enginebuild_operator import conditions, jobs, reconcile, results
 from enginebuild_operator.config import ConfigError, OperatorConfig, load_config
 from enginebuild_operator.queue import BuildQueue
-from enginebuild_operator.reconcile import ObservedJob, PodResult, Step
+from enginebuild_operator.failures import classify_failure
+from enginebuild_operator.observed import ObservedJob, PodResult, observe_job, pod_result, wall_seconds
+from enginebuild_operator.reconcile import Step
+from enginebuild_operator.redaction import redact
 from enginebuild_operator.validation import InvalidSpec, deadline_seconds, validate
 
 KEY = "0123456789abcdef0123456789abcdef"
@@ -288,11 +292,11 @@ def test_plan_collects_failures_first_and_adopts_unrecorded_jobs():
 def test_observe_job_states():
     base = {"metadata": {"name": "j", "labels": {"app.kubernetes.io/component": "engine", "enginebuild.io/target": "h100",
                                                   "enginebuild.io/build-key": KEY}}}
-    assert reconcile.observe_job({**base, "status": {"active": 1}}).state == "Running"
-    done = reconcile.observe_job({**base, "status": {"startTime": "2026-01-01T00:00:00Z", "completionTime": "2026-01-01T00:02:05Z",
+    assert observe_job({**base, "status": {"active": 1}}).state == "Running"
+    done = observe_job({**base, "status": {"startTime": "2026-01-01T00:00:00Z", "completionTime": "2026-01-01T00:02:05Z",
                                                       "conditions": [{"type": "Complete", "status": "True"}]}})
-    assert done.state == "Succeeded" and reconcile.wall_seconds(done) == 125 and done.target == "h100"
-    failed = reconcile.observe_job({**base, "status": {"conditions": [{"type": "Failed", "status": "True", "reason": "DeadlineExceeded",
+    assert done.state == "Succeeded" and wall_seconds(done) == 125 and done.target == "h100"
+    failed = observe_job({**base, "status": {"conditions": [{"type": "Failed", "status": "True", "reason": "DeadlineExceeded",
                                                                         "lastTransitionTime": "2026-01-01T00:01:00Z"}]}})
     assert failed.state == "Failed" and failed.reason == "DeadlineExceeded"
 
@@ -301,7 +305,7 @@ def test_observe_job_states():
 def test_failure_reason_from_each_exit_code(kind):
     code = KINDS[kind].exit_code
     job = _job("vit-01234567-export", state="Failed", reason="PodFailurePolicy" if not KINDS[kind].retriable else "BackoffLimitExceeded")
-    reason, message = reconcile.classify_failure(job, PodResult(code, "Error", "not json"), None)
+    reason, message = classify_failure(job, PodResult(code, "Error", "not json"), None)
     assert reason == KINDS[kind].reason and f"exit code {code}" in message
 
 
@@ -310,24 +314,24 @@ def test_failure_reason_prefers_builder_error_and_deadline():
                                                               retriable=False, message="cosine 0.97 < 0.99", log_tail="last line"))
     summary = results.parse_termination_message(json.dumps(termination_message(report)))
     job = _job("x", state="Failed", reason="PodFailurePolicy")
-    reason, message = reconcile.classify_failure(job, PodResult(20, "Error", None), summary)
+    reason, message = classify_failure(job, PodResult(20, "Error", None), summary)
     assert reason == "AccuracyGateFailed" and "cosine 0.97 < 0.99" in message and "last line" in message
     deadline = _job("x", state="Failed", reason="DeadlineExceeded")
-    assert reconcile.classify_failure(deadline, PodResult(20, "Error", None), summary, 600)[0] == "DeadlineExceeded"
-    assert reconcile.classify_failure(_job("x", state="Failed", reason="BackoffLimitExceeded"), PodResult(137, "OOMKilled", None), None)[0] == "OutOfMemory"
-    assert reconcile.classify_failure(_job("x", state="Failed", reason="BackoffLimitExceeded"), PodResult(139, "Error", None), None)[0] == "BackoffLimitExceeded"
+    assert classify_failure(deadline, PodResult(20, "Error", None), summary, 600)[0] == "DeadlineExceeded"
+    assert classify_failure(_job("x", state="Failed", reason="BackoffLimitExceeded"), PodResult(137, "OOMKilled", None), None)[0] == "OutOfMemory"
+    assert classify_failure(_job("x", state="Failed", reason="BackoffLimitExceeded"), PodResult(139, "Error", None), None)[0] == "BackoffLimitExceeded"
 
 
 def test_pod_result_takes_the_newest_attempt():
     def pod(code, at):
         return {"status": {"containerStatuses": [{"name": "builder", "state": {"terminated": {"exitCode": code, "finishedAt": at}}}]}}
-    assert reconcile.pod_result([pod(40, "2026-01-01T00:00:02Z"), pod(20, "2026-01-01T00:00:09Z"), pod(1, "2026-01-01T00:00:05Z")]).exit_code == 20
-    assert reconcile.pod_result([]) is None
+    assert pod_result([pod(40, "2026-01-01T00:00:02Z"), pod(20, "2026-01-01T00:00:09Z"), pod(1, "2026-01-01T00:00:05Z")]).exit_code == 20
+    assert pod_result([]) is None
 
 
 def test_redact():
     text = "boto: aws_secret_access_key=abcd1234 and https://x/?X-Amz-Signature=deadbeef&a=1 mysecretvalue"
-    out = reconcile.redact(text, ("mysecretvalue",))
+    out = redact(text, ("mysecretvalue",))
     assert "abcd1234" not in out and "deadbeef" not in out and "mysecretvalue" not in out
 
 
@@ -399,10 +403,10 @@ def test_merge_reports_takes_export_half_and_every_target():
 
 def test_evicted_pods_until_the_backoff_limit():
     pod = {"status": {"phase": "Failed", "reason": "Evicted", "message": "The node was low on resource: memory."}}
-    result = reconcile.pod_result([pod])
+    result = pod_result([pod])
     assert result == PodResult(None, None, None, "Evicted")
     job = _job("x", state="Failed", reason="BackoffLimitExceeded")
-    assert reconcile.classify_failure(job, result, None)[0] == "PodEvicted"
+    assert classify_failure(job, result, None)[0] == "PodEvicted"
 
 
 def test_unknown_job_duration_is_absent_not_zero():
@@ -412,13 +416,13 @@ def test_unknown_job_duration_is_absent_not_zero():
 
     base = {"metadata": {"name": "j", "labels": {"app.kubernetes.io/component": "engine", "enginebuild.io/target": "h100",
                                                   "enginebuild.io/build-key": KEY}}}
-    no_start = reconcile.observe_job({**base, "status": {"completionTime": "2026-01-01T00:02:05Z",
+    no_start = observe_job({**base, "status": {"completionTime": "2026-01-01T00:02:05Z",
                                                           "conditions": [{"type": "Complete", "status": "True"}]}})
-    assert reconcile.wall_seconds(no_start) is None
-    backwards = reconcile.observe_job({**base, "status": {"startTime": "2026-01-01T00:02:05Z",
+    assert wall_seconds(no_start) is None
+    backwards = observe_job({**base, "status": {"startTime": "2026-01-01T00:02:05Z",
                                                            "completionTime": "2026-01-01T00:00:00Z",
                                                            "conditions": [{"type": "Complete", "status": "True"}]}})
-    assert reconcile.wall_seconds(backwards) is None
+    assert wall_seconds(backwards) is None
 
     def count() -> float:
         return sum(s.value for m in metrics.STAGE_DURATION.collect() for s in m.samples

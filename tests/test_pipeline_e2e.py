@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from enginebuild_contract.report import Report
-from enginebuild_contract.layout import build_exists, read_stage_manifests
+from enginebuild_contract.manifests import build_exists, read_stage_manifests
 from enginebuild_contract.s3.store import S3Store
 from enginebuild_contract.s3.uri import parse_s3_uri
 

@@ -11,24 +11,10 @@ import pytest
 
 from enginebuild_contract.errors import BuildError, StorageError
 from enginebuild_contract.report import Artifact
-from enginebuild_contract.layout import (
-    Manifest,
-    TensorSpec,
-    build_exists,
-    build_uri,
-    delete_build,
-    engine_key,
-    finalize_build,
-    get_timing_cache,
-    log_key,
-    onnx_key,
-    publish_files,
-    put_timing_cache,
-    read_manifest,
-    timing_cache_name,
-    triton_config,
-    write_triton_view,
-)
+from enginebuild_contract.layout import build_uri, engine_key, log_key, onnx_key
+from enginebuild_contract.manifests import Manifest, build_exists, delete_build, finalize_build, publish_files, read_manifest
+from enginebuild_contract.timing_caches import get_timing_cache, put_timing_cache, timing_cache_name
+from enginebuild_contract.triton_view import TensorSpec, triton_config, write_triton_view
 from enginebuild_contract.digests import sha256_file
 from enginebuild_contract.s3.config import S3Config
 from enginebuild_contract.s3.errors import ChecksumMismatch

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from enginebuild_contract import references
-from enginebuild_contract.layout import build_exists, build_uri, finalize_build, onnx_key, publish_files, read_manifest
+from enginebuild_contract.layout import build_uri, onnx_key
+from enginebuild_contract.manifests import build_exists, finalize_build, publish_files, read_manifest
 from enginebuild_contract.references import Holder, RefRecord
 from enginebuild_contract.s3.config import S3Config
 from enginebuild_contract.s3.store import S3Store

@@ -75,7 +75,8 @@ if action == 137:  # past the Pod's memory limit: the OOM kill leaves no termina
     hog = b"x" * (600 << 20)
     time.sleep(60)
 from enginebuild_contract.errors import KINDS, kind_for_exit_code
-from enginebuild_contract.report import ErrorInfo, Report, termination_message
+from enginebuild_contract.report import ErrorInfo, Report
+from enginebuild_contract.report_summary import termination_message
 kind = kind_for_exit_code(action)
 name = next(n for n, k in KINDS.items() if k is kind)
 err = ErrorInfo(kind=name, reason=kind.reason, exit_code=action, retriable=kind.retriable,

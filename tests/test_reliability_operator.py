@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import pytest
 
 from enginebuild_contract.spec import parse_spec
-from enginebuild_contract import layout as publish
+from enginebuild_contract import manifests as publish
 from enginebuild_contract.s3.config import S3Config
 from enginebuild_contract.s3.store import S3Store
 from enginebuild_contract.s3.uri import new_bucket_name, parse_s3_uri

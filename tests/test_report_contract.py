@@ -6,8 +6,9 @@ import json
 
 from enginebuild_contract.constants import TERMINATION_MESSAGE_MAX_BYTES
 from enginebuild_contract.report import (
-    Accuracy, Artifact, EncoderReport, EngineReport, ErrorInfo, OnnxPair, Percentiles, Report, termination_message,
+    Accuracy, Artifact, EncoderReport, EngineReport, ErrorInfo, OnnxPair, Percentiles, Report,
 )
+from enginebuild_contract.report_summary import termination_message
 
 
 def _encoder() -> EncoderReport:

@@ -18,18 +18,18 @@ from typing import Any
 
 import pytest
 
-from enginebuild_contract.report import (
-    Accuracy, Artifact, EncoderReport, EngineReport, OnnxPair, Percentiles, Report, ReportUnreadable,
-    ReportVersionUnsupported, termination_message,
-)
+from enginebuild_contract.report import Accuracy, Artifact, EncoderReport, EngineReport, OnnxPair, Percentiles, Report
+from enginebuild_contract.report_summary import termination_message
+from enginebuild_contract.report_versions import ReportUnreadable, ReportVersionUnsupported
 from enginebuild_contract.spec import parse_spec
-from enginebuild_contract import layout as publish
+from enginebuild_contract import manifests as publish
 from enginebuild_contract.s3.store import S3Store
 from enginebuild_contract.s3.uri import S3Uri
-from enginebuild_operator import artifacts, buildstate, collect, jobs, reconcile, results
+from enginebuild_operator import artifacts, buildstate, collect, jobs, results, transitions
 from enginebuild_operator import runtime as runtime_mod
 from enginebuild_operator.conditions import ConditionSet
 from enginebuild_operator.config import OperatorConfig
+from enginebuild_operator.observed import ObservedJob
 from enginebuild_operator.queue import BuildQueue
 
 KEY = "0123456789abcdef0123456789abcdef"
@@ -238,7 +238,7 @@ class _Pods:
     def __init__(self, message: str) -> None:
         self.message = message
 
-    def job_pods(self, namespace: str, job: reconcile.ObservedJob) -> list[dict[str, Any]]:
+    def job_pods(self, namespace: str, job: ObservedJob) -> list[dict[str, Any]]:
         terminated = {"exitCode": 0, "reason": "Completed", "message": self.message,
                       "finishedAt": "2026-01-01T00:01:40Z"}
         return [{"status": {"containerStatuses": [{"name": "builder", "state": {"terminated": terminated}}]}}]
@@ -253,11 +253,11 @@ def _collect(s3_env: dict[str, str], bucket: str, message: str) -> tuple[str | N
                                         stores=artifacts.StoreCache(s3_env), kube=_Pods(message))  # type: ignore[arg-type]
     try:
         name = jobs.engine_job_name("vit", KEY, "h100")
-        status = reconcile.fresh_status({}, KEY, 1, f"s3://{bucket}/engines/{KEY}/")
+        status = transitions.fresh_status({}, KEY, 1, f"s3://{bucket}/engines/{KEY}/")
         status["jobs"] = [{"name": name, "stage": "engine", "target": "h100", "state": "Running"}]
         state = buildstate.BuildState(status=status, written={})
         cs = ConditionSet(status["conditions"], 1)
-        job = reconcile.ObservedJob(name=name, component="engine", target="h100", key_label=jobs.key_label(KEY),
+        job = ObservedJob(name=name, component="engine", target="h100", key_label=jobs.key_label(KEY),
                                     build_key=KEY, state="Succeeded", start_time="2026-01-01T00:00:00Z",
                                     completion_time="2026-01-01T00:01:40Z", uid="u1")
         failed = asyncio.run(collect.collect("ml", spec, jobs.Owner("ml", "vit", "uid"), KEY, 600,  # type: ignore[arg-type]

@@ -23,7 +23,8 @@ import yaml
 
 from enginebuild_contract.errors import KINDS, BuildError, CheckpointUnreadable, SpecError
 from enginebuild_contract.spec import ModelSpec, parse_spec
-from enginebuild_contract import layout as publish
+from enginebuild_contract import layout
+from enginebuild_contract import manifests as publish
 from enginebuild_builder.export.model_loading import check_zip_bounds, load_model
 from enginebuild_contract.s3.store import S3Store
 from enginebuild_contract.s3.uri import InvalidS3Uri, join_key, parse_s3_uri
@@ -63,7 +64,7 @@ def test_join_key_keeps_legitimate_nested_keys_inside_the_prefix() -> None:
 @pytest.mark.parametrize("key", ["../other", "a/b", "", "..", "x" * 200, "abc\n", "s3://x"])
 def test_build_key_must_be_a_plain_name(key: str) -> None:
     with pytest.raises(InvalidS3Uri):
-        publish.build_uri("s3://engines/prod", key)
+        layout.build_uri("s3://engines/prod", key)
 
 
 @pytest.mark.parametrize("target, encoder, precision", [
@@ -71,7 +72,7 @@ def test_build_key_must_be_a_plain_name(key: str) -> None:
 ])
 def test_engine_keys_refuse_path_tricks(target: str, encoder: str, precision: str) -> None:
     with pytest.raises(InvalidS3Uri):
-        publish.engine_key(target, encoder, precision)
+        layout.engine_key(target, encoder, precision)
 
 
 @pytest.mark.parametrize("item", [

@@ -27,7 +27,7 @@ from prometheus_client import REGISTRY
 
 from enginebuild_contract.constants import GROUP, KIND, VERSION
 from enginebuild_contract.errors import StorageAccessDenied
-from enginebuild_operator import artifacts, buildstate, reconcile, results, steps
+from enginebuild_operator import artifacts, buildstate, results, steps, transitions
 from enginebuild_operator.conditions import ConditionSet
 from enginebuild_operator.kubeapi import KubeApi
 
@@ -51,11 +51,11 @@ def _lean_summary() -> str:
 
 def _written_status() -> dict[str, Any]:
     summary = results.parse_termination_message(_lean_summary())
-    status = reconcile.fresh_status({}, KEY, 1, f"s3://engines/clip/{KEY}/")
+    status = transitions.fresh_status({}, KEY, 1, f"s3://engines/clip/{KEY}/")
     cs = ConditionSet(status["conditions"], 1)
-    reconcile.apply_export_result(status, cs, summary, 0.99)
-    reconcile.apply_engine_result(status, summary)
-    reconcile.apply_engines_done(status, cs, ["h100"])
+    transitions.apply_export_result(status, cs, summary, 0.99)
+    transitions.apply_engine_result(status, summary)
+    transitions.apply_engines_done(status, cs, ["h100"])
     status["conditions"] = cs.conditions
     return buildstate.sanitize(status)
 

@@ -23,7 +23,7 @@ from typing import Iterator
 import pytest
 
 from enginebuild_contract.spec import parse_spec
-from enginebuild_contract import layout as publish
+from enginebuild_contract import manifests as publish
 from enginebuild_contract.s3.store import S3Store
 from enginebuild_devstack.kube_http import resource_path
 from enginebuild_operator import artifacts

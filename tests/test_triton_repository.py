@@ -29,7 +29,8 @@ from enginebuild_contract.report import Artifact, EncoderReport, EngineReport, O
 from enginebuild_contract.spec import parse_spec
 from enginebuild_builder.publishing import triton
 from enginebuild_builder.engine.trtexec import run_engines
-from enginebuild_contract.layout import Manifest, build_exists, build_uri
+from enginebuild_contract.layout import build_uri
+from enginebuild_contract.manifests import Manifest, build_exists
 from enginebuild_builder.publishing.upload import EXPORT_STAGE, engine_stage_name, publish_stage
 from enginebuild_contract.s3.store import S3Store
 from enginebuild_contract.s3.uri import parse_s3_uri

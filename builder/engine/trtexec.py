@@ -1,61 +1,34 @@
 """Engine stage: FP16 and FP8 TensorRT engines from the export half's ONNX files, built and timed
-with `trtexec` on the GPU node of one target.
+with `trtexec` on the GPU node of one target. Which trtexec runs is trtexec_binary.py's job, its
+command lines trtexec_argv.py's; this module runs them and turns their output into the report.
 
 Why two trtexec runs per engine instead of one: the build (`--skipInference`) is timed on its own,
 so `build_s` is the cost a user pays per GPU type and TensorRT version (and what a warm timing cache
 saves); the benchmark (`--loadEngine`) then times exactly the file we publish. A failed build and a
 failed benchmark are also told apart this way: different exit codes, different retry policy.
-
-Why no precision flags: the ONNX files already carry their types (FP16 weights; FP8 Q/DQ), so both
-builds are strongly typed. TensorRT 10.16 deprecates `--fp16/--fp8/--best` and TensorRT 11 removes
-them; in 11 strong typing, CUDA graphs and no data transfers are trtexec's defaults, so those flags
-are left out there. See docs/engine-stage.md for the exact argv per version.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
-import shutil
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from enginebuild_contract.constants import TRTEXEC_ALLOWED_EXTRA_FLAGS
 from enginebuild_contract.errors import BenchmarkFailed, BuildError, EngineBuildFailed, OutOfMemory, TrtexecNotFound
-from enginebuild_contract.report import Artifact, BatchProfile, EngineComparison, EngineReport, Percentiles, Report, TensorInfo
+from enginebuild_contract.report import Artifact, EngineComparison, EngineReport, Percentiles, Report, TensorInfo
 from enginebuild_contract.spec import EngineBuildSpec, TargetSpec
 from ..artifacts import artifact
-from ..trtexec_report import TrtexecLog, load_json, parse_banner, parse_log, top_layers
+from ..trtexec_report import TrtexecLog, load_json, parse_log, top_layers
+from .trtexec_argv import Shapes, bench_argv, build_argv
+from .trtexec_binary import LOG_TAIL_LINES, TRTEXEC_ENV, TrtexecInfo, find_trtexec
 
 log = logging.getLogger("enginebuild.engine")
 
-DEFAULT_TRTEXEC = Path("/usr/src/tensorrt/bin/trtexec")
-TRTEXEC_ENV = "TRTEXEC"
 PRECISIONS: tuple[str, ...] = ("fp16", "fp8")
-LOG_TAIL_LINES = 40
 TOP_LAYERS = 10
-
-# The spec's extra flags, split by the trtexec run that uses them (the allow-list is in constants).
-BUILD_FLAGS: frozenset[str] = frozenset(
-    {
-        "--builderOptimizationLevel",
-        "--maxAuxStreams",
-        "--memPoolSize",
-        "--tilingOptimizationLevel",
-        "--sparsity",
-        "--hardwareCompatibilityLevel",
-        "--profilingVerbosity",
-        "--avgTiming",
-    }
-)
-RUN_FLAGS: frozenset[str] = frozenset(
-    {"--avgRuns", "--streams", "--useSpinWait", "--threads", "--infStreams", "--persistentCacheRatio"}
-)
-assert BUILD_FLAGS | RUN_FLAGS == TRTEXEC_ALLOWED_EXTRA_FLAGS and not BUILD_FLAGS & RUN_FLAGS
 
 # Error lines that mean memory ran out. TensorRT also logs `resizePhysical ... OutOfMemory` as an
 # error while it merely skips a tactic and goes on: those lines alone never make a failure an OOM.
@@ -65,179 +38,6 @@ _OOM = re.compile(
     re.IGNORECASE,
 )
 _SKIPPED_TACTIC = re.compile(r"resizePhysical|Skipping tactic", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class TrtexecInfo:
-    path: Path
-    version: str  # "10.16.1", from the `&&&& RUNNING TensorRT.trtexec [TensorRT v101601]` banner
-    build: str | None = None  # "b11"
-
-    @property
-    def major(self) -> int:
-        return int(self.version.split(".", 1)[0])
-
-
-def _version_of(path: Path) -> TrtexecInfo:
-    """trtexec has no reliable `--version` (10.x prints the banner, then fails on the missing model);
-    `--help` prints the same banner and exits 0, so that is what we run."""
-    try:
-        proc = subprocess.run(
-            [str(path), "--help"], capture_output=True, text=True, timeout=120, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise TrtexecNotFound(f"{path} could not be run: {exc}", field=TRTEXEC_ENV) from None
-    found = parse_banner(proc.stdout + "\n" + proc.stderr)
-    if found is None:
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-LOG_TAIL_LINES:])
-        raise TrtexecNotFound(
-            f"{path} did not print a `[TensorRT vNNNNNN]` banner for --help: is it trtexec?",
-            field=TRTEXEC_ENV,
-            log_tail=tail,
-        )
-    info = TrtexecInfo(path=path, version=found[0], build=found[1])
-    if info.major < 10:
-        raise TrtexecNotFound(
-            f"{path} is TensorRT {info.version}; strongly typed FP8 engines need TensorRT >= 10 "
-            "(use an nvcr.io/nvidia/tensorrt image from 24.05 on)",
-            field=TRTEXEC_ENV,
-        )
-    return info
-
-
-def find_trtexec(env: dict[str, str] | None = None) -> TrtexecInfo:
-    """`$TRTEXEC`, then `trtexec` on PATH, then the TensorRT container's /usr/src/tensorrt/bin/trtexec."""
-    env = dict(os.environ) if env is None else env
-    explicit = env.get(TRTEXEC_ENV)
-    if explicit:
-        found = shutil.which(explicit, path=env.get("PATH")) if os.sep not in explicit else None
-        path = Path(found or explicit)
-        if not (path.is_file() and os.access(path, os.X_OK)):
-            raise TrtexecNotFound(
-                f"${TRTEXEC_ENV}={explicit} is not an executable file; point it at trtexec or unset it",
-                field=TRTEXEC_ENV,
-            )
-        return _version_of(path)
-    on_path = shutil.which("trtexec", path=env.get("PATH"))
-    if on_path:
-        return _version_of(Path(on_path))
-    if DEFAULT_TRTEXEC.is_file() and os.access(DEFAULT_TRTEXEC, os.X_OK):
-        return _version_of(DEFAULT_TRTEXEC)
-    raise TrtexecNotFound(
-        f"trtexec not found: set ${TRTEXEC_ENV}, put it on PATH, or use a builder image based on "
-        f"nvcr.io/nvidia/tensorrt (which has {DEFAULT_TRTEXEC})"
-    )
-
-
-# ---------------------------------------------------------------- argv
-
-
-@dataclass(frozen=True)
-class Shapes:
-    """What to tell trtexec about the input shape. A static ONNX takes none: trtexec rejects shape
-    flags for it ("Static model does not take explicit shapes")."""
-
-    input_name: str
-    dims: tuple[int, ...]  # non-batch dims
-    batch: int  # the benchmark batch
-    dynamic: bool  # the ONNX batch axis is symbolic
-    min_batch: int | None = None
-    opt_batch: int | None = None
-    max_batch: int | None = None
-
-    def spec(self, batch: int) -> str:
-        return f"{self.input_name}:" + "x".join(str(d) for d in (batch, *self.dims))
-
-    def profile(self) -> BatchProfile | None:
-        """The batch range the engine accepts, as the build flags set it (None: a static batch).
-        With only `--shapes` (no spec.dynamicBatch) min, opt and max are all the benchmark batch."""
-        if not self.dynamic:
-            return None
-        if self.min_batch is None:
-            return BatchProfile(min=self.batch, opt=self.batch, max=self.batch)
-        return BatchProfile(min=self.min_batch, opt=self.opt_batch or self.batch, max=self.max_batch or self.batch)
-
-
-def _flag_name(arg: str) -> str:
-    return arg.split("=", 1)[0]
-
-
-def build_argv(
-    info: TrtexecInfo,
-    onnx: Path,
-    engine: Path,
-    shapes: Shapes,
-    timing_cache: Path | None,
-    spec: EngineBuildSpec,
-) -> list[str]:
-    """The build run: parse the ONNX, build, save the plan, skip inference."""
-    argv = [str(info.path), f"--onnx={onnx}", f"--saveEngine={engine}"]
-    if info.major == 10:
-        argv.append("--stronglyTyped")  # 11: always on, the flag is gone from the docs
-    if shapes.dynamic:
-        if shapes.min_batch is not None:
-            argv += [
-                f"--minShapes={shapes.spec(shapes.min_batch)}",
-                f"--optShapes={shapes.spec(shapes.opt_batch or shapes.batch)}",
-                f"--maxShapes={shapes.spec(shapes.max_batch or shapes.batch)}",
-            ]
-        else:
-            argv.append(f"--shapes={shapes.spec(shapes.batch)}")
-    if timing_cache is not None:
-        argv.append(f"--timingCacheFile={timing_cache}")
-    extra = [a for a in spec.benchmark.extra_args if _flag_name(a) in BUILD_FLAGS]
-    if spec.benchmark.profile and not any(_flag_name(a) == "--profilingVerbosity" for a in extra):
-        argv.append("--profilingVerbosity=detailed")  # layer info needs it at build time
-    argv.append("--skipInference")
-    return argv + extra
-
-
-def bench_argv(
-    info: TrtexecInfo,
-    engine: Path,
-    shapes: Shapes,
-    spec: EngineBuildSpec,
-    artefacts: dict[str, Path] | None,
-) -> tuple[list[str], list[str]]:
-    """The benchmark run on the saved plan. Returns (argv, warnings about settings not honoured)."""
-    bench = spec.benchmark
-    warnings: list[str] = []
-    argv = [str(info.path), f"--loadEngine={engine}"]
-    if shapes.dynamic:
-        argv.append(f"--shapes={shapes.spec(shapes.batch)}")
-    argv += [f"--warmUp={bench.warm_up_ms}", f"--duration={bench.duration_s}"]
-    if bench.iterations is not None:
-        argv.append(f"--iterations={bench.iterations}")
-    if info.major == 10:
-        if bench.use_cuda_graph:
-            argv.append("--useCudaGraph")
-        if bench.no_data_transfers:
-            argv.append("--noDataTransfers")
-    else:
-        # TensorRT 11 trtexec uses CUDA graphs and no data transfers by default; we know of no
-        # verified flag to turn them off, so a spec asking for that is reported, not silently changed.
-        if not bench.use_cuda_graph:
-            warnings.append(
-                f"spec.benchmark.useCudaGraph=false is not applied with TensorRT {info.version}: "
-                "its trtexec uses CUDA graphs by default"
-            )
-        if not bench.no_data_transfers:
-            warnings.append(
-                f"spec.benchmark.noDataTransfers=false is not applied with TensorRT {info.version}: "
-                "its trtexec skips host<->device transfers by default"
-            )
-    if artefacts:
-        argv += [
-            "--separateProfileRun",  # without it, the profiler suppresses the performance summary
-            f"--exportProfile={artefacts['profile']}",
-            f"--exportTimes={artefacts['times']}",
-            f"--exportLayerInfo={artefacts['layer_info']}",
-        ]
-    argv += [a for a in bench.extra_args if _flag_name(a) in RUN_FLAGS]
-    return argv, warnings
-
-
-# ---------------------------------------------------------------- running
 
 
 def _tail(text: str, lines: int = LOG_TAIL_LINES) -> str:

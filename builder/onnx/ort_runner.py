@@ -8,7 +8,7 @@ inputs run as 128 (padding). docs/benchmarks.md has the H200 numbers.
 What is done about it, each step checked to leave the numbers unchanged (tests/test_gate_runtime.py):
 - the ORT copy (standard-domain FP8 Q/DQ, `onnx_checks.to_ort_runnable`) is written beside the FP8
   file, so a model above 2 GiB keeps its weights in the one external data file, never loaded by us;
-- its static batch axis is freed (`onnx_checks.free_batch_axis`): held-out inputs run as they are,
+- its static batch axis is freed (`batch_axis.free_batch_axis`): held-out inputs run as they are,
   in chunks that run side by side on one session (`InferenceSession.run` is thread-safe and the
   weights are held once), so single-threaded kernels use several cores. A two-row probe checks at
   run time that a row's result does not depend on the batch it runs in; if it does, or the batch
@@ -35,7 +35,7 @@ from typing import Literal
 import numpy as np
 import onnx
 
-from . import onnx_checks, onnx_io
+from . import batch_axis, onnx_checks, onnx_io
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +140,8 @@ def write_ort_copy(graph: onnx.ModelProto, fp8_path: Path, free_batch: bool) -> 
     """Rewrite `graph` (the FP8 file as loaded by onnx_io.load_graph) for ORT in place and save it
     beside the FP8 file; returns the copy's path and whether its batch axis was freed."""
     onnx_checks.to_ort_runnable(graph, in_place=True)
-    already_free = onnx_checks.static_batch(graph) is None  # spec.dynamicBatch
-    freed = already_free or (free_batch and onnx_checks.free_batch_axis(graph) is not None)
+    already_free = batch_axis.static_batch(graph) is None  # spec.dynamicBatch
+    freed = already_free or (free_batch and batch_axis.free_batch_axis(graph) is not None)
     path = ort_copy_path(fp8_path)
     # Tensors that point at the FP8 file's data file keep pointing at it: same folder, nothing moves.
     onnx.save_model(graph, str(path))
@@ -193,7 +193,7 @@ def evaluate(graph: onnx.ModelProto, fp8_path: Path, inputs: np.ndarray, device:
     ORT copy is removed afterwards, whatever happens.
     """
     started = time.perf_counter()
-    static = onnx_checks.static_batch(graph)
+    static = batch_axis.static_batch(graph)
     copy_path, freed = write_ort_copy(graph, fp8_path, options.free_batch)
     del graph
     try:

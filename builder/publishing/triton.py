@@ -29,7 +29,8 @@ from typing import Iterable
 from enginebuild_contract.errors import BuildError
 from enginebuild_contract.report import EngineReport, TensorInfo
 from enginebuild_contract.s3.uri import S3Uri
-from enginebuild_contract.layout import TRITON_DIR, TensorSpec, build_uri, engine_key, triton_config
+from enginebuild_contract.layout import TRITON_DIR, build_uri, engine_key
+from enginebuild_contract.triton_view import TensorSpec, triton_config
 
 MODEL_PREFIX = "clip"
 MODEL_VERSION = "1"

@@ -15,7 +15,8 @@ from typing import Union
 from enginebuild_contract.report import Artifact, ExternalData, Report
 from enginebuild_contract.s3.store import S3Store
 from . import triton
-from enginebuild_contract.layout import build_uri, engine_key, onnx_key, publish_files
+from enginebuild_contract.layout import build_uri, engine_key, onnx_key
+from enginebuild_contract.manifests import publish_files
 
 EXPORT_STAGE = "export"
 EXPORT_REPORT_NAME = "report.export.json"

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from enginebuild_contract.layout import get_timing_cache, put_timing_cache, timing_cache_name
+from enginebuild_contract.timing_caches import get_timing_cache, put_timing_cache, timing_cache_name
 from enginebuild_contract.spec import TargetSpec
 
 from .. import inputs
@@ -18,7 +18,8 @@ class EngineStage(Stage):
         self.name = f"engine:{target.name}"
 
     def run(self, context: BuildContext) -> None:
-        from ..engine.trtexec import find_trtexec, run_engines
+        from ..engine.trtexec import run_engines
+        from ..engine.trtexec_binary import find_trtexec
 
         spec, report = context.spec, context.report
         if context.trtexec is None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from enginebuild_contract.constants import REPORT_FILE
 from enginebuild_contract.errors import SpecError
-from enginebuild_contract.report import Report, ReportContractError
+from enginebuild_contract.report import Report
+from enginebuild_contract.report_versions import ReportContractError
 
 from .. import inputs
 from ..runner import BuildContext, Stage

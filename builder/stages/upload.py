@@ -4,7 +4,7 @@ process that ran every step, the top manifest that says "built"."""
 from __future__ import annotations
 
 from enginebuild_contract.constants import REPORT_FILE
-from enginebuild_contract.layout import finalize_build
+from enginebuild_contract.manifests import finalize_build
 
 from .. import inputs
 from ..publishing.upload import EXPORT_STAGE, engine_stage_name, publish_stage

@@ -9,37 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ..envvars import env_bool, env_int
 from ..errors import StorageAccessDenied
 
 MIB = 1024 * 1024
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
-
-
-def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    value = raw.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise StorageAccessDenied(f"{name}={raw!r} is not a boolean: use 0 or 1", field=name)
-
-
-def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise StorageAccessDenied(f"{name}={raw!r} is not an integer", field=name) from None
-    if not lo <= value <= hi:
-        raise StorageAccessDenied(f"{name}={value} must be between {lo} and {hi}", field=name)
-    return value
 
 
 def _mask(value: str | None) -> str | None:
@@ -99,7 +72,7 @@ class S3Config:
         MinIO, SeaweedFS and Ceph expect) unless S3_ADDRESSING_STYLE says otherwise. Without
         AWS_ACCESS_KEY_ID, boto3's default chain (IRSA web identity, instance roles, ~/.aws) is used.
         """
-        use_https = _flag(env, "S3_USE_HTTPS", True)
+        use_https = env_bool(env, "S3_USE_HTTPS", True, error=StorageAccessDenied)
         endpoint = None
         for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "S3_ENDPOINT"):
             raw = (env.get(name) or "").strip()
@@ -107,7 +80,7 @@ class S3Config:
                 endpoint = _normalize_endpoint(raw, name, use_https)
                 break
 
-        verify: bool | str = _flag(env, "S3_VERIFY_SSL", True)
+        verify: bool | str = env_bool(env, "S3_VERIFY_SSL", True, error=StorageAccessDenied)
         ca_bundle = (env.get("AWS_CA_BUNDLE") or "").strip()
         if ca_bundle and verify:
             if not Path(ca_bundle).is_file():
@@ -152,7 +125,7 @@ class S3Config:
             session_token=token,
             verify=verify,
             addressing_style=style,
-            max_attempts=_int(env, "AWS_MAX_ATTEMPTS", 5, 1, 20),
+            max_attempts=env_int(env, "AWS_MAX_ATTEMPTS", 5, 1, 20, error=StorageAccessDenied),
             retry_mode=retry_mode,
         )
         values.update(overrides)

@@ -5,8 +5,9 @@ file's SHA-256 as object metadata (`x-amz-meta-sha256`), asks the server to chec
 part on receipt (`ChecksumAlgorithm=SHA256`), and then HEADs the object and compares its size, its
 metadata and the server's (composite) SHA-256 with what was computed locally from the same bytes,
 so the object in the bucket is the file on disk without downloading it again. Downloads land in a
-temporary file that is renamed into place only after size and SHA-256 match. URIs are in uri.py,
-configuration in config.py, error mapping in errors.py, digests in ../digests.py.
+temporary file that is renamed into place only after size and SHA-256 match. The checks are in
+verify.py, boto3's client and transfer settings in client.py, ObjectInfo in objects.py, URIs in
+uri.py, configuration in config.py, error mapping in errors.py, digests in ../digests.py.
 
 Failures map to two exit codes: `StorageError` (40, retriable: unreachable endpoint, timeouts, 5xx)
 and `StorageAccessDenied` (41, permanent: wrong credentials, missing bucket, bad configuration).
@@ -15,7 +16,6 @@ Messages name the URI and the fix; the secret key and session token never appear
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import logging
 import os
@@ -23,73 +23,29 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ..digests import FileDigest, file_digest
+from ..digests import FileDigest, bytes_digest, file_digest
 from ..errors import BuildError, StorageAccessDenied, StorageError
+from .client import TransferProgress, make_client, make_transfer_config
 from .config import MIB, S3Config
 from .errors import NOT_FOUND_CODES, ChecksumMismatch, ObjectNotFound, error_code, map_error, scrub
+from .objects import SHA256_METADATA_KEY, ObjectInfo, ProgressCallback
 from .uri import InvalidS3Uri, S3Uri, check_segments
+from .verify import check_download, check_upload
 
 log = logging.getLogger(__name__)
-
-SHA256_METADATA_KEY = "sha256"  # sent as x-amz-meta-sha256
-
-
-
-@dataclass(frozen=True)
-class ObjectInfo:
-    uri: S3Uri
-    size: int
-    etag: str
-    sha256: str | None = None  # hex, from x-amz-meta-sha256
-    checksum_sha256: str | None = None  # server's base64 digest ("...-N" when composite)
-    last_modified: datetime | None = None
-
-
-ProgressCallback = Callable[[int], None]
 
 
 class S3Store:
     """boto3 client + managed transfers with verification. Thread-safe (boto3 clients are)."""
 
     def __init__(self, config: S3Config | None = None) -> None:
-        import boto3
-        from boto3.s3.transfer import TransferConfig
-        from botocore.config import Config
-
         self.config = config or S3Config.from_env()
-        cfg = self.config
-        session = boto3.session.Session(
-            aws_access_key_id=cfg.access_key_id,
-            aws_secret_access_key=cfg.secret_access_key,
-            aws_session_token=cfg.session_token,
-            region_name=cfg.region,
-        )
-        self._client = session.client(
-            "s3",
-            endpoint_url=cfg.endpoint_url,
-            verify=cfg.verify,
-            config=Config(
-                signature_version="s3v4",
-                s3={"addressing_style": cfg.addressing_style},
-                retries={"mode": cfg.retry_mode, "max_attempts": cfg.max_attempts},
-                connect_timeout=cfg.connect_timeout_s,
-                read_timeout=cfg.read_timeout_s,
-                max_pool_connections=max(10, cfg.max_concurrency + 2),
-                tcp_keepalive=True,
-            ),
-        )
-        self._transfer_config = TransferConfig(
-            multipart_threshold=cfg.multipart_threshold,
-            multipart_chunksize=cfg.multipart_chunksize,
-            max_concurrency=cfg.max_concurrency,
-            use_threads=True,
-            preferred_transfer_client="classic",
-        )
+        self._client = make_client(self.config)
+        self._transfer_config = make_transfer_config(self.config)
         self._lock = threading.Lock()
         self._buckets_seen: set[str] = set()
 
@@ -217,7 +173,8 @@ class S3Store:
         for attempt in range(1, attempts + 1):
             try:
                 info = self._upload_once(path, uri, content_type, progress)
-                self._abort_stale_uploads(uri, before=started)
+                # Parts of earlier attempts that died with the server (abort impossible then) are dropped now.
+                self.abort_multipart_uploads(uri, exact=True, quiet=True, before=started)
                 return info
             except BuildError as exc:
                 last = exc
@@ -241,7 +198,7 @@ class S3Store:
         }
         if content_type:
             extra["ContentType"] = content_type
-        subscribers = [_Progress(progress)] if progress else None
+        subscribers = [TransferProgress(progress)] if progress else None
         manager = self._manager()
         try:
             future = manager.upload(str(path), uri.bucket, uri.key, extra_args=extra, subscribers=subscribers)
@@ -258,8 +215,7 @@ class S3Store:
 
     def put_bytes(self, uri: S3Uri, data: bytes, *, content_type: str = "application/json") -> ObjectInfo:
         """Small objects (manifests, configs): one PUT, server-checked SHA-256, verified by HEAD."""
-        sha = hashlib.sha256(data)
-        digest = FileDigest(len(data), sha.hexdigest(), base64.b64encode(sha.digest()).decode())
+        digest = bytes_digest(data)
         self.check_bucket(uri)
         attempts = max(1, self.config.upload_attempts)
         for attempt in range(1, attempts + 1):
@@ -281,20 +237,8 @@ class S3Store:
         raise AssertionError("unreachable")
 
     def _verify_upload(self, uri: S3Uri, digest: FileDigest) -> ObjectInfo:
-        info = self.head(uri)
-        if info is None:
-            raise StorageError(f"upload to {uri} reported success but the object is not there")
-        if info.size != digest.size:
-            raise ChecksumMismatch(f"upload to {uri}: object has {info.size} bytes, file has {digest.size}")
-        if info.sha256 != digest.sha256:
-            raise ChecksumMismatch(
-                f"upload to {uri}: x-amz-meta-sha256 is {info.sha256}, file is {digest.sha256} "
-                "(another writer replaced the object?)"
-            )
-        if info.checksum_sha256 is not None and info.checksum_sha256 != digest.s3_checksum:
-            raise ChecksumMismatch(
-                f"upload to {uri}: server SHA-256 {info.checksum_sha256} != local {digest.s3_checksum}"
-            )
+        """HEAD the object just written and check it against the local digest (verify.check_upload)."""
+        info = check_upload(uri, self.head(uri), digest)
         if info.checksum_sha256 is None:
             log.debug("%s: store reports no ChecksumSHA256; verified by size and metadata only", uri)
         return info
@@ -327,10 +271,6 @@ class S3Store:
             log.info("aborted %d unfinished multipart upload(s) of %s", aborted, uri)
         return aborted
 
-    def _abort_stale_uploads(self, uri: S3Uri, before: datetime) -> None:
-        # Parts of earlier attempts that died with the server (abort impossible then) are dropped now.
-        self.abort_multipart_uploads(uri, exact=True, quiet=True, before=before)
-
     # ---- downloads -------------------------------------------------------------------------
 
     def download_file(
@@ -362,23 +302,14 @@ class S3Store:
         try:
             manager = self._manager()
             try:
-                subscribers = [_Progress(progress)] if progress else None
+                subscribers = [TransferProgress(progress)] if progress else None
                 # A concurrent overwrite between HEAD and GET is caught by the SHA-256 check below.
                 manager.download(uri.bucket, uri.key, str(tmp), subscribers=subscribers).result()
             except Exception as exc:  # noqa: BLE001
                 raise self._fail(exc, "download", uri) from None
             finally:
                 manager.shutdown()
-            got_size = tmp.stat().st_size
-            if got_size != info.size:
-                raise ChecksumMismatch(f"download {uri}: got {got_size} bytes, object has {info.size}")
-            if want or (info.checksum_sha256 and "-" not in info.checksum_sha256):
-                digest = file_digest(tmp)
-                if want and digest.sha256 != want:
-                    raise ChecksumMismatch(f"download {uri}: SHA-256 {digest.sha256} != expected {want}")
-                if not want and digest.s3_checksum != info.checksum_sha256:
-                    raise ChecksumMismatch(f"download {uri}: SHA-256 differs from the server's checksum")
-            else:
+            if not check_download(uri, tmp, info, want):
                 log.warning("%s has no SHA-256 (not uploaded by enginebuild): verified by size only", uri)
             os.replace(tmp, dest)
         finally:
@@ -465,18 +396,3 @@ class S3Store:
         self.abort_multipart_uploads(uri, quiet=True)
         return len(keys)
 
-
-class _Progress:
-    """s3transfer subscriber forwarding byte counts (tests use it to kill the server mid-upload)."""
-
-    def __init__(self, callback: ProgressCallback) -> None:
-        self._callback = callback
-
-    def on_queued(self, future: Any, **kwargs: Any) -> None:  # s3transfer subscriber protocol
-        pass
-
-    def on_progress(self, future: Any, bytes_transferred: int, **kwargs: Any) -> None:
-        self._callback(bytes_transferred)
-
-    def on_done(self, future: Any, **kwargs: Any) -> None:
-        pass

@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from enginebuild_contract.report import (
-    Accuracy, Artifact, EncoderReport, EngineReport, OnnxPair, Percentiles, Report, termination_message,
-)
-from enginebuild_contract import layout as publish
+from enginebuild_contract.report import Accuracy, Artifact, EncoderReport, EngineReport, OnnxPair, Percentiles, Report
+from enginebuild_contract.report_summary import termination_message
+from enginebuild_contract import manifests as publish
 from enginebuild_contract.s3.store import S3Store
 
 

@@ -22,8 +22,9 @@ import pytest
 import yaml
 
 from enginebuild_operator.config import load_config
-from enginebuild_devstack.chart import CHART, NAMESPACE, REPO, render
+from enginebuild_devstack.chart import CHART, NAMESPACE, render
 
+REPO = Path(__file__).resolve().parent.parent
 KUBE_VERSION = "1.32"
 # Custom resources kubernetes-validate has no schema for (not part of Kubernetes itself).
 NOT_IN_KUBERNETES_SCHEMAS = {"ServiceMonitor", "PrometheusRule", "ClusterKopfPeering", "KopfPeering"}

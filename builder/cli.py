@@ -69,12 +69,6 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_demo)
 
 
-def _add_crd(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("crd", help="print the EngineBuild CRD generated from the spec schema")
-    p.add_argument("--output", "-o", default="-", help="file to write (default stdout)")
-    p.set_defaults(func=_run("enginebuild_contract.crd", "main"))
-
-
 def _run(module: str, attr: str) -> Callable[[argparse.Namespace], int]:
     def call(args: argparse.Namespace) -> int:
         import importlib
@@ -114,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
                         help="log verbosity, case-insensitive (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_build, _add_trtexec_report, _add_operator, _add_demo, _add_crd):
+    for add in (_add_build, _add_trtexec_report, _add_operator, _add_demo):
         add(sub)
     return parser
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from importlib import metadata
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 
 ENGINEBUILD = Path(sys.executable).parent / "enginebuild"
+ENGINEBUILD_DEV = Path(sys.executable).parent / "enginebuild-dev"  # the dev distribution's (devstack/)
+TRTEXEC_LOG = Path(__file__).resolve().parent / "fixtures" / "trtexec" / "trt10.16.1_handwritten_truncated.log"
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -22,14 +25,15 @@ def test_version_prints_the_package_version() -> None:
     assert run.stdout.strip() == f"enginebuild {metadata.version('enginebuild')}"
 
 
-def test_log_level_is_one_of_the_levels_in_any_case(tmp_path: Path) -> None:
-    bad = _run("--log-level", "nonsense", "crd", "-o", str(tmp_path / "crd.yaml"))
+def test_log_level_is_one_of_the_levels_in_any_case() -> None:
+    log = str(TRTEXEC_LOG)
+    bad = _run("--log-level", "nonsense", "trtexec-report", log)
     assert bad.returncode == 2
     assert "argument --log-level: invalid choice: 'NONSENSE'" in bad.stderr and "DEBUG" in bad.stderr
-    assert not (tmp_path / "crd.yaml").exists()
-    good = _run("--log-level", "warning", "crd", "-o", str(tmp_path / "crd.yaml"))
+    assert bad.stdout == ""
+    good = _run("--log-level", "warning", "trtexec-report", log)
     assert good.returncode == 0, good.stderr
-    assert "kind: CustomResourceDefinition" in (tmp_path / "crd.yaml").read_text()
+    assert json.loads(good.stdout)["trt_version"] == "10.16.1"
 
 
 @pytest.mark.parametrize("args", [["--namespace", "a", "--all-namespaces"],
@@ -47,3 +51,11 @@ def test_top_level_help_is_for_users() -> None:
     assert "FP8 TensorRT engines" in text and "--version" in text and "{DEBUG,INFO,WARNING,ERROR}" in text
     for internal in ("console script", "lazily", "no torch", "stays fast"):
         assert internal not in text, internal
+
+
+def test_generators_are_dev_commands_not_product_ones() -> None:
+    product = _run("crd")
+    assert product.returncode == 2 and "invalid choice: 'crd'" in product.stderr
+    dev = subprocess.run([str(ENGINEBUILD_DEV), "--help"], capture_output=True, text=True, timeout=120)
+    assert dev.returncode == 0, dev.stderr
+    assert "crd" in dev.stdout and "spec-reference" in dev.stdout

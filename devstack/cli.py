@@ -13,12 +13,13 @@ from .checkout import CheckoutNotFound, checkout
 
 DESCRIPTION = (
     "Developer commands of enginebuild, run from a checkout: regenerate the files generated from the "
-    "contract's models (`crd`, `spec-reference`)."
+    "contract's models (`crd`, `spec-reference`, `errors-table`)."
 )
 # subcommand -> (module under enginebuild_devstack.generate, help)
 GENERATORS = {
     "crd": ("crd", "the EngineBuild CRD generated from the spec and status models"),
     "spec-reference": ("spec_reference", "docs/spec.md, the spec reference generated from the models"),
+    "errors-table": ("errors_table", "docs/errors.md, the exit codes and reasons of contract/errors.py"),
 }
 
 

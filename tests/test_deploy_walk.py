@@ -56,7 +56,7 @@ from enginebuild_devstack.monitoring import (
 from enginebuild_devstack.prometheus import Prometheus
 from enginebuild_devstack.seaweedfs import SeaweedFS
 from enginebuild_devstack.stack import OperatorProcess
-from enginebuild_operator.dashboards import dashboard_exprs
+from plugins.dashboards import dashboard_exprs
 from plugins.kube import KUBECTL, wait_for
 
 REPO = Path(__file__).resolve().parent.parent

@@ -29,10 +29,10 @@ from typing import Any, Iterator
 import pytest
 
 from enginebuild_contract.layout import build_exists
-from enginebuild_operator.dashboards import alert_exprs, alert_rules, dashboard_exprs, metric_names
 from enginebuild_devstack.demo import demo_manifest, stack_for
 from enginebuild_devstack.prometheus import find_prometheus
 from enginebuild_devstack.stack import LocalStack, condition
+from plugins.dashboards import alert_exprs, alert_rules, dashboard_exprs, metric_names
 from plugins.kube import KUBECTL, Kubectl, wait_for
 from plugins.operator_proc import metric_value
 

@@ -12,8 +12,9 @@ from typing import Callable
 from .checkout import CheckoutNotFound, checkout
 
 DESCRIPTION = (
-    "Developer commands of enginebuild, run from a checkout: regenerate the files generated from the "
-    "contract's models (`crd`, `spec-reference`, `errors-table`)."
+    "Developer commands of enginebuild, run from a checkout: the whole product on this machine on a "
+    "dev-only embedded stack (`demo`), and the files generated from the contract's models (`crd`, "
+    "`spec-reference`, `errors-table`)."
 )
 # subcommand -> (module under enginebuild_devstack.generate, help)
 GENERATORS = {
@@ -21,6 +22,21 @@ GENERATORS = {
     "spec-reference": ("spec_reference", "docs/spec.md, the spec reference generated from the models"),
     "errors-table": ("errors_table", "docs/errors.md, the exit codes and reasons of contract/errors.py"),
 }
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="run the whole product on this machine (dev-only embedded stack)")
+    p.add_argument("--keep", action="store_true", help="leave the stack running; prints a kubeconfig")
+    p.add_argument("--workdir", default=None, help="where the stack keeps its data (default: a temp dir)")
+    p.add_argument("--prometheus", action="store_true", help="also start Prometheus if installed")
+    p.set_defaults(func=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    checkout()  # before anything starts: outside a checkout, say so instead of failing half-way
+    from .demo import main
+
+    return int(main(args) or 0)
 
 
 def _add_generator(sub: argparse._SubParsersAction, name: str, module: str, what: str) -> None:
@@ -54,6 +70,7 @@ def _generate(module: str) -> Callable[[argparse.Namespace], int]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="enginebuild-dev", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_demo(sub)
     for name, (module, what) in GENERATORS.items():
         _add_generator(sub, name, module, what)
     return parser

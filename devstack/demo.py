@@ -1,4 +1,4 @@
-"""`enginebuild demo`: the whole product on this machine, with no cluster and no GPU.
+"""`enginebuild-dev demo`: the whole product on this machine, with no cluster and no GPU.
 
 It starts the dev-only LocalStack (a real Kubernetes control plane built from upstream, SeaweedFS,
 the operator, the process kubelet, optionally Prometheus; all on 127.0.0.1), writes a tiny open_clip checkpoint to S3, applies

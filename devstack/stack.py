@@ -1,4 +1,4 @@
-"""DEV ONLY: the whole product on one machine, on 127.0.0.1: `enginebuild demo` and the end-to-end
+"""DEV ONLY: the whole product on one machine, on 127.0.0.1: `enginebuild-dev demo` and the end-to-end
 tests start it through this one class, so the tests prove exactly what the demo shows.
 
 Parts, in start order (each stopped by its PID, in reverse order, whatever happens):
@@ -72,7 +72,7 @@ class OperatorProcess:
     env: dict[str, str]
     log_path: Path
     args: tuple[str, ...] = ("--standalone",)
-    command: tuple[str, ...] = (sys.executable, "-m", "enginebuild_builder.cli")
+    command: tuple[str, ...] = (sys.executable, "-m", "enginebuild_cli")  # the `enginebuild` console script
     proc: subprocess.Popen[bytes] | None = None
     metrics_port: int = 0
     health_port: int = 0

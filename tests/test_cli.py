@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from importlib import metadata
@@ -53,9 +54,45 @@ def test_top_level_help_is_for_users() -> None:
         assert internal not in text, internal
 
 
-def test_generators_are_dev_commands_not_product_ones() -> None:
-    product = _run("crd")
-    assert product.returncode == 2 and "invalid choice: 'crd'" in product.stderr
+def test_product_command_composes_the_data_plane_and_the_operator() -> None:
+    run = _run("--help")
+    assert run.returncode == 0, run.stderr
+    assert "{build,trtexec-report,operator}" in run.stdout
+    for dev_only in ("demo", "crd"):
+        refused = _run(dev_only)
+        assert refused.returncode == 2 and f"invalid choice: '{dev_only}'" in refused.stderr
+
+
+def test_builder_cli_on_its_own_has_only_the_data_plane() -> None:
+    run = subprocess.run([sys.executable, "-m", "enginebuild_builder.cli", "operator"], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 2 and "invalid choice: 'operator'" in run.stderr
+
+
+def test_building_the_parser_imports_no_plane_machinery() -> None:
+    """`--help` stays fast, and the operator image (no torch) can parse `enginebuild operator`."""
+    probe = ("import sys; from enginebuild_cli.main import build_parser; build_parser(); "
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in {'kopf', 'kubernetes', 'torch', 'boto3'} "
+             "or m in {'enginebuild_operator.main', 'enginebuild_builder.pipeline'} "
+             "or m.startswith('enginebuild_devstack')))")
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
+
+
+def test_dev_commands_are_their_own_console_script() -> None:
     dev = subprocess.run([str(ENGINEBUILD_DEV), "--help"], capture_output=True, text=True, timeout=120)
     assert dev.returncode == 0, dev.stderr
-    assert all(name in dev.stdout for name in ("crd", "spec-reference", "errors-table"))
+    assert "{demo,crd,spec-reference,errors-table}" in dev.stdout
+    same = subprocess.run([sys.executable, "-m", "enginebuild_devstack", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert same.returncode == 0 and same.stdout == dev.stdout
+
+
+def test_dev_demo_outside_a_checkout_says_how_to_point_at_one(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "ENGINEBUILD_CHECKOUT"}
+    run = subprocess.run([str(ENGINEBUILD_DEV), "demo", "--workdir", str(tmp_path / "demo")], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert "ENGINEBUILD_CHECKOUT=" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "demo").exists()  # nothing was started

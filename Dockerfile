@@ -22,6 +22,7 @@ COPY pyproject.toml requirements.lock builder-gpu.lock README.md ./
 COPY contract/ contract/
 COPY builder/ builder/
 COPY operator/ operator/
+COPY cli/ cli/
 
 # ---------------------------------------------------------------------------------------------------
 # Wheels for the operator image, built apart so the final image has no build tooling.

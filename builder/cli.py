@@ -1,20 +1,28 @@
-"""`enginebuild`: the one console script. Each subcommand imports its module lazily, so that the
-operator image (no torch) can run `enginebuild operator` and `--help` stays fast. This docstring is
-for developers; what `--help` shows users is DESCRIPTION."""
+"""The data plane's command line: `enginebuild build` and `enginebuild trtexec-report`.
+
+The user-facing `enginebuild` is composed in enginebuild_cli (cli/main.py), which adds these
+subcommands beside the operator's; this module never reaches the control plane. `main()` is the
+builder on its own (`python -m enginebuild_builder.cli build ...`, bench/gpu_export.py). Each
+subcommand imports its module when it runs, so that `--help` stays fast and the operator image (no
+torch) can build the whole parser. This docstring is for developers; what `--help` shows users is
+DESCRIPTION.
+
+The conventions every enginebuild command follows (`--version`, `--log-level`, logging, a BuildError
+ending the process with its exit code from docs/errors.md) are add_global_options() and run(), which
+the composed command uses too.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from typing import Callable
 
 from enginebuild_contract.errors import BuildError
 
 DESCRIPTION = (
-    "Build FP8 TensorRT engines of CLIP models: run a build from a spec (`build`), the Kubernetes "
-    "operator that runs builds as Jobs (`operator`), or a local demo (`demo`). Exit codes and failure "
-    "reasons: docs/errors.md."
+    "Build FP8 TensorRT engines of CLIP models from a spec (`build`) and read trtexec logs "
+    "(`trtexec-report`). Exit codes and failure reasons: docs/errors.md."
 )
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -37,7 +45,7 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="write the compact summary here (the operator sets /dev/termination-log)",
     )
-    p.set_defaults(func=_run("enginebuild_builder.pipeline", "main"))
+    p.set_defaults(func=_build)
 
 
 def _add_trtexec_report(sub: argparse._SubParsersAction) -> None:
@@ -47,56 +55,25 @@ def _add_trtexec_report(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--times", default=None, help="--exportTimes JSON")
     p.add_argument("--layer-info", default=None, help="--exportLayerInfo JSON")
     p.add_argument("--top", type=int, default=10, help="how many of the slowest layers to list")
-    p.set_defaults(func=_run("enginebuild_builder.trtexec_report", "main"))
+    p.set_defaults(func=_trtexec_report)
 
 
-def _add_operator(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("operator", help="run the Kubernetes operator (kopf)")
-    scope = p.add_mutually_exclusive_group()
-    scope.add_argument("--namespace", action="append", default=None, metavar="NAMESPACE",
-                       help="watch only this namespace (repeat for several)")
-    scope.add_argument("--all-namespaces", action="store_true", help="watch the whole cluster (the default)")
-    p.add_argument("--standalone", action="store_true", help="no peering (single replica)")
-    p.add_argument("--verbose", action="store_true", help="log at DEBUG, kopf's own messages included")
-    p.set_defaults(func=_run("enginebuild_operator.main", "main"))
+def _build(args: argparse.Namespace) -> int:
+    from .pipeline import main
+
+    return int(main(args) or 0)
 
 
-def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the whole product on this machine (dev-only embedded stack)")
-    p.add_argument("--keep", action="store_true", help="leave the stack running; prints a kubeconfig")
-    p.add_argument("--workdir", default=None, help="where the stack keeps its data (default: a temp dir)")
-    p.add_argument("--prometheus", action="store_true", help="also start Prometheus if installed")
-    p.set_defaults(func=_run_demo)
+def _trtexec_report(args: argparse.Namespace) -> int:
+    from .trtexec_report import main
+
+    return int(main(args) or 0)
 
 
-def _add_crd(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("crd", help="print the EngineBuild CRD generated from the spec schema")
-    p.add_argument("--output", "-o", default="-", help="file to write (default stdout)")
-    p.set_defaults(func=_run("enginebuild_contract.crd", "main"))
-
-
-def _run(module: str, attr: str) -> Callable[[argparse.Namespace], int]:
-    def call(args: argparse.Namespace) -> int:
-        import importlib
-
-        return int(getattr(importlib.import_module(module), attr)(args) or 0)
-
-    return call
-
-
-def _run_demo(args: argparse.Namespace) -> int:
-    """The demo lives in the dev-only stack, a distribution of its own that images never install."""
-    import importlib
-
-    try:
-        demo = importlib.import_module("enginebuild_devstack.demo")   # by name: products never import it
-    except ModuleNotFoundError as exc:
-        if exc.name is None or not exc.name.startswith("enginebuild_devstack"):
-            raise
-        print("enginebuild demo needs the dev stack, which this installation does not have: from a checkout, "
-              "run `bash .ci/demo.sh` (or `pip install -e devstack`)", file=sys.stderr)
-        return 2
-    return int(demo.main(args) or 0)
+def add_subcommands(sub: argparse._SubParsersAction) -> None:
+    """The data plane's subcommands, for this module's parser and the composed `enginebuild`."""
+    _add_build(sub)
+    _add_trtexec_report(sub)
 
 
 def _version() -> str:
@@ -108,30 +85,36 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="enginebuild", description=DESCRIPTION)
+def add_global_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
                         help="log verbosity, case-insensitive (default INFO)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_build, _add_trtexec_report, _add_operator, _add_demo, _add_crd):
-        add(sub)
-    return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """Set up logging and run the parsed subcommand; a BuildError ends with its exit code."""
     logging.basicConfig(
         level=getattr(logging, args.log_level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        return args.func(args)
+        return int(args.func(args) or 0)
     except BuildError as exc:
         logging.getLogger("enginebuild").error("%s (%s, exit %d)", exc, exc.reason, exc.exit_code)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="enginebuild", description=DESCRIPTION)
+    add_global_options(parser)
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

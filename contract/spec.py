@@ -1,9 +1,10 @@
 """The EngineBuild `spec`: one typed schema shared by the builder, the operator and the CRD.
 
 The builder reads it from a YAML file (`enginebuild build --spec`), the operator reads it from the
-custom resource, and `crds/enginebuild.yaml` is generated from these models (`enginebuild crd`), so
-the three can never disagree. Field names are camelCase, as Kubernetes users expect; unknown fields
-are rejected so a typo (`batchsize`) fails loudly instead of silently using a default.
+custom resource, and `crds/enginebuild.yaml` is generated from these models (the dev-only
+`enginebuild-dev crd --write`, devstack/generate/crd.py), so the three can never disagree. Field
+names are camelCase, as Kubernetes users expect; unknown fields are rejected so a typo (`batchsize`)
+fails loudly instead of silently using a default.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The EngineBuild `status`: written by the operator, read by kubectl, Argo CD, Flux and dashboards.
 
-Kept beside the spec so the CRD generator (contract/crd.py) derives the status schema from the same
+Kept beside the spec so the CRD generator (devstack/generate/crd.py) derives the status schema from the same
 models. No floats (Kubernetes API conventions): ratios and latencies are decimal strings or integer
 micro-units. Conditions follow metav1.Condition; `Ready` is the summary.
 """

@@ -9,16 +9,29 @@ from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-CHART = REPO / "charts" / "enginebuild"
+from .checkout import checkout
+
 NAMESPACE = "enginebuild-system"
 RBAC_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
+
+
+def chart_dir() -> Path:
+    """charts/enginebuild of the checkout (checkout.py finds it)."""
+    return checkout() / "charts" / "enginebuild"
+
+
+def __getattr__(name: str) -> Any:
+    """`CHART`, the same folder as chart_dir(), located when first read (not when this module is
+    imported), so importing the dev stack never needs the checkout."""
+    if name == "CHART":
+        return chart_dir()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def render(values: dict[str, Any] | None = None, name: str = "eb", namespace: str = NAMESPACE) -> list[dict[str, Any]]:
     import helm_python as helm
 
-    chart = helm.Chart.load(str(CHART))
+    chart = helm.Chart.load(str(chart_dir()))
     out = chart.render(values or {}, name=name, namespace=namespace, is_install=True)
     docs: list[dict[str, Any]] = []
     for path, text in sorted(out.items()):

@@ -11,6 +11,7 @@ from typing import Any, Iterable
 
 import yaml
 
+from .chart import chart_dir
 from .kube_http import KubeApiError, KubeHttp, resource_path
 
 Obj = dict[str, Any]
@@ -87,12 +88,10 @@ def ensure_namespace(http: KubeHttp, name: str, labels: dict[str, str] | None = 
         time.sleep(0.1)
 
 
-KOPF_PEERING_CRDS = Path(__file__).resolve().parents[1] / "charts" / "enginebuild" / "crds" / "kopf-peering.yaml"
-
-
 def kopf_peering_crds() -> list[Obj]:
     """kopf's peering CRDs exactly as the chart ships them (its crds/ folder): one source."""
-    return [d for d in yaml.safe_load_all(KOPF_PEERING_CRDS.read_text()) if d]
+    path = chart_dir() / "crds" / "kopf-peering.yaml"
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
 def install_kopf_peering(api: Any, peering: str = "default", namespaces: Iterable[str] = ()) -> None:

@@ -1,4 +1,4 @@
-"""`enginebuild demo`: the whole product on this machine, with no cluster and no GPU.
+"""`enginebuild-dev demo`: the whole product on this machine, with no cluster and no GPU.
 
 It starts the dev-only LocalStack (a real Kubernetes control plane built from upstream, SeaweedFS,
 the operator, the process kubelet, optionally Prometheus; all on 127.0.0.1), writes a tiny open_clip checkpoint to S3, applies
@@ -35,12 +35,12 @@ from rich.tree import Tree
 
 from enginebuild_contract.s3.uri import parse_s3_uri
 
+from .checkout import checkout
 from .prometheus import find_prometheus
 from .stack import LocalStack, StackError, condition
 
-REPO = Path(__file__).resolve().parents[1]
-EXAMPLE = REPO / "examples" / "demo-tiny-clip.yaml"
-MODEL_CONFIG = REPO / "examples" / "models" / "tiny-clip.json"
+EXAMPLE = Path("examples") / "demo-tiny-clip.yaml"   # relative to the checkout (checkout.py)
+MODEL_CONFIG = Path("examples") / "models" / "tiny-clip.json"
 FOLLOW_TIMEOUT_S = 15 * 60
 NO_GPU_NOTE = ("No `trtexec` found (set $TRTEXEC or put it on PATH): this machine cannot build TensorRT engines. "
                "Engines need a GPU node with TensorRT (the builder image is based on NVIDIA's TensorRT container). "
@@ -91,7 +91,7 @@ def detect_trtexec() -> tuple[str | None, str | None]:
 
 def demo_manifest(with_targets: bool) -> dict[str, Any]:
     """examples/demo-tiny-clip.yaml, without its GPU targets when engines cannot be built here."""
-    doc = yaml.safe_load(EXAMPLE.read_text())
+    doc = yaml.safe_load((checkout() / EXAMPLE).read_text())
     if not with_targets:
         doc = copy.deepcopy(doc)
         doc["spec"]["targets"] = []
@@ -325,11 +325,11 @@ def main(args: argparse.Namespace) -> int:
                       highlight=False, soft_wrap=True)
         model = doc["spec"]["model"]
         with console.status("writing the tiny open_clip checkpoint (random weights) and its config to S3 ..."):
-            written = stack.upload_model(MODEL_CONFIG, model["config"], model["checkpoint"])
+            written = stack.upload_model(checkout() / MODEL_CONFIG, model["config"], model["checkpoint"])
         for uri, size in written.items():
             console.print(f"  {uri}  {human_bytes(size)}", highlight=False)
         stack.apply(doc)
-        console.print(f"applied {EXAMPLE.relative_to(REPO)}{'' if trtexec else ' (targets removed)'}")
+        console.print(f"applied {EXAMPLE}{'' if trtexec else ' (targets removed)'}")
         progress = follow(stack, name, console)
         ready = progress.ready()
         report(stack, doc, progress, console)

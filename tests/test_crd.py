@@ -6,6 +6,7 @@ CEL rules through cel-python), because no API server can run here.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -18,7 +19,6 @@ import yaml
 from plugins.crdcheck import admission_errors, apply_defaults, cel_rules, openapi_schema
 
 from enginebuild_contract.constants import GROUP, KIND, PLURAL, SHORT_NAME, TRTEXEC_ALLOWED_EXTRA_FLAGS, VERSION
-from enginebuild_contract.crd import build_crd, render_crd
 from enginebuild_contract.errors import SpecError
 from enginebuild_contract.spec import EngineBuildSpec, parse_spec
 from enginebuild_contract.status_model import (
@@ -30,6 +30,7 @@ from enginebuild_contract.status_model import (
     OnnxStatus,
     SummaryStatus,
 )
+from enginebuild_devstack.generate.crd import TARGETS, build_crd, render
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
@@ -46,15 +47,25 @@ def _load(path: Path) -> dict[str, Any]:
 def test_cli_output_equals_committed_crd_and_chart_copy(tmp_path: Path) -> None:
     out = tmp_path / "crd.yaml"
     proc = subprocess.run(
-        [sys.executable, "-m", "enginebuild_builder.cli", "crd", "-o", str(out)], capture_output=True, text=True
+        [sys.executable, "-m", "enginebuild_devstack", "crd", "-o", str(out)], capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr
     generated = out.read_text()
-    assert generated == render_crd()
-    assert (REPO / "crds" / "enginebuild.yaml").read_text() == generated, "run: enginebuild crd -o crds/enginebuild.yaml"
-    assert (REPO / "charts" / "enginebuild" / "crds" / "enginebuild.yaml").read_text() == generated, (
-        "copy crds/enginebuild.yaml to charts/enginebuild/crds/"
-    )
+    assert generated == render()
+    assert TARGETS == ("crds/enginebuild.yaml", "charts/enginebuild/crds/enginebuild.yaml")
+    for target in TARGETS:
+        assert (REPO / target).read_text() == generated, f"{target} is stale: run enginebuild-dev crd --write"
+
+
+def test_write_rewrites_both_committed_copies_in_the_checkout(tmp_path: Path) -> None:
+    for target in TARGETS:
+        (tmp_path / target).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / target).write_text("stale\n")
+    env = {k: v for k, v in os.environ.items() if k != "ENGINEBUILD_CHECKOUT"}  # found from the cwd
+    proc = subprocess.run([sys.executable, "-m", "enginebuild_devstack", "crd", "--write"], cwd=tmp_path / "crds",
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert all((tmp_path / target).read_text() == render() for target in TARGETS)
 
 
 def test_crd_names_and_printer_columns() -> None:

@@ -2,7 +2,7 @@
 when (and only when) they should: checked with the real `promtool` (Debian's prometheus package).
 
 The end-to-end evaluation of every dashboard query against a Prometheus scraping a running operator
-uses `enginebuild_operator.dashboards.dashboard_exprs()` (written by the e2e test, not here).
+uses `plugins.dashboards.dashboard_exprs()` (written by the e2e test, not here).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from enginebuild_operator.dashboards import (
+from plugins.dashboards import (
     ALERTS_PATH,
     DASHBOARD_PATH,
     alert_exprs,

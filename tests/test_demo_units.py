@@ -122,3 +122,12 @@ def test_prometheus_config_scrapes_the_operator_every_second(tmp_path: Path) -> 
     assert config["scrape_configs"][0]["static_configs"] == [{"targets": ["127.0.0.1:9999"]}]
     assert config["rule_files"] == [str(tmp_path / "rules.yaml")]
     assert prom.url.startswith("http://127.0.0.1:")
+
+
+def test_the_dev_command_runs_the_demo_with_its_options() -> None:
+    from enginebuild_devstack.cli import build_parser
+
+    args = build_parser().parse_args(["demo", "--keep", "--prometheus", "--workdir", "/tmp/x"])
+    assert (args.keep, args.prometheus, args.workdir) == (True, True, "/tmp/x")
+    assert args.func.__name__ == "_demo"
+    assert build_parser().parse_args(["demo"]).workdir is None

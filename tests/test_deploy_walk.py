@@ -56,7 +56,7 @@ from enginebuild_devstack.monitoring import (
 from enginebuild_devstack.prometheus import Prometheus
 from enginebuild_devstack.seaweedfs import SeaweedFS
 from enginebuild_devstack.stack import OperatorProcess
-from enginebuild_operator.dashboards import dashboard_exprs
+from plugins.dashboards import dashboard_exprs
 from plugins.kube import KUBECTL, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -238,7 +238,7 @@ class Walk:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_", "ENGINEBUILD_")) and k != "KUBECONFIG"}
         env.update(container_env(http, "enginebuild-system", container), KUBECONFIG=str(identity))
         self.operator = OperatorProcess(env, self.tmp / "operator.log", tuple(container.get("args") or ()),
-                                        command=(sys.executable, "-m", "enginebuild_builder.cli", *command[1:-1]))
+                                        command=(sys.executable, "-m", "enginebuild_cli", *command[1:-1]))
         self.operator.start()
         self.operator_template = template
 

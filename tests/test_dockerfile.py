@@ -247,6 +247,22 @@ def test_operator_image_has_no_torch(stages: dict[str, Stage]) -> None:
     assert "[builder]" not in wheels
 
 
+def test_images_install_the_product_only(stages: dict[str, Stage]) -> None:
+    """No image gets the dev extra or the dev stack: the operator image installs the wheel of `.`,
+    the builder image `.[builder]`; devstack/ is not even in the build context."""
+    for stage in stages.values():
+        for inst in stage.instructions:
+            if inst.keyword in ("RUN", "COPY", "ADD"):
+                assert "devstack" not in inst.args, f"line {inst.line}: {inst.args}"
+    targets = sorted(w for _, words in _pip_installs(stages) for w in words if w == "." or w.startswith(".["))
+    assert targets == [".", ".[builder]"]
+    assert _ignored("devstack", _dockerignore())
+    wheel = [words for line, words in _pip_installs(stages) if "wheel" in words and "." in words]
+    assert len(wheel) == 1 and "--no-deps" not in wheel[0]  # the operator's wheels: `.` and its core deps
+    operator = [words for _, words in _pip_installs({"operator": stages["operator"]})]
+    assert any(words[-1] == "enginebuild" and "--no-index" in words for words in operator), operator
+
+
 def test_builder_precompiles_modelopt_cuda_extensions() -> None:
     """The image build compiles the same extensions (names, sources, flags) ModelOpt loads at run time."""
     import importlib.util

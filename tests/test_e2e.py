@@ -1,4 +1,4 @@
-"""The whole product on one machine, as `enginebuild demo` runs it (devstack/stack.py's LocalStack,
+"""The whole product on one machine, as `enginebuild-dev demo` runs it (devstack/stack.py's LocalStack,
 the same code: a real control plane built from upstream, the process kubelet running the Pods), with
 a GPU target whose engine Job runs the test double of trtexec:
 
@@ -8,7 +8,7 @@ SeaweedFS -> the same numbers in a real Prometheus scraping the operator -> the 
 commands against the real API server -> every dashboard query and alert rule evaluated by that
 Prometheus -> a second EngineBuild with the same spec is a cache hit (no new Job).
 
-Then `enginebuild demo` itself, as a user runs it: without trtexec (export only, says engines need a
+Then `enginebuild-dev demo` itself, as a user runs it: without trtexec (export only, says engines need a
 GPU node), and interrupted with SIGINT (every process it started is gone).
 
 One build serves the module (module-scoped fixture): the tests after the first read what it left.
@@ -29,10 +29,10 @@ from typing import Any, Iterator
 import pytest
 
 from enginebuild_contract.manifests import build_exists
-from enginebuild_operator.dashboards import alert_exprs, alert_rules, dashboard_exprs, metric_names
 from enginebuild_devstack.demo import demo_manifest, stack_for
 from enginebuild_devstack.prometheus import find_prometheus
 from enginebuild_devstack.stack import LocalStack, condition
+from plugins.dashboards import alert_exprs, alert_rules, dashboard_exprs, metric_names
 from plugins.kube import KUBECTL, Kubectl, wait_for
 from plugins.operator_proc import metric_value
 
@@ -41,7 +41,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 DOUBLE = REPO / "tests" / "doubles" / "trtexec"
 MODEL_CONFIG = REPO / "examples" / "models" / "tiny-clip.json"
-ENGINEBUILD = Path(sys.executable).parent / "enginebuild"
+ENGINEBUILD_DEV = Path(sys.executable).parent / "enginebuild-dev"  # the demo is a dev command (devstack/)
 NAME = "demo-tiny-clip"
 # The double's median latency per engine path substring: FP8 faster than FP16 (speedup 1.6).
 LATENCY_MS = {"fp16": 0.8, "fp8": 0.5}
@@ -279,7 +279,7 @@ def test_second_apply_of_the_same_spec_is_a_cache_hit(built: tuple[LocalStack, d
     assert metric_value(stack.operator.metrics(), "enginebuild_cache_hits_total") == 1.0
 
 
-# ---------------------------------------------------------------- `enginebuild demo` as a user runs it
+# ---------------------------------------------------------------- `enginebuild-dev demo` as a user runs it
 def _demo_env() -> dict[str, str]:
     """No trtexec anywhere (the user's machine without TensorRT)."""
     env = {k: v for k, v in os.environ.items() if k != "TRTEXEC"}
@@ -290,7 +290,7 @@ def _demo_env() -> dict[str, str]:
 
 
 def test_demo_without_trtexec_runs_the_export_half_and_says_engines_need_a_gpu(tmp_path: Path) -> None:
-    done = subprocess.run([str(ENGINEBUILD), "demo", "--workdir", str(tmp_path / "demo")], env=_demo_env(),
+    done = subprocess.run([str(ENGINEBUILD_DEV), "demo", "--workdir", str(tmp_path / "demo")], env=_demo_env(),
                           capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
     out = done.stdout
     assert done.returncode == 0, out[-4000:] + done.stderr[-4000:]
@@ -324,7 +324,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_demo_interrupted_stops_everything_it_started(tmp_path: Path) -> None:
-    proc = subprocess.Popen([str(ENGINEBUILD), "demo", "--keep", "--workdir", str(tmp_path / "demo")],
+    proc = subprocess.Popen([str(ENGINEBUILD_DEV), "demo", "--keep", "--workdir", str(tmp_path / "demo")],
                             env=_demo_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     out = ""

@@ -1,15 +1,20 @@
-"""Import direction between the three product packages (docs/architecture.md):
+"""Import direction between the product packages (docs/architecture.md):
 
     enginebuild_contract  <-  enginebuild_builder   (data plane)
     enginebuild_contract  <-  enginebuild_operator  (control plane)
+    enginebuild_builder, enginebuild_operator  <-  enginebuild_cli  (the `enginebuild` command)
 
-The contract imports neither plane, the planes never import each other, and nothing of the product
-imports the dev-only stack (enginebuild_devstack). Imports are read with `ast` from the source
-files, lazy imports inside functions included; relative imports are resolved to absolute names."""
+The contract imports neither plane, the planes never import each other nor the command line that
+composes them, and nothing of the product imports the dev-only stack (enginebuild_devstack).
+Imports are read with `ast` from the source files, lazy imports inside functions included; relative
+imports are resolved to absolute names. A string that names a product module (as for
+importlib.import_module) counts as an import of it, and no product code may name the dev stack in
+a string at all (docstrings aside)."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -19,13 +24,17 @@ PACKAGES = {  # import name -> folder
     "enginebuild_contract": REPO / "contract",
     "enginebuild_builder": REPO / "builder",
     "enginebuild_operator": REPO / "operator",
+    "enginebuild_cli": REPO / "cli",
 }
 DEVSTACK = "enginebuild_devstack"
 ALLOWED = {
     "enginebuild_contract": set(),
     "enginebuild_builder": {"enginebuild_contract"},
     "enginebuild_operator": {"enginebuild_contract"},
+    "enginebuild_cli": {"enginebuild_contract", "enginebuild_builder", "enginebuild_operator"},
 }
+# A dotted name of a module of ours (metric names like enginebuild_builds_total are not).
+MODULE_NAME = re.compile(rf"({'|'.join(sorted([*PACKAGES, DEVSTACK]))})(\.\w+)*")
 
 
 def _module_name(package: str, folder: Path, path: Path) -> str:
@@ -36,11 +45,13 @@ def _module_name(package: str, folder: Path, path: Path) -> str:
 
 
 def imported_modules(package: str, folder: Path, path: Path) -> set[str]:
-    """Absolute names of every module `path` imports, at any depth of the syntax tree."""
+    """Absolute names of every module `path` imports, at any depth of the syntax tree, and every
+    string literal that is a dotted name of one of our modules."""
     module = _module_name(package, folder, path)
     is_package = path.name == "__init__.py"
     names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -54,7 +65,22 @@ def imported_modules(package: str, folder: Path, path: Path) -> set[str]:
                 target = node.module or ""
             names.add(target)
             names.update(f"{target}.{alias.name}" for alias in node.names)
+    names.update(s for s in _strings(tree) if MODULE_NAME.fullmatch(s))
     return names
+
+
+def _docstrings(tree: ast.Module) -> set[int]:
+    owners = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    return {id(node.body[0].value) for node in ast.walk(tree)
+            if isinstance(node, owners) and node.body and isinstance(node.body[0], ast.Expr)
+            and isinstance(node.body[0].value, ast.Constant) and isinstance(node.body[0].value.value, str)}
+
+
+def _strings(tree: ast.Module) -> list[str]:
+    """Every string literal but docstrings (f-string parts included)."""
+    docs = _docstrings(tree)
+    return [node.value for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs]
 
 
 def _sources(package: str) -> list[Path]:
@@ -88,6 +114,40 @@ def test_product_never_imports_the_devstack(package: str) -> None:
         if _top(name) == DEVSTACK
     )
     assert offenders == []
+
+
+def test_composition_root_is_the_console_script() -> None:
+    """What pyproject installs as `enginebuild` lives in enginebuild_cli, the one package allowed both planes."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert project["project"]["scripts"]["enginebuild"].split(":")[0].split(".")[0] == "enginebuild_cli"
+    assert project["tool"]["setuptools"]["package-dir"]["enginebuild_cli"] == "cli"
+
+
+@pytest.mark.parametrize("package", sorted(PACKAGES))
+def test_product_names_the_devstack_in_no_string(package: str) -> None:
+    """Not even by name at run time (importlib.import_module, runpy, a subprocess's `-m`)."""
+    offenders = sorted(
+        f"{path.relative_to(REPO)}: {text!r}"
+        for path in _sources(package)
+        for text in _strings(ast.parse(path.read_text(), filename=str(path)))
+        if DEVSTACK in text
+    )
+    assert offenders == []
+
+
+def test_module_names_in_strings_count_as_imports(tmp_path: Path) -> None:
+    folder = tmp_path / "builder"
+    folder.mkdir()
+    probe = folder / "probe.py"
+    probe.write_text('"""Mentions enginebuild_operator.main in a docstring only."""\n'
+                     "import importlib\n"
+                     "def f():\n    return importlib.import_module('enginebuild_operator.main')\n"
+                     "METRIC = 'enginebuild_builds_total'\n")
+    names = imported_modules("enginebuild_builder", folder, probe)
+    assert "enginebuild_operator.main" in names and "enginebuild_builds_total" not in names
+    assert sorted(_strings(ast.parse(probe.read_text()))) == ["enginebuild_builds_total", "enginebuild_operator.main"]
 
 
 def test_relative_imports_resolve_to_absolute_names(tmp_path: Path) -> None:

@@ -39,7 +39,7 @@ from enginebuild_devstack.podplay import complete_job
 from enginebuild_devstack.prometheus import Prometheus
 from enginebuild_devstack.seaweedfs import SeaweedFS
 from enginebuild_devstack.stack import OperatorProcess
-from enginebuild_operator.dashboards import alert_exprs, dashboard_exprs
+from plugins.dashboards import alert_exprs, dashboard_exprs
 from plugins.kube import KubeCluster, wait_for
 from plugins.reliability import publish_engine, publish_export
 

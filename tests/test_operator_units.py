@@ -370,7 +370,7 @@ def test_crd_gives_no_deadline_default():
     operator's ENGINEBUILD_DEFAULT_DEADLINE_SECONDS (a defaulted field always looks written)."""
     import yaml
 
-    from enginebuild_contract.crd import build_crd
+    from enginebuild_devstack.generate.crd import build_crd
 
     spec = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     assert "default" not in spec["properties"]["activeDeadlineSeconds"]

@@ -105,14 +105,16 @@ def test_exit_codes_unique_and_reverse_lookup() -> None:
 
 
 def test_spec_reference_doc_matches_the_models(repo_root) -> None:
-    from enginebuild_contract.spec_reference import render
+    from enginebuild_devstack.generate.spec_reference import TARGETS, render
 
+    assert TARGETS == ("docs/spec.md",)
     doc = (repo_root / "docs" / "spec.md").read_text()
-    assert doc == render(), "docs/spec.md is stale: python -m enginebuild_contract.spec_reference > docs/spec.md"
+    assert doc == render(), "docs/spec.md is stale: enginebuild-dev spec-reference --write"
 
 
 def test_error_table_doc_matches_the_code(repo_root) -> None:
-    from enginebuild_contract.errors import render_error_table
+    from enginebuild_devstack.generate.errors_table import TARGETS, render
 
-    assert (repo_root / "docs" / "errors.md").read_text() == render_error_table(), (
-        "docs/errors.md is stale: python -m enginebuild_contract.errors > docs/errors.md")
+    assert TARGETS == ("docs/errors.md",)
+    assert (repo_root / "docs" / "errors.md").read_text() == render(), (
+        "docs/errors.md is stale: enginebuild-dev errors-table --write")

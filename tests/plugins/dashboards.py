@@ -1,9 +1,10 @@
-"""The PromQL the chart ships (Grafana dashboard panels, alert rules) and the metric names it reads.
+"""Test helper: the PromQL the chart ships (Grafana dashboard panels, alert rules) and the metric
+names it reads.
 
 One place to list those queries, so tests can check them against what operator/metrics.py exports
-and the end-to-end test can evaluate every dashboard query against a real Prometheus scraping the
-operator. The files live in the Helm chart (charts/enginebuild/files/), next to this package in the
-source tree; the operator itself never reads them.
+and the end-to-end tests can evaluate every dashboard query against a real Prometheus scraping the
+operator. The files live in the Helm chart (charts/enginebuild/files/); the operator itself never
+reads them, so this is no part of the product.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, Iterator
 
 import yaml
 
-CHART_FILES = Path(__file__).resolve().parent.parent / "charts" / "enginebuild" / "files"
+CHART_FILES = Path(__file__).resolve().parents[2] / "charts" / "enginebuild" / "files"
 DASHBOARD_PATH = CHART_FILES / "dashboard.json"
 ALERTS_PATH = CHART_FILES / "alerts.rules.yaml"
 
@@ -92,7 +93,7 @@ def exported_metric_names() -> set[str]:
     """Sample names operator/metrics.py exports (counters `_total`, histograms `_bucket/_sum/_count`)."""
     from prometheus_client import REGISTRY
 
-    from . import metrics  # noqa: F401 - registers the operator's metrics
+    from enginebuild_operator import metrics  # noqa: F401 - registers the operator's metrics
 
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",),
                 "summary": ("_sum", "_count", "")}

@@ -1,9 +1,8 @@
-"""Renders the spec reference (docs/spec.md) from the pydantic models, so the docs cannot drift from
-the schema the builder, operator and CRD share (a test compares the file with this output)."""
+"""DEV ONLY: renders the spec reference (docs/spec.md) from the pydantic models, so the docs cannot
+drift from the schema the builder, operator and CRD share (a test compares the file with this output)."""
 
 from __future__ import annotations
 
-import sys
 import types
 import typing
 from typing import Any, get_args, get_origin
@@ -11,14 +10,15 @@ from typing import Any, get_args, get_origin
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from .constants import TRTEXEC_ALLOWED_EXTRA_FLAGS
-from .spec import EngineBuildSpec
+from enginebuild_contract.constants import TRTEXEC_ALLOWED_EXTRA_FLAGS
+from enginebuild_contract.spec import EngineBuildSpec
 
+TARGETS = ("docs/spec.md",)
 HEADER = """# EngineBuild spec reference
 
-Generated from `contract/spec.py` by `python -m enginebuild_contract.spec_reference > docs/spec.md`
-(a test fails when this file and the models disagree). The same document is an EngineBuild's `spec`
-and the file `enginebuild build --spec` reads. Unknown fields are rejected; every error names the field.
+Generated from `contract/spec.py` by `enginebuild-dev spec-reference --write` (a test fails when this
+file and the models disagree). The same document is an EngineBuild's `spec` and the file
+`enginebuild build --spec` reads. Unknown fields are rejected; every error names the field.
 
 | field | type | default | description |
 |---|---|---|---|
@@ -85,6 +85,3 @@ def render() -> str:
         f"\n\nAllowed `benchmark.extraArgs` flags (as `--flag` or `--flag=value`, no shell metacharacters): {flags}.\n"
     )
 
-
-if __name__ == "__main__":
-    sys.stdout.write(render())

@@ -24,7 +24,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +46,7 @@ from .kubelet import NodeSpec, ProcessKubelet
 from .processes import terminate
 from .prometheus import Prometheus
 from .seaweedfs import SeaweedFS, free_ports, start_seaweedfs
+from .waiting import WaitTimeout, wait_until
 
 log = logging.getLogger("enginebuild.devstack.stack")
 
@@ -101,12 +101,11 @@ class OperatorProcess:
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         finally:
             log_file.close()
-        deadline = time.monotonic() + timeout_s
-        while not self.healthy():
-            if time.monotonic() > deadline:
-                self.stop()
-                raise StackError(f"the operator did not answer /healthz within {timeout_s}s; log:\n{self.log_tail()}")
-            time.sleep(0.2)
+        try:
+            wait_until(self.healthy, timeout_s, "the operator to answer /healthz", interval=0.2)
+        except WaitTimeout as exc:
+            self.stop()
+            raise StackError(f"{exc}; log:\n{self.log_tail()}") from None
         return self
 
     def healthy(self) -> bool:

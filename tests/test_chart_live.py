@@ -32,7 +32,8 @@ from enginebuild_devstack.controlplane import ControlPlane
 from enginebuild_devstack.kube_http import KubeApiError, KubeHttp, resource_path
 from enginebuild_devstack.kubeconfig import write_kubeconfig
 from enginebuild_devstack.seaweedfs import SeaweedFS, free_ports
-from plugins.kube import Kubectl, wait_for
+from enginebuild_devstack.waiting import wait_until
+from plugins.kube import Kubectl
 
 pytestmark = pytest.mark.slow
 
@@ -135,7 +136,7 @@ def test_chart_installed_with_helm_and_operator_started_from_its_deployment(
         except OSError:
             return False
 
-    wait_for(probe_ok, timeout=90, what="the Deployment's readiness probe", interval=0.2)
+    wait_until(probe_ok, timeout=90, what="the Deployment's readiness probe", interval=0.2)
 
     # 3. An EngineBuild in a watched namespace is reconciled: validated, cache checked in S3, export Job created.
     spec: dict[str, Any] = {
@@ -166,17 +167,17 @@ def test_chart_installed_with_helm_and_operator_started_from_its_deployment(
         return next((j for j in items if j["metadata"]["name"].endswith("-export")), None)
 
     try:
-        job = wait_for(export_job, timeout=90, what="the export Job", interval=0.3)
+        job = wait_until(export_job, timeout=90, what="the export Job", interval=0.3)
     except AssertionError as exc:
         raise AssertionError(f"{exc}\noperator log:\n{log_path.read_text()[-4000:]}") from None
     image = job["spec"]["template"]["spec"]["containers"][0]["image"]
     assert image == (env["ENGINEBUILD_BUILDER_IMAGE"])
     if case != "default":
         assert image == "registry.local/eb-builder:1.2.3"
-    status = wait_for(lambda: (http.get(resource_path(f"{GROUP}/{VERSION}", PLURAL, watch_ns, "from-chart"))
-                               .get("status") or {}).get("jobs") and
-                      http.get(resource_path(f"{GROUP}/{VERSION}", PLURAL, watch_ns, "from-chart"))["status"],
-                      timeout=60, what="a status listing the export Job", interval=0.3)
+    status = wait_until(lambda: (http.get(resource_path(f"{GROUP}/{VERSION}", PLURAL, watch_ns, "from-chart"))
+                                 .get("status") or {}).get("jobs") and
+                        http.get(resource_path(f"{GROUP}/{VERSION}", PLURAL, watch_ns, "from-chart"))["status"],
+                        timeout=60, what="a status listing the export Job", interval=0.3)
     assert status.get("observedGeneration") == 1 and status.get("buildKey")
     assert [r["name"] for r in status["jobs"]] == [job["metadata"]["name"]]
     assert any(c["type"] == "Validated" and c["status"] == "True" for c in status.get("conditions") or [])
@@ -234,7 +235,7 @@ def test_helm_upgrade_second_release_aggregated_roles_and_uninstall(bare_control
     def can(user: str, verb: str) -> bool:
         answer = kubectl("auth", "can-i", verb, "enginebuilds.enginebuild.io", "-n", "team-b", "--as", user, check=False)
         return answer.stdout.strip() == "yes"
-    wait_for(lambda: can("alice", "create"), timeout=30, what="edit to aggregate the EngineBuild rules")
+    wait_until(lambda: can("alice", "create"), timeout=30, what="edit to aggregate the EngineBuild rules")
     assert can("alice", "delete") and can("bob", "list") and not can("bob", "create") and not can("bob", "delete")
 
     # Uninstall: the releases' objects go, the CRDs (and with them every EngineBuild) stay.
@@ -275,6 +276,6 @@ def test_admission_policy_refuses_an_image_outside_the_allowed_prefixes(bare_con
             kubectl("delete", "eb", "outside", "-n", "default")
             return None
         return done
-    done = wait_for(refused, timeout=30, what="the admission policy to refuse the image", interval=0.5)
+    done = wait_until(refused, timeout=30, what="the admission policy to refuse the image", interval=0.5)
     assert "builder.allowedImages" in done.stderr and "docker.io/someone/builder:1" in done.stderr, done.stderr
     kubectl("apply", "-f", manifest("inside", "registry.example.com/enginebuild/builder:2"))

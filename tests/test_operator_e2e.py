@@ -26,9 +26,10 @@ from enginebuild_contract.s3.store import S3Store
 from enginebuild_contract.s3.uri import parse_s3_uri
 from enginebuild_operator import artifacts
 from enginebuild_devstack.kube_http import resource_path
+from enginebuild_devstack.waiting import wait_until
 from plugins.kube import delete_namespace
 from plugins.operator_proc import (  # noqa: F401  (fixtures)
-    Cluster, eb_cluster, metric_value, operator_kubeconfig, private_cluster, wait_metric, wait_until,
+    Cluster, eb_cluster, metric_value, operator_kubeconfig, private_cluster, wait_metric,
 )
 
 pytestmark = pytest.mark.slow

@@ -26,8 +26,9 @@ from enginebuild_contract.spec import parse_spec
 from enginebuild_contract import layout as publish
 from enginebuild_contract.s3.store import S3Store
 from enginebuild_devstack.kube_http import resource_path
+from enginebuild_devstack.waiting import wait_until
 from enginebuild_operator import artifacts
-from plugins.operator_proc import Cluster, eb_cluster, metric_value, operator_kubeconfig, wait_until  # noqa: F401  (fixtures)
+from plugins.operator_proc import Cluster, eb_cluster, metric_value, operator_kubeconfig  # noqa: F401  (fixtures)
 from test_operator_e2e import engine_half, export_half
 
 pytestmark = pytest.mark.slow

@@ -69,7 +69,8 @@ def without_cloud_env(env: dict[str, str]) -> dict[str, str]:
 
 @dataclass(eq=False)
 class OperatorProcess:
-    """`enginebuild operator --standalone` as a child process with free metrics and liveness ports."""
+    """`enginebuild operator --standalone` as a child process with free metrics and liveness ports;
+    `start()` returns once it answers its health probe (`health_path`, the chart's /healthz)."""
 
     env: dict[str, str]
     log_path: Path
@@ -78,6 +79,7 @@ class OperatorProcess:
     proc: subprocess.Popen[bytes] | None = None
     metrics_port: int = 0
     health_port: int = 0
+    health_path: str = "/healthz"
 
     def __post_init__(self) -> None:
         if not self.metrics_port or not self.health_port:
@@ -102,7 +104,7 @@ class OperatorProcess:
         finally:
             log_file.close()
         try:
-            wait_until(self.healthy, timeout_s, "the operator to answer /healthz", interval=0.2)
+            wait_until(self.healthy, timeout_s, f"the operator to answer {self.health_path}", interval=0.2)
         except WaitTimeout as exc:
             self.stop()
             raise StackError(f"{exc}; log:\n{self.log_tail()}") from None
@@ -113,7 +115,7 @@ class OperatorProcess:
             code = None if self.proc is None else self.proc.returncode
             raise StackError(f"the operator exited ({code}); log:\n{self.log_tail()}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}{self.health_path}", timeout=2) as r:
                 return r.status == 200
         except OSError:
             return False

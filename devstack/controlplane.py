@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import secrets
-import signal
 import ssl
 import subprocess
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 
 from .binaries import Binaries, ensure
 from .kubeconfig import write_kubeconfig
-from .processes import terminate
+from .processes import kill, terminate
 from .seaweedfs import free_ports
 from .waiting import WaitTimeout, wait_until
 
@@ -84,10 +83,7 @@ class Component:
 
     def kill(self) -> None:
         """SIGKILL, the fault a crashed process or node produces."""
-        if self.alive():
-            assert self.proc is not None
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
+        kill(self.proc)
 
     def stop(self, grace_s: float = 10.0) -> None:
         terminate(self.proc, grace_s)

@@ -28,6 +28,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from .processes import kill, terminate
 from .waiting import NotYet, WaitTimeout, wait_until
 
 HOST = "127.0.0.1"
@@ -219,30 +220,14 @@ class SeaweedFS:
 
     def stop(self, grace_s: float | None = None) -> None:
         """SIGTERM, wait up to `grace_s` (default `stop_grace_s`), then SIGKILL; always reaps."""
-        proc = self.process
-        if proc is None:
+        if self.process is None:
             return
-        if proc.poll() is None:
-            grace = self.stop_grace_s if grace_s is None else grace_s
-            try:
-                os.kill(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
-            except ProcessLookupError:
-                proc.wait()
+        terminate(self.process, self.stop_grace_s if grace_s is None else grace_s)
         _RUNNING.discard(self)
 
     def kill(self) -> None:
         """SIGKILL now: what a crashed or OOM-killed server looks like to clients."""
-        proc = self.process
-        if proc is not None and proc.poll() is None:
-            try:
-                os.kill(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
+        kill(self.process, wait_s=None)
         _RUNNING.discard(self)
 
     def restart(self, timeout_s: float = 60.0) -> "SeaweedFS":

@@ -20,7 +20,6 @@ import base64
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -43,7 +42,7 @@ from .controlplane import ControlPlane
 from .kube_http import KubeApiError, KubeHttp, resource_path
 from .kubeconfig import write_kubeconfig
 from .kubelet import NodeSpec, ProcessKubelet
-from .processes import terminate
+from .processes import kill, terminate
 from .prometheus import Prometheus
 from .seaweedfs import SeaweedFS, free_ports, start_seaweedfs
 from .waiting import WaitTimeout, wait_until
@@ -132,9 +131,7 @@ class OperatorProcess:
 
     def kill(self) -> None:
         """SIGKILL: no clean-up runs, as when a node dies (the restart tests' fault)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
+        kill(self.proc)
 
     def stop(self, grace_s: float = 15.0) -> None:
         terminate(self.proc, grace_s)

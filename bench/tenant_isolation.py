@@ -37,7 +37,7 @@ def scenario(cluster: Any, store: Any, bad: int, healthy: int, workdir: Path) ->
     from enginebuild_devstack.kube_http import resource_path
     from enginebuild_operator import artifacts
     from enginebuild_devstack.waiting import wait_until
-    from test_operator_e2e import engine_half, export_half
+    from plugins.reliability import engine_half, export_half
     from test_tenant_isolation_e2e import Blackhole
 
     c = cluster

@@ -24,7 +24,7 @@ from enginebuild_devstack.waiting import wait_until
 from plugins.operator_proc import (  # noqa: F401  (fixtures)
     Cluster, OperatorProcess, eb_cluster, metric_value, operator_kubeconfig, wait_metric,
 )
-from test_operator_e2e import engine_half, export_half, message
+from plugins.reliability import engine_half, export_half, message
 
 pytestmark = pytest.mark.slow
 

@@ -29,7 +29,7 @@ from enginebuild_devstack.kube_http import resource_path
 from enginebuild_devstack.waiting import wait_until
 from enginebuild_operator import artifacts
 from plugins.operator_proc import Cluster, eb_cluster, metric_value, operator_kubeconfig  # noqa: F401  (fixtures)
-from test_operator_e2e import engine_half, export_half
+from plugins.reliability import engine_half, export_half
 
 pytestmark = pytest.mark.slow
 

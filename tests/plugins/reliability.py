@@ -1,10 +1,14 @@
-"""Shared by the reliability and security tests: what the builder's Jobs would publish to S3.
+"""Shared by the operator, reliability and security tests: what the builder's Jobs would publish to S3.
 
 `publish_export` / `publish_engine` put a build half under `<uri>/<key>/` exactly as the builder's
 upload stage does (verified uploads and a stage manifest, through enginebuild_contract.layout) and return the
 termination message the Job's Pod would carry. Sizes are parameters, so a test can tell one build's
 artefacts from another's. Also imported by the stub builder that tests/test_reliability_jobs.py
 runs as the Jobs' command.
+
+`export_half` / `engine_half` publish the halves the operator tests use (FP8 below the accuracy
+gate on request, latencies per encoder and precision) and return the Report; `message(report)` is
+its termination message.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ def publish_export(store: S3Store, uri: str, key: str, workdir: Path, fp8_bytes:
                                                      parameters=88_000_000)})
     report.write(workdir / "report.json")
     publish.publish_files(store, uri, key, workdir, ["image.fp16.onnx", "image.fp8.onnx", "report.json"], "export")
-    return json.dumps(termination_message(report), separators=(",", ":"))
+    return message(report)
 
 
 def publish_engine(store: S3Store, uri: str, key: str, workdir: Path, target: str, plan_bytes: int = 1600) -> str:
@@ -60,7 +64,52 @@ def publish_engine(store: S3Store, uri: str, key: str, workdir: Path, target: st
     name = f"report.{target}.json"
     report.write(workdir / name)
     publish.publish_files(store, uri, key, workdir, [e.engine.path for e in engines] + [name], f"engine-{target}")
+    return message(report)
+
+
+def message(report: Report) -> str:
+    """The termination message a Job's Pod carries for `report`."""
     return json.dumps(termination_message(report), separators=(",", ":"))
+
+
+# ---- the operator tests' build halves (their Reports) ------------------------------------------------
+
+P50 = {("image", "fp16"): 6.35, ("image", "fp8"): 4.12}  # ms, per (encoder, precision)
+
+
+def export_half(store: S3Store, uri: str, key: str, workdir: Path, cosine: float = 0.9931) -> Report:
+    """What the export Job publishes: two ONNX files and its report; returns the report."""
+    fp16 = _artifact(workdir / "image.fp16.onnx", b"\x01" * 4000, "image.fp16.onnx")
+    fp8 = _artifact(workdir / "image.fp8.onnx", b"\x02" * 2500, "image.fp8.onnx")
+    acc = Accuracy(cosine_min=cosine, cosine_mean=0.9987, top1_agreement=0.98, samples=64, min_cosine_required=0.99,
+                   passed=cosine >= 0.99)
+    report = Report(spec={}, build_key=key, stages_run=["export", "upload"], artifacts_uri=f"{uri}/{key}/",
+                    encoders={"image": EncoderReport(input_name="image", input_shape=[128, 3, 224, 224], input_dtype="float32",
+                                                     onnx=OnnxPair(fp16=fp16, fp8=fp8), size_reduction=0.375,
+                                                     linear_layers=50, quantized_linear_layers=49, accuracy=acc,
+                                                     parameters=88_000_000)})
+    report.write(workdir / "report.json")
+    publish.publish_files(store, uri, key, workdir, ["image.fp16.onnx", "image.fp8.onnx", "report.json"], "export")
+    return report
+
+
+def engine_half(store: S3Store, uri: str, key: str, workdir: Path, target: str, p50: dict | None = None) -> Report:
+    """What `target`'s engine Job publishes: a plan per (encoder, precision) of `p50` (default P50)."""
+    p50 = p50 or P50
+    engines = []
+    for (encoder, precision), ms in sorted(p50.items()):
+        rel = f"{target}/{encoder}/{precision}/model.plan"
+        art = _artifact(workdir / rel, bytes([len(precision)]) * (3000 if precision == "fp16" else 1600), rel)
+        art = art.model_copy(update={"uri": f"{uri}/{key}/{rel}"})
+        engines.append(EngineReport(target=target, encoder=encoder, precision=precision, engine=art, trt_version="10.16.1",
+                                    gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0", build_s=30.0,
+                                    latency_ms=Percentiles(median=ms, p90=ms * 1.1, p99=ms * 1.5), gpu_compute_ms=Percentiles(median=ms),
+                                    throughput_qps=1000 / ms, throughput_items_per_s=128000 / ms))
+    report = Report(spec={}, build_key=key, stages_run=["engine", "upload"], engines=engines, artifacts_uri=f"{uri}/{key}/")
+    name = f"report.{target}.json"
+    report.write(workdir / name)
+    publish.publish_files(store, uri, key, workdir, [e.engine.path for e in engines] + [name], f"engine-{target}")
+    return report
 
 
 # ---- load: many EngineBuilds against a concurrency limit -------------------------------------------------

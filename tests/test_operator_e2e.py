@@ -18,18 +18,16 @@ import pytest
 
 from enginebuild_contract.errors import KINDS
 from enginebuild_contract.report import ErrorInfo, Report
-from enginebuild_contract.spec import parse_spec
 from enginebuild_contract import layout as publish
 from enginebuild_contract.s3.store import S3Store
 from enginebuild_contract.s3.uri import parse_s3_uri
-from enginebuild_operator import artifacts
 from enginebuild_devstack.kube_http import resource_path
 from enginebuild_devstack.waiting import wait_until
 from plugins.kube import delete_namespace
 from plugins.operator_proc import (  # noqa: F401  (fixtures)
     Cluster, eb_cluster, metric_value, operator_kubeconfig, private_cluster, wait_metric,
 )
-from plugins.reliability import engine_half, export_half, message
+from plugins.reliability import engine_half, export_half, message, publish_cached_build
 
 pytestmark = pytest.mark.slow
 
@@ -109,13 +107,8 @@ def test_build_runs_to_ready_with_status_s3_manifest_events_and_metrics(eb_clust
 def test_cache_hit_from_a_prepublished_build_creates_no_job(eb_cluster: Cluster, s3_store: S3Store, tmp_path: Path) -> None:
     c = eb_cluster
     spec_doc = c.spec(deletionPolicy="Delete")
-    key = artifacts.compute_key(parse_spec(spec_doc), s3_store, "registry.test/builder:1")
     uri = f"s3://{c.bucket}/engines"
-    exp = export_half(s3_store, uri, key, tmp_path / "x")
-    eng = engine_half(s3_store, uri, key, tmp_path / "e", "h100", {("image", "fp16"): 5.0, ("image", "fp8"): 6.0})
-    merged = artifacts.merge_reports([exp, eng])
-    merged.write(tmp_path / "report.json")
-    publish.finalize_build(s3_store, uri, key, tmp_path / "report.json")
+    key = publish_cached_build(s3_store, spec_doc, uri, tmp_path, {("image", "fp16"): 5.0, ("image", "fp8"): 6.0})
     op = c.start_operator()
     c.create("cached", spec_doc)
     c.wait_condition("cached", "Ready", "True", "CacheHit")

@@ -19,7 +19,6 @@ It also reports the peak number of connects to the bad endpoint in flight at onc
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import sys
 import tempfile
@@ -32,30 +31,13 @@ sys.path.insert(0, str(REPO / "tests"))
 
 
 def scenario(cluster: Any, store: Any, bad: int, healthy: int, workdir: Path) -> dict[str, Any]:
-    from enginebuild_contract.spec import parse_spec
-    from enginebuild_contract import manifests as publish
-    from enginebuild_devstack.kube_http import resource_path
-    from enginebuild_operator import artifacts
-    from plugins.operator_proc import wait_until
-    from test_operator_e2e import engine_half, export_half
-    from test_tenant_isolation_e2e import Blackhole
+    from enginebuild_devstack.waiting import wait_until
+    from plugins.reliability import Blackhole, tenant_isolation_setup
 
     c = cluster
-    spec = c.spec(deletionPolicy="Retain")
-    key = artifacts.compute_key(parse_spec(spec), store, "registry.test/builder:1")
-    uri = f"s3://{c.bucket}/engines"
-    merged = artifacts.merge_reports([export_half(store, uri, key, workdir / "x"),
-                                      engine_half(store, uri, key, workdir / "e", "h100")])
-    assert merged is not None
-    merged.write(workdir / "report.json")
-    publish.finalize_build(store, uri, key, workdir / "report.json")
     hole = Blackhole()
     try:
-        secret = {"AWS_ACCESS_KEY_ID": "t", "AWS_SECRET_ACCESS_KEY": "t", "AWS_REGION": "us-east-1",
-                  "AWS_ENDPOINT_URL": f"http://127.0.0.1:{hole.port}"}
-        c.http.post(resource_path("v1", "secrets", c.namespace), {
-            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "down", "namespace": c.namespace},
-            "data": {k: base64.b64encode(v.encode()).decode() for k, v in secret.items()}})
+        spec = tenant_isolation_setup(c, store, workdir, f"http://127.0.0.1:{hole.port}")
         c.start_operator()
         for i in range(bad):
             c.create(f"bad-{i}", c.spec(output={"uri": "s3://tenant/engines", "secretRef": {"name": "down"}}))

@@ -13,6 +13,7 @@ import yaml
 
 from .chart import chart_dir
 from .kube_http import KubeApiError, KubeHttp, resource_path
+from .waiting import NotYet, WaitTimeout, wait_until
 
 Obj = dict[str, Any]
 CRD_PATH = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
@@ -56,15 +57,17 @@ def apply_crd(http: KubeHttp, crd: Obj | Path, timeout_s: float = 30.0) -> Obj:
     """Create or update a CRD and wait until it is Established (served)."""
     doc = yaml.load(Path(crd).read_text(), Loader=_YamlLoader) if isinstance(crd, Path) else crd
     create_or_update(http, CRD_PATH, doc)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        current = http.get(f"{CRD_PATH}/{doc['metadata']['name']}")
+    name = doc["metadata"]["name"]
+
+    def established() -> Obj | NotYet:
+        current = http.get(f"{CRD_PATH}/{name}")
         conds = {c["type"]: c["status"] for c in (current.get("status") or {}).get("conditions") or []}
-        if conds.get("Established") == "True":
-            return current
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"CRD {doc['metadata']['name']} not Established after {timeout_s} s: {conds}")
-        time.sleep(0.1)
+        return current if conds.get("Established") == "True" else NotYet(f"conditions {conds}")
+
+    try:
+        return wait_until(established, timeout_s, f"CRD {name} to be Established")
+    except WaitTimeout as exc:
+        raise TimeoutError(str(exc)) from None
 
 
 def ensure_namespace(http: KubeHttp, name: str, labels: dict[str, str] | None = None,

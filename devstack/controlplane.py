@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import secrets
-import signal
 import ssl
 import subprocess
 import time
@@ -29,8 +28,9 @@ from pathlib import Path
 
 from .binaries import Binaries, ensure
 from .kubeconfig import write_kubeconfig
-from .processes import terminate
+from .processes import kill, terminate
 from .seaweedfs import free_ports
+from .waiting import WaitTimeout, wait_until
 
 log = logging.getLogger("enginebuild.devstack.controlplane")
 
@@ -83,10 +83,7 @@ class Component:
 
     def kill(self) -> None:
         """SIGKILL, the fault a crashed process or node produces."""
-        if self.alive():
-            assert self.proc is not None
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
+        kill(self.proc)
 
     def stop(self, grace_s: float = 10.0) -> None:
         terminate(self.proc, grace_s)
@@ -291,25 +288,25 @@ class ControlPlane:
         self.wait_ready()
 
     def wait_ready(self, timeout_s: float = 90.0) -> None:
-        ctx = ssl.create_default_context(cafile=str(self.ca_file)) if self.ca_file.exists() else None
-        deadline = time.monotonic() + timeout_s
-        while True:
+        """Until kube-apiserver answers /readyz; at once if etcd or kube-apiserver exited meanwhile."""
+        def ready() -> bool:
             for part in (self.etcd, self.apiserver):
                 if part is not None:
                     part.check()
-            if ctx is None and self.ca_file.exists():
-                ctx = ssl.create_default_context(cafile=str(self.ca_file))
-            if ctx is not None:
-                try:
-                    with urllib.request.urlopen(f"{self.url}/readyz", timeout=3, context=ctx) as r:
-                        if r.status == 200:
-                            return
-                except OSError:
-                    pass
-            if time.monotonic() > deadline:
-                tail = self.apiserver.log_tail() if self.apiserver else ""
-                raise ControlPlaneError(f"kube-apiserver was not ready within {timeout_s:.0f} s; log tail:\n{tail}")
-            time.sleep(0.25)
+            if not self.ca_file.exists():
+                return False
+            ctx = ssl.create_default_context(cafile=str(self.ca_file))
+            try:
+                with urllib.request.urlopen(f"{self.url}/readyz", timeout=3, context=ctx) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        try:
+            wait_until(ready, timeout_s, "kube-apiserver to be ready (/readyz)", interval=0.25)
+        except WaitTimeout as exc:
+            tail = self.apiserver.log_tail() if self.apiserver else ""
+            raise ControlPlaneError(f"{exc}; log tail:\n{tail}") from None
 
     def check(self) -> None:
         """Raise if a part that should run has died (a test's fault injection aside)."""

@@ -52,7 +52,7 @@ from typing import Any
 from . import podstatus
 from .kube_http import KubeApiError, KubeHttp, resource_path
 from .kube_time import now_rfc3339
-from .processes import terminate
+from .processes import kill, terminate
 
 log = logging.getLogger("enginebuild.devstack.kubelet")
 Obj = dict[str, Any]
@@ -394,8 +394,7 @@ class ProcessKubelet:
             if rss > limit:
                 log.info("pod %s/%s used %d bytes, over its memory limit of %d: OOMKilled",
                          run.namespace, run.name, rss, limit)
-                self._signal(run, signal.SIGKILL)
-                run.proc.wait(5)   # type: ignore[union-attr]
+                kill(run.proc, wait_s=5)
                 self._finish(run, 137, reason="OOMKilled")
 
     def _seen(self, node: str, pod: Obj) -> None:
@@ -436,9 +435,8 @@ class ProcessKubelet:
             if run.proc is not None and run.proc.poll() is None:
                 if now < run.kill_deadline:
                     return
-                self._signal(run, signal.SIGKILL)
                 try:
-                    run.proc.wait(5)
+                    kill(run.proc, wait_s=5)
                 except subprocess.TimeoutExpired:
                     return
             if not run.finished:

@@ -20,7 +20,6 @@ import base64
 import logging
 import re
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from .cluster import apply_crd
 from .controlplane import Component, environ_without_cluster
 from .kube_http import KubeApiError, KubeHttp, resource_path
 from .seaweedfs import free_ports
+from .waiting import WaitTimeout, wait_until
 
 log = logging.getLogger("enginebuild.devstack.monitoring")
 Obj = dict[str, Any]
@@ -94,21 +94,22 @@ def prometheus_resource(name: str, namespace: str, api_url: str, token_file: Pat
 
 def generated_config(http: KubeHttp, namespace: str, name: str, timeout_s: float = 60.0) -> tuple[str, dict[str, str]]:
     """(prometheus.yaml, {rule file name: text}) as the Prometheus Operator generated them."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+    def written() -> str | None:
         try:
             secret = http.get(resource_path("v1", "secrets", namespace, f"prometheus-{name}"))
-            raw = (secret.get("data") or {}).get("prometheus.yaml.gz")
-            if raw:
-                config = gzip.decompress(base64.b64decode(raw)).decode()
-                if "scrape_configs" in config and "rule_files" in config:
-                    break
         except KubeApiError as exc:
             if exc.code != 404:
                 raise
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the Prometheus Operator wrote no configuration for {namespace}/{name}")
-        time.sleep(0.5)
+            return None
+        raw = (secret.get("data") or {}).get("prometheus.yaml.gz")
+        config = gzip.decompress(base64.b64decode(raw)).decode() if raw else ""
+        return config if "scrape_configs" in config and "rule_files" in config else None
+
+    try:
+        config = wait_until(written, timeout_s, f"the Prometheus Operator's configuration for {namespace}/{name}",
+                            interval=0.5)
+    except WaitTimeout as exc:
+        raise TimeoutError(str(exc)) from None
     rules: dict[str, str] = {}
     maps = http.get(resource_path("v1", "configmaps", namespace)).get("items") or []
     for cm in maps:

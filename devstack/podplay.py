@@ -11,24 +11,14 @@ namespace (the process kubelet would run them for real).
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any
 
 from . import podstatus
 from .kube_http import KubeApiError, KubeHttp, resource_path
 from .kube_time import now_rfc3339
+from .waiting import wait_until
 
 Obj = dict[str, Any]
-
-
-def _wait(fn: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
 
 
 def job(api: Any, namespace: str, name: str) -> Obj:
@@ -67,7 +57,7 @@ def active_pod(api: Any, namespace: str, name: str, timeout: float = 60.0) -> Ob
             if phase in (None, "Pending", "Running") and not pod["metadata"].get("deletionTimestamp"):
                 return pod
         return None
-    return _wait(find, timeout, f"an active Pod of Job {namespace}/{name}")
+    return wait_until(find, timeout, f"an active Pod of Job {namespace}/{name}", interval=0.05)
 
 
 def _container(pod: Obj) -> Obj:
@@ -119,7 +109,7 @@ def complete_job(api: Any, namespace: str, name: str, exit_code: int = 0, messag
         if exit_code != 0 and int((doc.get("status") or {}).get("failed") or 0) > before:
             return doc
         return None
-    return _wait(decided, timeout, f"the Job controller to account Job {namespace}/{name}'s Pod")
+    return wait_until(decided, timeout, f"the Job controller to account Job {namespace}/{name}'s Pod", interval=0.05)
 
 
 def fail_job(api: Any, namespace: str, name: str, exit_code: int = 1, message: str = "", reason: str | None = None,
@@ -130,12 +120,11 @@ def fail_job(api: Any, namespace: str, name: str, exit_code: int = 1, message: s
         raise ValueError("fail_job needs a non-zero exit_code")
     http = KubeHttp.of(api)
     deadline = time.monotonic() + timeout
-    while True:
+
+    def failed() -> Obj | None:
         doc = complete_job(http, namespace, name, exit_code, message, reason, max(1.0, deadline - time.monotonic()))
-        if job_finished(doc) == "Failed":
-            return doc
-        if time.monotonic() > deadline:
-            raise AssertionError(f"Job {namespace}/{name} did not fail within {timeout} s")
+        return doc if job_finished(doc) == "Failed" else None
+    return wait_until(failed, timeout, f"Job {namespace}/{name} to fail", interval=0)
 
 
 def job_wall_seconds(api: Any, namespace: str, name: str) -> int:

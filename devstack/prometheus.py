@@ -13,7 +13,6 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -24,6 +23,7 @@ from typing import Any
 import yaml
 
 from .processes import terminate
+from .waiting import WaitTimeout, wait_until
 
 HOST = "127.0.0.1"
 DEBIAN_BINARY = Path("/usr/bin/prometheus")
@@ -102,19 +102,22 @@ class Prometheus:
             )
         finally:
             log.close()
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise PrometheusError(f"prometheus exited with {self.process.returncode}; log:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise PrometheusError(f"prometheus not ready after {timeout_s}s; log:\n{self.log_tail()}")
+        try:
+            wait_until(self._ready, timeout_s, "prometheus to be ready (/-/ready)", interval=0.2)
+        except WaitTimeout as exc:
+            self.stop()
+            raise PrometheusError(f"{exc}; log:\n{self.log_tail()}") from None
+        return self
+
+    def _ready(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise PrometheusError(f"prometheus exited with {self.process.returncode}; log:\n{self.log_tail()}")
+        try:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
 
     def log_tail(self, n: int = 3000) -> str:
         try:

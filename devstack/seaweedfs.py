@@ -28,6 +28,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from .processes import kill, terminate
+from .waiting import NotYet, WaitTimeout, wait_until
+
 HOST = "127.0.0.1"
 # Every listener weed mini opens; each gets an explicit free port so nothing collides between runs.
 PORT_FLAGS = (
@@ -183,21 +186,24 @@ class SeaweedFS:
             config=Config(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=5,
                           s3={"addressing_style": "path"}),
         )
-        deadline = time.monotonic() + timeout_s
-        last: Exception | None = None
-        while time.monotonic() < deadline:
+
+        def ready() -> bool | NotYet:
             if self.process is not None and self.process.poll() is not None:
                 raise SeaweedFSError(
                     f"weed exited with {self.process.returncode} during start-up; log tail:\n{self.log_tail()}"
                 )
-            if self._port_open():
-                try:
-                    client.list_buckets()
-                    return
-                except Exception as exc:  # noqa: BLE001 - not ready yet
-                    last = exc
-            time.sleep(0.2)
-        raise SeaweedFSError(f"S3 at {self.endpoint_url} not ready after {timeout_s}s ({last}); log:\n{self.log_tail()}")
+            if not self._port_open():
+                return NotYet("S3 port closed")
+            try:
+                client.list_buckets()
+                return True
+            except Exception as exc:  # noqa: BLE001 - not ready yet
+                return NotYet(f"ListBuckets: {exc}")
+
+        try:
+            wait_until(ready, timeout_s, f"S3 at {self.endpoint_url} to answer", interval=0.2)
+        except WaitTimeout as exc:
+            raise SeaweedFSError(f"{exc}; log:\n{self.log_tail()}") from None
 
     def _port_open(self) -> bool:
         try:
@@ -214,30 +220,14 @@ class SeaweedFS:
 
     def stop(self, grace_s: float | None = None) -> None:
         """SIGTERM, wait up to `grace_s` (default `stop_grace_s`), then SIGKILL; always reaps."""
-        proc = self.process
-        if proc is None:
+        if self.process is None:
             return
-        if proc.poll() is None:
-            grace = self.stop_grace_s if grace_s is None else grace_s
-            try:
-                os.kill(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
-            except ProcessLookupError:
-                proc.wait()
+        terminate(self.process, self.stop_grace_s if grace_s is None else grace_s)
         _RUNNING.discard(self)
 
     def kill(self) -> None:
         """SIGKILL now: what a crashed or OOM-killed server looks like to clients."""
-        proc = self.process
-        if proc is not None and proc.poll() is None:
-            try:
-                os.kill(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
+        kill(self.process, wait_s=None)
         _RUNNING.discard(self)
 
     def restart(self, timeout_s: float = 60.0) -> "SeaweedFS":

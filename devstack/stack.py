@@ -20,11 +20,9 @@ import base64
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,9 +43,10 @@ from .controlplane import ControlPlane
 from .kube_http import KubeApiError, KubeHttp, resource_path
 from .kubeconfig import write_kubeconfig
 from .kubelet import NodeSpec, ProcessKubelet
-from .processes import terminate
+from .processes import kill, terminate
 from .prometheus import Prometheus
 from .seaweedfs import SeaweedFS, free_ports, start_seaweedfs
+from .waiting import WaitTimeout, wait_until
 
 log = logging.getLogger("enginebuild.devstack.stack")
 
@@ -67,7 +66,8 @@ def without_cloud_env(env: dict[str, str]) -> dict[str, str]:
 
 @dataclass(eq=False)
 class OperatorProcess:
-    """`enginebuild operator --standalone` as a child process with free metrics and liveness ports."""
+    """`enginebuild operator --standalone` as a child process with free metrics and liveness ports;
+    `start()` returns once it answers its health probe (`health_path`, the chart's /healthz)."""
 
     env: dict[str, str]
     log_path: Path
@@ -76,6 +76,7 @@ class OperatorProcess:
     proc: subprocess.Popen[bytes] | None = None
     metrics_port: int = 0
     health_port: int = 0
+    health_path: str = "/healthz"
 
     def __post_init__(self) -> None:
         if not self.metrics_port or not self.health_port:
@@ -99,12 +100,11 @@ class OperatorProcess:
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         finally:
             log_file.close()
-        deadline = time.monotonic() + timeout_s
-        while not self.healthy():
-            if time.monotonic() > deadline:
-                self.stop()
-                raise StackError(f"the operator did not answer /healthz within {timeout_s}s; log:\n{self.log_tail()}")
-            time.sleep(0.2)
+        try:
+            wait_until(self.healthy, timeout_s, f"the operator to answer {self.health_path}", interval=0.2)
+        except WaitTimeout as exc:
+            self.stop()
+            raise StackError(f"{exc}; log:\n{self.log_tail()}") from None
         return self
 
     def healthy(self) -> bool:
@@ -112,7 +112,7 @@ class OperatorProcess:
             code = None if self.proc is None else self.proc.returncode
             raise StackError(f"the operator exited ({code}); log:\n{self.log_tail()}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}{self.health_path}", timeout=2) as r:
                 return r.status == 200
         except OSError:
             return False
@@ -129,9 +129,7 @@ class OperatorProcess:
 
     def kill(self) -> None:
         """SIGKILL: no clean-up runs, as when a node dies (the restart tests' fault)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
+        kill(self.proc)
 
     def stop(self, grace_s: float = 15.0) -> None:
         terminate(self.proc, grace_s)

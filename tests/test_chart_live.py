@@ -15,10 +15,8 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -31,8 +29,10 @@ from enginebuild_devstack.cluster import container_env, service_account_token
 from enginebuild_devstack.controlplane import ControlPlane
 from enginebuild_devstack.kube_http import KubeApiError, KubeHttp, resource_path
 from enginebuild_devstack.kubeconfig import write_kubeconfig
-from enginebuild_devstack.seaweedfs import SeaweedFS, free_ports
-from plugins.kube import Kubectl, wait_for
+from enginebuild_devstack.seaweedfs import SeaweedFS
+from enginebuild_devstack.stack import OperatorProcess
+from enginebuild_devstack.waiting import wait_until
+from plugins.kube import Kubectl
 
 pytestmark = pytest.mark.slow
 
@@ -50,17 +50,11 @@ def _values(case: str, s3: SeaweedFS) -> dict[str, Any]:
 
 
 @pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
+def operators() -> Iterator[list[OperatorProcess]]:
+    started: list[OperatorProcess] = []
     yield started
-    for proc in started:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
+    for op in started:
+        op.stop(grace_s=15)
 
 
 @pytest.fixture
@@ -76,7 +70,7 @@ def bare_control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Con
 @pytest.mark.parametrize("case", ["default", "namespaced-secret"])
 def test_chart_installed_with_helm_and_operator_started_from_its_deployment(
     case: str, bare_control_plane: ControlPlane, seaweedfs: SeaweedFS, s3_bucket: str, tmp_path: Path,
-    processes: list[subprocess.Popen[bytes]],
+    operators: list[OperatorProcess],
 ) -> None:
     import helm_python as helm
 
@@ -112,30 +106,15 @@ def test_chart_installed_with_helm_and_operator_started_from_its_deployment(
     assert int(env["ENGINEBUILD_METRICS_PORT"]) == ports["metrics"]
     probe = container["readinessProbe"]["httpGet"]
     assert probe["port"] == "health" and container["livenessProbe"]["httpGet"]["port"] == "health"
-    health_port, metrics_port = free_ports(2)
-    env.update(ENGINEBUILD_HEALTH_PORT=str(health_port), ENGINEBUILD_METRICS_PORT=str(metrics_port),
-               ENGINEBUILD_BIND_ADDRESS="127.0.0.1")
     proc_env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_", "ENGINEBUILD_"))}
     proc_env.update(env, KUBECONFIG=str(identity))
     command = list(container["command"])
-    assert command[0] == "enginebuild"
-    argv = [str(ENGINEBUILD), *command[1:], *container.get("args", [])]
-    log_path = tmp_path / "operator.log"
-    with open(log_path, "wb") as log:
-        processes.append(subprocess.Popen(argv, env=proc_env, stdout=log, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL))
-    operator = processes[-1]
-
-    def probe_ok() -> bool:
-        if operator.poll() is not None:
-            raise AssertionError(f"the operator exited ({operator.returncode}):\n{log_path.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{health_port}{probe['path']}", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
-    wait_for(probe_ok, timeout=90, what="the Deployment's readiness probe", interval=0.2)
+    assert command[0] == "enginebuild" and command[-1] == "operator", command
+    # Free ports and 127.0.0.1 replace the Deployment's; start() returns once its readiness probe passes.
+    operator = OperatorProcess(proc_env, tmp_path / "operator.log", tuple(container.get("args", [])),
+                               command=(str(ENGINEBUILD), *command[1:-1]), health_path=probe["path"])
+    operators.append(operator)
+    operator.start(timeout_s=90)
 
     # 3. An EngineBuild in a watched namespace is reconciled: validated, cache checked in S3, export Job created.
     spec: dict[str, Any] = {
@@ -166,22 +145,21 @@ def test_chart_installed_with_helm_and_operator_started_from_its_deployment(
         return next((j for j in items if j["metadata"]["name"].endswith("-export")), None)
 
     try:
-        job = wait_for(export_job, timeout=90, what="the export Job", interval=0.3)
+        job = wait_until(export_job, timeout=90, what="the export Job", interval=0.3)
     except AssertionError as exc:
-        raise AssertionError(f"{exc}\noperator log:\n{log_path.read_text()[-4000:]}") from None
+        raise AssertionError(f"{exc}\noperator log:\n{operator.log_tail(4000)}") from None
     image = job["spec"]["template"]["spec"]["containers"][0]["image"]
     assert image == (env["ENGINEBUILD_BUILDER_IMAGE"])
     if case != "default":
         assert image == "registry.local/eb-builder:1.2.3"
-    status = wait_for(lambda: (http.get(resource_path(f"{GROUP}/{VERSION}", PLURAL, watch_ns, "from-chart"))
-                               .get("status") or {}).get("jobs") and
-                      http.get(resource_path(f"{GROUP}/{VERSION}", PLURAL, watch_ns, "from-chart"))["status"],
-                      timeout=60, what="a status listing the export Job", interval=0.3)
+    status = wait_until(lambda: (http.get(resource_path(f"{GROUP}/{VERSION}", PLURAL, watch_ns, "from-chart"))
+                                 .get("status") or {}).get("jobs") and
+                        http.get(resource_path(f"{GROUP}/{VERSION}", PLURAL, watch_ns, "from-chart"))["status"],
+                        timeout=60, what="a status listing the export Job", interval=0.3)
     assert status.get("observedGeneration") == 1 and status.get("buildKey")
     assert [r["name"] for r in status["jobs"]] == [job["metadata"]["name"]]
     assert any(c["type"] == "Validated" and c["status"] == "True" for c in status.get("conditions") or [])
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
-        assert "enginebuild_builds_in_progress" in r.read().decode()
+    assert "enginebuild_builds_in_progress" in operator.metrics()
     if case != "default":
         other = http.get(resource_path(f"{GROUP}/{VERSION}", PLURAL, "team-z", "elsewhere"))
         assert not other.get("status") and not other["metadata"].get("finalizers"), "team-z is not watched"
@@ -234,7 +212,7 @@ def test_helm_upgrade_second_release_aggregated_roles_and_uninstall(bare_control
     def can(user: str, verb: str) -> bool:
         answer = kubectl("auth", "can-i", verb, "enginebuilds.enginebuild.io", "-n", "team-b", "--as", user, check=False)
         return answer.stdout.strip() == "yes"
-    wait_for(lambda: can("alice", "create"), timeout=30, what="edit to aggregate the EngineBuild rules")
+    wait_until(lambda: can("alice", "create"), timeout=30, what="edit to aggregate the EngineBuild rules")
     assert can("alice", "delete") and can("bob", "list") and not can("bob", "create") and not can("bob", "delete")
 
     # Uninstall: the releases' objects go, the CRDs (and with them every EngineBuild) stay.
@@ -275,6 +253,6 @@ def test_admission_policy_refuses_an_image_outside_the_allowed_prefixes(bare_con
             kubectl("delete", "eb", "outside", "-n", "default")
             return None
         return done
-    done = wait_for(refused, timeout=30, what="the admission policy to refuse the image", interval=0.5)
+    done = wait_until(refused, timeout=30, what="the admission policy to refuse the image", interval=0.5)
     assert "builder.allowedImages" in done.stderr and "docker.io/someone/builder:1" in done.stderr, done.stderr
     kubectl("apply", "-f", manifest("inside", "registry.example.com/enginebuild/builder:2"))

@@ -56,8 +56,9 @@ from enginebuild_devstack.monitoring import (
 from enginebuild_devstack.prometheus import Prometheus
 from enginebuild_devstack.seaweedfs import SeaweedFS
 from enginebuild_devstack.stack import OperatorProcess
+from enginebuild_devstack.waiting import wait_until
 from plugins.dashboards import dashboard_exprs
-from plugins.kube import KUBECTL, wait_for
+from plugins.kube import KUBECTL
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY_MD = REPO / "docs" / "deploy.md"
@@ -245,8 +246,8 @@ class Walk:
     def start_prometheus(self) -> None:
         """What kube-prometheus-stack's Prometheus Pod does with the Prometheus Operator's output."""
         http = self.http
-        text, rules = wait_for(lambda: _config_with_rules(http), timeout=120,
-                               what="the Prometheus Operator's configuration with the chart's rules")
+        text, rules = wait_until(lambda: _config_with_rules(http), timeout=120,
+                                 what="the Prometheus Operator's configuration with the chart's rules")
         assert self.operator is not None
         deployment = http.get(resource_path("apps/v1", "deployments", "enginebuild-system"))["items"][0]
         name = deployment["metadata"]["name"]
@@ -415,7 +416,7 @@ def test_deploy_md_walked_from_an_empty_cluster_to_a_scraped_ready_build(walk: W
         series = prom.query(f'enginebuild_accuracy_min_cosine_required{{namespace="{ns}",name="{name}"}}')
         return series or None
     try:
-        series = wait_for(scraped, timeout=60, what="the build's series in Prometheus", interval=1)
+        series = wait_until(scraped, timeout=60, what="the build's series in Prometheus", interval=1)
     except AssertionError as exc:
         raise AssertionError(f"{exc}\ntargets: {json.dumps(prom._api('/api/v1/targets'))[:3000]}") from None
     assert series[0]["metric"].get("service", "").endswith("-metrics"), series

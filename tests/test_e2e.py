@@ -32,8 +32,9 @@ from enginebuild_contract.manifests import build_exists
 from enginebuild_devstack.demo import demo_manifest, stack_for
 from enginebuild_devstack.prometheus import find_prometheus
 from enginebuild_devstack.stack import LocalStack, condition
+from enginebuild_devstack.waiting import wait_until
 from plugins.dashboards import alert_exprs, alert_rules, dashboard_exprs, metric_names
-from plugins.kube import KUBECTL, Kubectl, wait_for
+from plugins.kube import KUBECTL, Kubectl
 from plugins.operator_proc import metric_value
 
 pytestmark = pytest.mark.slow
@@ -61,7 +62,7 @@ def _wait_finished(stack: LocalStack, name: str, timeout: float = BUILD_TIMEOUT_
         return eb if condition(eb, "Succeeded").get("status") in ("True", "False") else None
 
     try:
-        return wait_for(done, timeout=timeout, what=f"{name} to finish", interval=1.0)
+        return wait_until(done, timeout=timeout, what=f"{name} to finish", interval=1.0)
     except AssertionError as exc:
         op_log = stack.operator.log_tail(4000) if stack.operator else ""
         raise AssertionError(f"{exc}\nstatus: {json.dumps((stack.get(name) or {}).get('status'), indent=1)}\n"
@@ -167,9 +168,9 @@ def test_prometheus_scrapes_the_same_numbers(built: tuple[LocalStack, dict[str, 
     status = _status(stack)
     sel = f'{{namespace="default",name="{NAME}"}}'
     # The scrape after the status was written (1 s interval); a generous bound for a busy machine.
-    sizes = wait_for(lambda: len(_prom_values(stack, f"enginebuild_engine_size_bytes{sel}", ("encoder",))) and
-                     _prom_values(stack, f"enginebuild_engine_size_bytes{sel}", ("target", "encoder", "precision")),
-                     timeout=60, what="engine sizes in Prometheus")
+    sizes = wait_until(lambda: len(_prom_values(stack, f"enginebuild_engine_size_bytes{sel}", ("encoder",))) and
+                       _prom_values(stack, f"enginebuild_engine_size_bytes{sel}", ("target", "encoder", "precision")),
+                       timeout=60, what="engine sizes in Prometheus")
     assert prom.targets_health() == ["up"]
     assert sizes == {(e["target"], e["encoder"], e["precision"]): float(e["bytes"]) for e in status["engines"]}
     p50 = _prom_values(stack, f'enginebuild_engine_latency_seconds{{name="{NAME}",percentile="50"}}',
@@ -221,8 +222,8 @@ def test_every_dashboard_query_and_alert_rule_evaluates(built: tuple[LocalStack,
     assert prom is not None
     # increase()/rate() panels need two samples of a series in their window; the GPU-seconds series is
     # the last one born (when the engine Job finished).
-    wait_for(lambda: prom.query("min(count_over_time(enginebuild_gpu_seconds_total[1h])) >= 3"), timeout=60,
-             what="three scrapes of the newest operator series")
+    wait_until(lambda: prom.query("min(count_over_time(enginebuild_gpu_seconds_total[1h])) >= 3"), timeout=60,
+               what="three scrapes of the newest operator series")
     exprs = dashboard_exprs()
     assert exprs, "the dashboard has no queries"
     empty_key_panels, key_panels = [], 0
@@ -238,8 +239,8 @@ def test_every_dashboard_query_and_alert_rule_evaluates(built: tuple[LocalStack,
         prom.query(expr)
     # The rules are loaded from the chart's alerts file and evaluated every second: all healthy.
     names = {r["alert"] for r in alert_rules() if "alert" in r}
-    health = wait_for(lambda: (h := prom.rule_health()) and all(x[1] == "ok" for x in h) and h,
-                      timeout=30, what="every alert rule evaluated ok")
+    health = wait_until(lambda: (h := prom.rule_health()) and all(x[1] == "ok" for x in h) and h,
+                        timeout=30, what="every alert rule evaluated ok")
     assert {name for name, _, _ in health} >= names
     firing = prom.query('ALERTS{alertstate="firing"}')
     assert firing == [], f"alerts firing after a healthy build: {firing}"
@@ -251,8 +252,8 @@ def test_gpu_seconds_panel_counts_the_first_build_of_a_target(built: tuple[Local
     assert prom is not None
     gpu_seconds = float(_status(stack)["gpuSeconds"])
     assert gpu_seconds > 0
-    wait_for(lambda: prom.query("count_over_time(enginebuild_gpu_seconds_total[1h]) >= 3"), timeout=60,
-             what="three scrapes of the GPU-seconds series")
+    wait_until(lambda: prom.query("count_over_time(enginebuild_gpu_seconds_total[1h]) >= 3"), timeout=60,
+               what="three scrapes of the GPU-seconds series")
     (sample,) = prom.query("sum(increase(enginebuild_gpu_seconds_total[1h]))")
     assert float(sample["value"][1]) > 0.5 * gpu_seconds
 

@@ -20,10 +20,11 @@ import pytest
 from enginebuild_contract.constants import GROUP, VERSION
 from enginebuild_contract.s3.store import S3Store
 from enginebuild_devstack.kube_http import KubeApiError, resource_path
+from enginebuild_devstack.waiting import wait_until
 from plugins.operator_proc import (  # noqa: F401  (fixtures)
-    Cluster, OperatorProcess, eb_cluster, metric_value, operator_kubeconfig, wait_metric, wait_until,
+    Cluster, OperatorProcess, eb_cluster, metric_value, operator_kubeconfig, wait_metric,
 )
-from test_operator_e2e import engine_half, export_half, message
+from plugins.reliability import engine_half, export_half, message
 
 pytestmark = pytest.mark.slow
 

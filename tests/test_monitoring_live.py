@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -39,8 +36,9 @@ from enginebuild_devstack.podplay import complete_job
 from enginebuild_devstack.prometheus import Prometheus
 from enginebuild_devstack.seaweedfs import SeaweedFS
 from enginebuild_devstack.stack import OperatorProcess
+from enginebuild_devstack.waiting import wait_until
 from plugins.dashboards import alert_exprs, dashboard_exprs
-from plugins.kube import KubeCluster, wait_for
+from plugins.kube import KubeCluster
 from plugins.reliability import publish_engine, publish_export
 
 pytestmark = pytest.mark.slow
@@ -105,8 +103,8 @@ def test_prometheus_operator_scrapes_two_replicas_and_the_rules_hold(
             "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": "kube-system"}]})
         http.post(resource_path("monitoring.coreos.com/v1", "prometheuses", release_ns), prometheus_resource(
             "k8s", release_ns, cp.url, token_file, cp.ca_file, {"release": KPS_RELEASE}, "v2.42.0"))
-        scrape_config, rules = wait_for(lambda: _config_with_rules(http, release_ns), timeout=90,
-                                        what="the Prometheus Operator's configuration with the chart's rules")
+        scrape_config, rules = wait_until(lambda: _config_with_rules(http, release_ns), timeout=90,
+                                          what="the Prometheus Operator's configuration with the chart's rules")
 
         # Two replicas of the operator, as the installed Deployment runs them, each published as a Pod
         # with an EndpointSlice behind the chart's metrics Service.
@@ -150,13 +148,13 @@ def test_prometheus_operator_scrapes_two_replicas_and_the_rules_hold(
             for ns in (team_a, team_b):
                 _play_build(http, ns, s3_store, uri, tmp_path / ns)
             for ns in (team_a, team_b):
-                wait_for(lambda n=ns: _ready(http, n), timeout=120, what=f"{ns}/vit-l-14 Ready")
+                wait_until(lambda n=ns: _ready(http, n), timeout=120, what=f"{ns}/vit-l-14 Ready")
 
             def scraped() -> list[dict[str, Any]] | None:
                 series = prom.query("enginebuild_accuracy_min_cosine_required")
                 return series if {s["metric"].get("namespace") for s in series} >= {team_a, team_b} else None
             try:
-                series = wait_for(scraped, timeout=60, what="both builds' series, with their own namespaces")
+                series = wait_until(scraped, timeout=60, what="both builds' series, with their own namespaces")
             except AssertionError as exc:
                 targets = prom._api("/api/v1/targets")
                 raise AssertionError(f"{exc}\ntargets: {json.dumps(targets)[:3000]}\nconfig:\n{config_text[:3000]}") from None
@@ -170,8 +168,8 @@ def test_prometheus_operator_scrapes_two_replicas_and_the_rules_hold(
             # Every dashboard query and every alert expression evaluates (no many-to-many error).
             for expr in dashboard_exprs() + alert_exprs():
                 prom.query(expr)  # raises with Prometheus's own error on a bad or ambiguous query
-            health = wait_for(lambda: (h := prom.rule_health()) and all(state != "unknown" for _, state, _ in h) and h,
-                              timeout=30, what="every rule evaluated once")
+            health = wait_until(lambda: (h := prom.rule_health()) and all(state != "unknown" for _, state, _ in h) and h,
+                                timeout=30, what="every rule evaluated once")
             assert all(state == "ok" for _, state, _ in health), health
             firing = {r["labels"]["alertname"] for r in prom._api("/api/v1/alerts")["alerts"]
                       if r["state"] == "firing"}
@@ -205,8 +203,8 @@ def _play_build(http: KubeHttp, ns: str, store: Any, uri: str, workdir: Path) ->
     def job(suffix: str) -> dict[str, Any] | None:
         items = http.get(resource_path("batch/v1", "jobs", ns)).get("items") or []
         return next((j for j in items if j["metadata"]["name"].endswith("-" + suffix)), None)
-    export = wait_for(lambda: job("export"), timeout=90, what=f"the export Job in {ns}")
+    export = wait_until(lambda: job("export"), timeout=90, what=f"the export Job in {ns}")
     key = export["metadata"]["annotations"]["enginebuild.io/build-key"]
     complete_job(http, ns, export["metadata"]["name"], 0, publish_export(store, uri, key, workdir / "x"))
-    engine = wait_for(lambda: job("h100"), timeout=90, what=f"the engine Job in {ns}")
+    engine = wait_until(lambda: job("h100"), timeout=90, what=f"the engine Job in {ns}")
     complete_job(http, ns, engine["metadata"]["name"], 0, publish_engine(store, uri, key, workdir / "e", "h100"))

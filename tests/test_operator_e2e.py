@@ -17,70 +17,20 @@ from typing import Any
 import pytest
 
 from enginebuild_contract.errors import KINDS
-from enginebuild_contract.report import (
-    Accuracy, Artifact, EncoderReport, EngineReport, ErrorInfo, OnnxPair, Percentiles, Report,
-)
-from enginebuild_contract.report_summary import termination_message
-from enginebuild_contract.spec import parse_spec
+from enginebuild_contract.report import ErrorInfo, Report
 from enginebuild_contract import layout
 from enginebuild_contract import manifests as publish
 from enginebuild_contract.s3.store import S3Store
 from enginebuild_contract.s3.uri import parse_s3_uri
-from enginebuild_operator import artifacts
 from enginebuild_devstack.kube_http import resource_path
+from enginebuild_devstack.waiting import wait_until
 from plugins.kube import delete_namespace
 from plugins.operator_proc import (  # noqa: F401  (fixtures)
-    Cluster, eb_cluster, metric_value, operator_kubeconfig, private_cluster, wait_metric, wait_until,
+    Cluster, eb_cluster, metric_value, operator_kubeconfig, private_cluster, wait_metric,
 )
+from plugins.reliability import engine_half, export_half, message, publish_cached_build
 
 pytestmark = pytest.mark.slow
-
-P50 = {("image", "fp16"): 6.35, ("image", "fp8"): 4.12}
-
-
-def _write(path: Path, data: bytes) -> Artifact:
-    import hashlib
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return Artifact(path=str(path.name), bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-
-
-def export_half(store: S3Store, uri: str, key: str, workdir: Path, cosine: float = 0.9931) -> Report:
-    """What the export Job publishes: two ONNX files and its report; returns the report."""
-    fp16 = _write(workdir / "image.fp16.onnx", b"\x01" * 4000)
-    fp8 = _write(workdir / "image.fp8.onnx", b"\x02" * 2500)
-    acc = Accuracy(cosine_min=cosine, cosine_mean=0.9987, top1_agreement=0.98, samples=64, min_cosine_required=0.99,
-                   passed=cosine >= 0.99)
-    report = Report(spec={}, build_key=key, stages_run=["export", "upload"], artifacts_uri=f"{uri}/{key}/",
-                    encoders={"image": EncoderReport(input_name="image", input_shape=[128, 3, 224, 224], input_dtype="float32",
-                                                     onnx=OnnxPair(fp16=fp16, fp8=fp8), size_reduction=0.375,
-                                                     linear_layers=50, quantized_linear_layers=49, accuracy=acc,
-                                                     parameters=88_000_000)})
-    report.write(workdir / "report.json")
-    publish.publish_files(store, uri, key, workdir, ["image.fp16.onnx", "image.fp8.onnx", "report.json"], "export")
-    return report
-
-
-def engine_half(store: S3Store, uri: str, key: str, workdir: Path, target: str, p50: dict | None = None) -> Report:
-    p50 = p50 or P50
-    engines = []
-    for (encoder, precision), ms in sorted(p50.items()):
-        art = _write(workdir / target / encoder / precision / "model.plan", bytes([len(precision)]) * (3000 if precision == "fp16" else 1600))
-        art = art.model_copy(update={"path": f"{target}/{encoder}/{precision}/model.plan", "uri": f"{uri}/{key}/{target}/{encoder}/{precision}/model.plan"})
-        engines.append(EngineReport(target=target, encoder=encoder, precision=precision, engine=art, trt_version="10.16.1",
-                                    gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0", build_s=30.0,
-                                    latency_ms=Percentiles(median=ms, p90=ms * 1.1, p99=ms * 1.5), gpu_compute_ms=Percentiles(median=ms),
-                                    throughput_qps=1000 / ms, throughput_items_per_s=128000 / ms))
-    report = Report(spec={}, build_key=key, stages_run=["engine", "upload"], engines=engines, artifacts_uri=f"{uri}/{key}/")
-    name = f"report.{target}.json"
-    report.write(workdir / name)
-    publish.publish_files(store, uri, key, workdir, [e.engine.path for e in engines] + [name], f"engine-{target}")
-    return report
-
-
-def message(report: Report) -> str:
-    return json.dumps(termination_message(report), separators=(",", ":"))
 
 
 def run_build(c: Cluster, store: S3Store, name: str, tmp: Path) -> str:
@@ -158,13 +108,8 @@ def test_build_runs_to_ready_with_status_s3_manifest_events_and_metrics(eb_clust
 def test_cache_hit_from_a_prepublished_build_creates_no_job(eb_cluster: Cluster, s3_store: S3Store, tmp_path: Path) -> None:
     c = eb_cluster
     spec_doc = c.spec(deletionPolicy="Delete")
-    key = artifacts.compute_key(parse_spec(spec_doc), s3_store, "registry.test/builder:1")
     uri = f"s3://{c.bucket}/engines"
-    exp = export_half(s3_store, uri, key, tmp_path / "x")
-    eng = engine_half(s3_store, uri, key, tmp_path / "e", "h100", {("image", "fp16"): 5.0, ("image", "fp8"): 6.0})
-    merged = artifacts.merge_reports([exp, eng])
-    merged.write(tmp_path / "report.json")
-    publish.finalize_build(s3_store, uri, key, tmp_path / "report.json")
+    key = publish_cached_build(s3_store, spec_doc, uri, tmp_path, {("image", "fp16"): 5.0, ("image", "fp8"): 6.0})
     op = c.start_operator()
     c.create("cached", spec_doc)
     c.wait_condition("cached", "Ready", "True", "CacheHit")
@@ -338,7 +283,7 @@ def test_each_failure_class_ends_in_its_reason(eb_cluster: Cluster, s3_store: S3
             wait_until(lambda: any(j["state"] == "Running" for j in c.status(name).get("jobs") or []), 30, "Running recorded")
             c.http.delete(resource_path("batch/v1", "jobs", c.namespace, jname))
     for name, (_, reason) in FAILURES.items():
-        cond = c.wait_condition(name, "Ready", "False", reason, timeout=120)
+        c.wait_condition(name, "Ready", "False", reason, timeout=120)
         assert c.condition(name, "Succeeded")["status"] == "False"
         assert c.condition(name, "Succeeded")["reason"] == reason
     assert "shouldnotleak" not in json.dumps(c.status("accuracy"))

@@ -32,8 +32,9 @@ import pytest
 from enginebuild_contract.errors import KINDS
 from enginebuild_devstack.kube_http import resource_path
 from enginebuild_devstack.kubelet import ProcessKubelet
+from enginebuild_devstack.waiting import wait_until
 from plugins.kube import start_kubelet
-from plugins.operator_proc import Cluster, eb_cluster, operator_kubeconfig, wait_until  # noqa: F401  (fixtures)
+from plugins.operator_proc import Cluster, eb_cluster, operator_kubeconfig  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.slow
 TESTS = Path(__file__).resolve().parent

@@ -21,7 +21,8 @@ import pytest
 
 from enginebuild_contract import manifests as publish
 from enginebuild_contract.s3.store import S3Store
-from plugins.operator_proc import Cluster, eb_cluster, metric_value, operator_kubeconfig, wait_until  # noqa: F401  (fixtures)
+from enginebuild_devstack.waiting import wait_until
+from plugins.operator_proc import Cluster, eb_cluster, metric_value, operator_kubeconfig  # noqa: F401  (fixtures)
 from plugins.reliability import JobController, LoadResult
 
 pytestmark = pytest.mark.slow

@@ -26,8 +26,9 @@ from enginebuild_contract.s3.store import S3Store
 from enginebuild_contract.s3.uri import new_bucket_name, parse_s3_uri
 from enginebuild_operator import artifacts
 from enginebuild_devstack.seaweedfs import SeaweedFS
+from enginebuild_devstack.waiting import wait_until
 from plugins.operator_proc import (  # noqa: F401  (fixtures)
-    Cluster, OperatorProcess, eb_cluster, metric_value, wait_metric, operator_kubeconfig, private_cluster, wait_until,
+    Cluster, OperatorProcess, eb_cluster, metric_value, wait_metric, operator_kubeconfig, private_cluster,
 )
 from plugins.reliability import publish_engine, publish_export
 

@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ from enginebuild_contract.s3.config import MIB, S3Config
 from enginebuild_contract.s3.store import S3Store
 from enginebuild_contract.s3.uri import parse_s3_uri
 from enginebuild_devstack.seaweedfs import SeaweedFS
+from enginebuild_devstack.waiting import NotYet, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -39,17 +39,18 @@ def serving_again(store: S3Store, bucket: str, timeout_s: float = 60.0) -> None:
     """After a restart SeaweedFS answers S3 before its volumes are back (InternalError for a while):
     "when S3 returns" means when a write and a read of an object succeed again."""
     probe = parse_s3_uri(f"s3://{bucket}/probe/ready")
-    deadline = time.monotonic() + timeout_s
-    while True:
+
+    def written_and_read() -> bool | NotYet:
         try:
             store.put_bytes(probe, b"ok")
-            if store.get_bytes(probe) == b"ok":
-                store.delete(probe)
-                return
-        except BuildError:
-            if time.monotonic() > deadline:
-                raise
-        time.sleep(0.5)
+            if store.get_bytes(probe) != b"ok":
+                return NotYet("the object read back differs")
+            store.delete(probe)
+            return True
+        except BuildError as exc:
+            return NotYet(f"{type(exc).__name__}: {exc}")
+
+    wait_until(written_and_read, timeout_s, "S3 to write and read an object again", interval=0.5)
 
 
 def test_server_killed_during_download_leaves_no_partial_file_and_retry_succeeds(

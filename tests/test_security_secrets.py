@@ -33,8 +33,9 @@ from enginebuild_contract.s3.store import S3Store
 from enginebuild_contract.s3.uri import new_bucket_name, parse_s3_uri
 from enginebuild_devstack.kube_http import resource_path
 from enginebuild_devstack.seaweedfs import SeaweedFS, start_seaweedfs
+from enginebuild_devstack.waiting import wait_until
 from plugins.kube import KubeCluster, start_kubelet
-from plugins.operator_proc import Cluster, operator_kubeconfig, wait_until  # noqa: F401  (fixture)
+from plugins.operator_proc import Cluster, operator_kubeconfig  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 

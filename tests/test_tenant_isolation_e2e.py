@@ -14,74 +14,21 @@ tenant's calls hang, and the bad endpoint's circuit opens: its builds say it is 
 
 from __future__ import annotations
 
-import base64
-import socket
-import threading
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from enginebuild_contract.spec import parse_spec
-from enginebuild_contract import manifests as publish
 from enginebuild_contract.s3.store import S3Store
-from enginebuild_devstack.kube_http import resource_path
-from enginebuild_operator import artifacts
-from plugins.operator_proc import Cluster, eb_cluster, metric_value, operator_kubeconfig, wait_until  # noqa: F401  (fixtures)
-from test_operator_e2e import engine_half, export_half
+from enginebuild_devstack.waiting import wait_until
+from plugins.operator_proc import Cluster, eb_cluster, metric_value, operator_kubeconfig  # noqa: F401  (fixtures)
+from plugins.reliability import Blackhole, tenant_isolation_setup
 
 pytestmark = pytest.mark.slow
 
 BAD_BUILDS = 20  # more than the 16 threads main shared between all calls
 HEALTHY_BUILDS = 10
 CAP = 4  # ENGINEBUILD_S3_CALLS_PER_ENDPOINT's default
-
-
-class Blackhole:
-    """A 127.0.0.1 port where connects hang: its accept queue is full and nobody accepts."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(0)
-        self.port = self.sock.getsockname()[1]
-        self._fill: list[socket.socket] = []
-        while True:  # fill the accept queue until a connect no longer completes
-            c = socket.socket()
-            c.settimeout(0.5)
-            try:
-                c.connect(("127.0.0.1", self.port))
-            except OSError:
-                c.close()
-                break
-            self._fill.append(c)
-        self.peak = 0
-        self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-
-    def hanging(self) -> int:
-        """Connects to this port in progress now (SYN_SENT in /proc/net/tcp: our own netns)."""
-        n = 0
-        with open("/proc/net/tcp") as f:
-            for line in f.read().splitlines()[1:]:
-                fields = line.split()
-                if fields[3] == "02" and int(fields[2].rsplit(":", 1)[1], 16) == self.port:
-                    n += 1
-        return n
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, self.hanging())
-            self.samples += 1
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        for c in self._fill:
-            c.close()
-        self.sock.close()
 
 
 @pytest.fixture
@@ -99,20 +46,7 @@ def test_an_unreachable_tenant_endpoint_does_not_hold_up_other_builds(
     endpoint = f"http://127.0.0.1:{blackhole.port}"
     # The healthy builds are cache hits of one pre-published build: each still takes S3 calls
     # (its reference PUT, the manifest and report reads) and status writes to reach Ready.
-    healthy_spec = c.spec(deletionPolicy="Retain")
-    key = artifacts.compute_key(parse_spec(healthy_spec), s3_store, "registry.test/builder:1")
-    uri = f"s3://{c.bucket}/engines"
-    merged = artifacts.merge_reports([export_half(s3_store, uri, key, tmp_path / "x"),
-                                      engine_half(s3_store, uri, key, tmp_path / "e", "h100")])
-    assert merged is not None
-    merged.write(tmp_path / "report.json")
-    publish.finalize_build(s3_store, uri, key, tmp_path / "report.json")
-
-    secret = {"AWS_ACCESS_KEY_ID": "tenant", "AWS_SECRET_ACCESS_KEY": "tenant-secret-key",
-              "AWS_ENDPOINT_URL": endpoint, "AWS_REGION": "us-east-1"}
-    c.http.post(resource_path("v1", "secrets", c.namespace), {
-        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "down", "namespace": c.namespace},
-        "data": {k: base64.b64encode(v.encode()).decode() for k, v in secret.items()}})
+    healthy_spec = tenant_isolation_setup(c, s3_store, tmp_path, endpoint)
     op = c.start_operator()
     for i in range(BAD_BUILDS):
         c.create(f"bad-{i}", c.spec(deletionPolicy="Retain",
@@ -144,4 +78,4 @@ def test_an_unreachable_tenant_endpoint_does_not_hold_up_other_builds(
     for i in range(BAD_BUILDS):
         assert c.condition(f"bad-{i}", "Ready").get("status") != "True"
         assert c.jobs(f"bad-{i}") == []
-    assert "tenant-secret-key" not in op.log_tail(10**7)
+    assert "tenant-secret-key" not in op.log_tail(10**7)  # the Secret `down`'s key (tenant_isolation_setup)

@@ -17,8 +17,7 @@ Fixtures:
 - `private_control_plane`: a control plane of this test's own (function scope), to kill and restart.
 - `process_kubelet`: the dev stack's kubelet (Pods as local processes) with a CPU node and the GPU
   nodes in `STANDARD_GPU_PRODUCTS`, for tests whose Jobs must really run.
-- `wait_for(fn, timeout=..., what=...)`: poll until `fn()` is truthy; the AssertionError on timeout
-  names what was awaited and the last value seen.
+Waiting for something (here and in every test): `enginebuild_devstack.waiting.wait_until`.
 """
 
 from __future__ import annotations
@@ -27,11 +26,10 @@ import os
 import re
 import shutil
 import subprocess
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Iterator
 
 import pytest
 import yaml
@@ -40,8 +38,7 @@ from enginebuild_devstack.cluster import apply_crd, ensure_namespace, install_ko
 from enginebuild_devstack.controlplane import ControlPlane
 from enginebuild_devstack.kube_http import KubeApiError, KubeHttp, resource_path
 from enginebuild_devstack.kubelet import NodeSpec, ProcessKubelet
-
-T = TypeVar("T")
+from enginebuild_devstack.waiting import wait_until
 
 REAL_KUBECONFIG_ENV = "ENGINEBUILD_TEST_KUBECONFIG"
 KUBECTL = shutil.which("kubectl") or "/usr/bin/kubectl"
@@ -59,19 +56,6 @@ def standard_nodes() -> list[NodeSpec]:
 def real_cluster_kubeconfig() -> Path | None:
     value = os.environ.get(REAL_KUBECONFIG_ENV)
     return Path(value) if value else None
-
-
-def wait_for(fn: Callable[[], T], timeout: float = 30.0, what: str = "condition", interval: float = 0.05) -> T:
-    """Poll `fn` until it returns something truthy (a generous bound, not a speed assertion)."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        last = fn()
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
-        time.sleep(interval)
 
 
 @dataclass
@@ -180,7 +164,7 @@ def other_test_namespaces_gone(http: KubeHttp, keep: str, timeout: float = 60.0)
     def gone() -> bool:
         items = http.get(resource_path("v1", "namespaces"), labelSelector=TEST_NS_LABEL).get("items") or []
         return all(i["metadata"]["name"] == keep for i in items)
-    wait_for(gone, timeout, "earlier tests' namespaces to be deleted", interval=0.2)
+    wait_until(gone, timeout, "earlier tests' namespaces to be deleted", interval=0.2)
 
 
 @pytest.fixture

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -26,21 +25,10 @@ from enginebuild_devstack.kube_http import KubeApiError, KubeHttp, resource_path
 from enginebuild_devstack.kubeconfig import server_of
 from enginebuild_devstack.stack import OperatorProcess
 from enginebuild_devstack.stack import operator_kubeconfig as chart_identity
+from enginebuild_devstack.waiting import wait_until
 from plugins.kube import KubeCluster, other_test_namespaces_gone
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition", interval: float = 0.1) -> Any:
-    """Poll until `predicate()` is truthy (a generous ceiling, not a speed assertion)."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
 
 
 def metric_value(text: str, metric_name: str, /, **labels: str) -> float | None:

@@ -1,27 +1,37 @@
-"""Shared by the reliability and security tests: what the builder's Jobs would publish to S3.
+"""Shared by the operator, reliability and security tests: what the builder's Jobs would publish to S3.
 
 `publish_export` / `publish_engine` put a build half under `<uri>/<key>/` exactly as the builder's
 upload stage does (verified uploads and a stage manifest, through enginebuild_contract.layout) and return the
 termination message the Job's Pod would carry. Sizes are parameters, so a test can tell one build's
 artefacts from another's. Also imported by the stub builder that tests/test_reliability_jobs.py
 runs as the Jobs' command.
+
+`export_half` / `engine_half` publish the halves the operator tests use (FP8 below the accuracy
+gate on request, latencies per encoder and precision) and return the Report; `message(report)` is
+its termination message; `publish_cached_build` publishes a whole build (a cache hit to come).
+`tenant_isolation_setup` and `Blackhole` are the isolation scenario's, for its test and its bench.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from enginebuild_contract.report import Accuracy, Artifact, EncoderReport, EngineReport, OnnxPair, Percentiles, Report
 from enginebuild_contract.report_summary import termination_message
 from enginebuild_contract import manifests as publish
 from enginebuild_contract.s3.store import S3Store
+
+if TYPE_CHECKING:
+    from plugins.operator_proc import Cluster
 
 
 def _artifact(path: Path, data: bytes, rel: str) -> Artifact:
@@ -42,7 +52,7 @@ def publish_export(store: S3Store, uri: str, key: str, workdir: Path, fp8_bytes:
                                                      parameters=88_000_000)})
     report.write(workdir / "report.json")
     publish.publish_files(store, uri, key, workdir, ["image.fp16.onnx", "image.fp8.onnx", "report.json"], "export")
-    return json.dumps(termination_message(report), separators=(",", ":"))
+    return message(report)
 
 
 def publish_engine(store: S3Store, uri: str, key: str, workdir: Path, target: str, plan_bytes: int = 1600) -> str:
@@ -59,7 +69,138 @@ def publish_engine(store: S3Store, uri: str, key: str, workdir: Path, target: st
     name = f"report.{target}.json"
     report.write(workdir / name)
     publish.publish_files(store, uri, key, workdir, [e.engine.path for e in engines] + [name], f"engine-{target}")
+    return message(report)
+
+
+def message(report: Report) -> str:
+    """The termination message a Job's Pod carries for `report`."""
     return json.dumps(termination_message(report), separators=(",", ":"))
+
+
+# ---- the operator tests' build halves (their Reports) ------------------------------------------------
+
+P50 = {("image", "fp16"): 6.35, ("image", "fp8"): 4.12}  # ms, per (encoder, precision)
+
+
+def export_half(store: S3Store, uri: str, key: str, workdir: Path, cosine: float = 0.9931) -> Report:
+    """What the export Job publishes: two ONNX files and its report; returns the report."""
+    fp16 = _artifact(workdir / "image.fp16.onnx", b"\x01" * 4000, "image.fp16.onnx")
+    fp8 = _artifact(workdir / "image.fp8.onnx", b"\x02" * 2500, "image.fp8.onnx")
+    acc = Accuracy(cosine_min=cosine, cosine_mean=0.9987, top1_agreement=0.98, samples=64, min_cosine_required=0.99,
+                   passed=cosine >= 0.99)
+    report = Report(spec={}, build_key=key, stages_run=["export", "upload"], artifacts_uri=f"{uri}/{key}/",
+                    encoders={"image": EncoderReport(input_name="image", input_shape=[128, 3, 224, 224], input_dtype="float32",
+                                                     onnx=OnnxPair(fp16=fp16, fp8=fp8), size_reduction=0.375,
+                                                     linear_layers=50, quantized_linear_layers=49, accuracy=acc,
+                                                     parameters=88_000_000)})
+    report.write(workdir / "report.json")
+    publish.publish_files(store, uri, key, workdir, ["image.fp16.onnx", "image.fp8.onnx", "report.json"], "export")
+    return report
+
+
+def engine_half(store: S3Store, uri: str, key: str, workdir: Path, target: str, p50: dict | None = None) -> Report:
+    """What `target`'s engine Job publishes: a plan per (encoder, precision) of `p50` (default P50)."""
+    p50 = p50 or P50
+    engines = []
+    for (encoder, precision), ms in sorted(p50.items()):
+        rel = f"{target}/{encoder}/{precision}/model.plan"
+        art = _artifact(workdir / rel, bytes([len(precision)]) * (3000 if precision == "fp16" else 1600), rel)
+        art = art.model_copy(update={"uri": f"{uri}/{key}/{rel}"})
+        engines.append(EngineReport(target=target, encoder=encoder, precision=precision, engine=art, trt_version="10.16.1",
+                                    gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0", build_s=30.0,
+                                    latency_ms=Percentiles(median=ms, p90=ms * 1.1, p99=ms * 1.5), gpu_compute_ms=Percentiles(median=ms),
+                                    throughput_qps=1000 / ms, throughput_items_per_s=128000 / ms))
+    report = Report(spec={}, build_key=key, stages_run=["engine", "upload"], engines=engines, artifacts_uri=f"{uri}/{key}/")
+    name = f"report.{target}.json"
+    report.write(workdir / name)
+    publish.publish_files(store, uri, key, workdir, [e.engine.path for e in engines] + [name], f"engine-{target}")
+    return report
+
+
+BUILDER_IMAGE = "registry.test/builder:1"  # what plugins.operator_proc gives every operator
+
+
+def publish_cached_build(store: S3Store, spec_doc: dict[str, Any], uri: str, workdir: Path,
+                         p50: dict | None = None, image: str = BUILDER_IMAGE) -> str:
+    """A whole build of `spec_doc` (one h100 target, as `Cluster.spec()` makes) already under `uri`,
+    as an earlier run left it: both halves, the merged report and the manifest. An EngineBuild of
+    that spec is then a cache hit for an operator whose builder image is `image`. Returns the key."""
+    from enginebuild_contract.spec import parse_spec
+    from enginebuild_operator import artifacts
+
+    key = artifacts.compute_key(parse_spec(spec_doc), store, image)
+    merged = artifacts.merge_reports([export_half(store, uri, key, workdir / "x"),
+                                      engine_half(store, uri, key, workdir / "e", "h100", p50)])
+    assert merged is not None
+    merged.write(workdir / "report.json")
+    publish.finalize_build(store, uri, key, workdir / "report.json")
+    return key
+
+
+# ---- tenant isolation: a tenant whose S3 endpoint hangs (the test and bench/tenant_isolation.py) -------
+
+class Blackhole:
+    """A 127.0.0.1 port where connects hang: its accept queue is full and nobody accepts."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(0)
+        self.port = self.sock.getsockname()[1]
+        self._fill: list[socket.socket] = []
+        while True:  # fill the accept queue until a connect no longer completes
+            c = socket.socket()
+            c.settimeout(0.5)
+            try:
+                c.connect(("127.0.0.1", self.port))
+            except OSError:
+                c.close()
+                break
+            self._fill.append(c)
+        self.peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def hanging(self) -> int:
+        """Connects to this port in progress now (SYN_SENT in /proc/net/tcp: our own netns)."""
+        n = 0
+        with open("/proc/net/tcp") as f:
+            for line in f.read().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "02" and int(fields[2].rsplit(":", 1)[1], 16) == self.port:
+                    n += 1
+        return n
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self.hanging())
+            self.samples += 1
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        for c in self._fill:
+            c.close()
+        self.sock.close()
+
+
+def tenant_isolation_setup(c: Cluster, store: S3Store, workdir: Path, endpoint: str) -> dict[str, Any]:
+    """The tenants of the isolation scenario in `c`'s namespace, before any operator runs: the
+    healthy tenants' build already published (their EngineBuilds, of the spec returned, are cache
+    hits that still take S3 calls and status writes to reach Ready), and the Secret `down` of the
+    tenant whose S3 endpoint is `endpoint` (a Blackhole's)."""
+    from enginebuild_devstack.kube_http import resource_path
+
+    healthy_spec = c.spec(deletionPolicy="Retain")
+    publish_cached_build(store, healthy_spec, f"s3://{c.bucket}/engines", workdir)
+    secret = {"AWS_ACCESS_KEY_ID": "tenant", "AWS_SECRET_ACCESS_KEY": "tenant-secret-key",
+              "AWS_ENDPOINT_URL": endpoint, "AWS_REGION": "us-east-1"}
+    c.http.post(resource_path("v1", "secrets", c.namespace), {
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "down", "namespace": c.namespace},
+        "data": {k: base64.b64encode(v.encode()).decode() for k, v in secret.items()}})
+    return healthy_spec
 
 
 # ---- load: many EngineBuilds against a concurrency limit -------------------------------------------------

@@ -65,8 +65,19 @@ class Interrupted(Exception):
     """Ctrl-C or SIGTERM: stop everything and leave."""
 
 
-def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
-    raise Interrupted(signal.Signals(signum).name)
+class _Interrupts:
+    """The demo's SIGINT/SIGTERM handler: records the signal, then raises Interrupted wherever the
+    main thread is. Raised from inside the standard library that exception can come out as another
+    one (seen in a full run: Ctrl-C while rich started its refresh thread made threading's own
+    clean-up fail with KeyError), so `main` asks `received` whether a signal came, not which
+    exception arrived."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.received = self.received or signal.Signals(signum).name
+        raise Interrupted(self.received)
 
 
 def human_bytes(n: float) -> str:
@@ -314,7 +325,8 @@ def main(args: argparse.Namespace) -> int:
     else:
         console.print(Panel(NO_GPU_NOTE, title="no GPU engines on this machine", style="yellow"))
 
-    previous = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
+    interrupts = _Interrupts()
+    previous = {sig: signal.signal(sig, interrupts) for sig in (signal.SIGINT, signal.SIGTERM)}
     started = time.monotonic()
     stack = stack_for(doc, workdir, job_env={"TRTEXEC": trtexec} if trtexec else {}, with_prometheus=want_prometheus,
                       on_step=lambda what: console.print(f"starting {what} ...", highlight=False))
@@ -341,10 +353,13 @@ def main(args: argparse.Namespace) -> int:
                       f"(stack start included)", style="green" if ready else "red")
         if keep:
             _keep_running(stack, console)
-    except Interrupted as why:
-        console.print(f"\n{why}: stopping everything the demo started ...")
-    except StackError as exc:
-        console.print(f"[red]the local stack failed:[/red] {exc}", markup=True, highlight=False)
+    except Exception as exc:  # Interrupted, StackError, or what an interruption turned into on its way out
+        if interrupts.received:
+            console.print(f"\n{interrupts.received}: stopping everything the demo started ...")
+        elif isinstance(exc, StackError):
+            console.print(f"[red]the local stack failed:[/red] {exc}", markup=True, highlight=False)
+        else:
+            raise
     finally:
         for sig in previous:
             signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the clean-up

@@ -131,3 +131,39 @@ def test_the_dev_command_runs_the_demo_with_its_options() -> None:
     assert (args.keep, args.prometheus, args.workdir) == (True, True, "/tmp/x")
     assert args.func.__name__ == "_demo"
     assert build_parser().parse_args(["demo"]).workdir is None
+
+
+class _InterruptedStack:
+    """A stack whose start is interrupted by SIGINT inside library code that turns the handler's
+    exception into another one (what threading.start did when Ctrl-C came while rich started its
+    refresh thread: KeyError from its own clean-up)."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+
+    def start(self) -> None:
+        import signal
+
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except demo.Interrupted:
+            raise KeyError("<_RefreshThread(Thread-1, started daemon)>") from None
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def test_an_interruption_that_comes_out_as_another_exception_still_stops_everything(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+    import signal
+
+    stack = _InterruptedStack()
+    monkeypatch.setattr(demo, "detect_trtexec", lambda: (None, "not found"))
+    monkeypatch.setattr(demo, "stack_for", lambda *a, **kw: stack)
+    before = signal.getsignal(signal.SIGINT)
+    args = argparse.Namespace(keep=False, prometheus=False, workdir=str(tmp_path / "demo"))
+    assert demo.main(args) == 1  # interrupted before Ready: no traceback, the clean-up ran
+    assert stack.stopped
+    assert "SIGINT: stopping everything the demo started" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGINT) is before

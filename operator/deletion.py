@@ -9,11 +9,11 @@ deleted, and the Event says why. Whether anything is deleted at all is decided i
 references (enginebuild_contract.references): the build goes only when no other EngineBuild
 holds it.
 
-`plan_deletion` and `stale_refs` do no I/O; `remove` is the finalizer's work (handlers.on_delete
-delegates to it). kopf re-runs the finalizer when it raises for a retry or when removing the
-finalizer fails, so what `remove` counts and announces is keyed by the EngineBuild's uid and applied
-once per process (Runtime.deletion_effects, which remembers the last 4096 keys: a re-run
-that far behind may announce again).
+`plan_deletion`, `stale_refs` and `cancels_a_build` do no I/O; `remove` is the finalizer's work
+(handlers.on_delete delegates to it). kopf re-runs the finalizer when it raises for a retry or when
+removing the finalizer fails, so what `remove` counts and announces is keyed by the EngineBuild's
+uid and applied once per process (Runtime.deletion_effects, which remembers the last 4096 keys: a
+re-run that far behind may announce again).
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ from enginebuild_contract.errors import BuildError
 from enginebuild_contract.spec import EngineBuildSpec
 from enginebuild_contract.references import RefRecord
 from enginebuild_contract.s3.uri import InvalidS3Uri, parse_s3_uri
+
+from . import reconcile
+from .observed import ObservedJob
 
 POLICIES = ("Retain", "Delete")
 DEFAULT_POLICY: Literal["Retain"] = "Retain"
@@ -119,6 +122,20 @@ def stale_refs(refs: Sequence[RefRecord], uids: Mapping[tuple[str, str], str | N
     return out
 
 
+def cancels_a_build(status: Mapping[str, Any], jobs: Sequence[ObservedJob]) -> bool:
+    """Whether deleting the EngineBuild cancels a build in progress (counted as
+    `enginebuild_builds_total{result="cancelled",reason="Deleted"}`): its key has not finished and one
+    of its Jobs is pending or running, as the status records it or as the Jobs are seen. The Jobs
+    count too because a pass creates a Job before the status write that records it (and the key): a
+    deletion in between finds neither in the status (a full run saw that cancellation go uncounted)."""
+    key = status.get("buildKey")
+    if key and reconcile.is_terminal(status, key):
+        return False
+    active = ("Pending", "Running")
+    recorded = bool(key) and any(j.get("state") in active for j in status.get("jobs") or [])
+    return recorded or any(j.state in active and (not key or j.build_key == key) for j in jobs)
+
+
 async def remove(body: kopf.Body, spec: Mapping[str, Any] | None, status: Mapping[str, Any] | None, namespace: str,
                  name: str, uid: str, index: Any, logger: Any) -> None:
     """Finalizer: remove the Jobs, apply `deletionPolicy` to the build in S3, forget metrics.
@@ -128,7 +145,7 @@ async def remove(body: kopf.Body, spec: Mapping[str, Any] | None, status: Mappin
     kopf.TemporaryError (the finalizer stays, kopf retries); a permanent S3 error (credentials, bucket)
     lets the EngineBuild go with a Warning Event naming what was left where.
     """
-    from . import artifacts, metrics, pools, reconcile
+    from . import artifacts, metrics, pools
     from .redaction import redact
     from .runtime import release, runtime
     from .validation import InvalidSpec, validate
@@ -145,7 +162,6 @@ async def remove(body: kopf.Body, spec: Mapping[str, Any] | None, status: Mappin
         await asyncio.to_thread(rt.kube.delete_job, namespace, job.name)
     raw = json.loads(json.dumps(dict(spec or {})))
     st = dict(status or {})
-    key = st.get("buildKey")
     try:
         parsed, invalid = validate(raw, name, rt.config), None
     except InvalidSpec as exc:
@@ -177,14 +193,13 @@ async def remove(body: kopf.Body, spec: Mapping[str, Any] | None, status: Mappin
         # so "kept" became "deleted") must not post a second Event contradicting the first.
         once(("outcome",), lambda: kopf.info(body, reason=reason, message=text[:1000]))
         logger.info("%s", text)
-    was_running = bool(key) and not reconcile.is_terminal(st, key) and any(
-        j.get("state") in ("Pending", "Running") for j in st.get("jobs") or [])
+    cancelled = cancels_a_build(st, existing)
     await release(build)
-    if was_running:
+    if cancelled:
         once(("cancelled",), lambda: metrics.BUILDS.labels(result="cancelled", reason="Deleted").inc())
     metrics.forget_resource(namespace, name)
     rt.wakeups.pop(build, None)
     logger.info("cleaned up %s/%s", namespace, name)
 
 
-__all__ = ["DeletionPlan", "plan_deletion", "remove", "split_artifacts_uri", "stale_refs"]
+__all__ = ["DeletionPlan", "cancels_a_build", "plan_deletion", "remove", "split_artifacts_uri", "stale_refs"]

@@ -434,3 +434,22 @@ def test_unknown_job_duration_is_absent_not_zero():
     assert count() == before_count and gpu._value.get() == before_gpu  # noqa: SLF001
     collect._count_job("engine", 10, 2, "t-unknown", "P-unknown")()  # noqa: SLF001
     assert count() == before_count + 1 and gpu._value.get() == before_gpu + 20  # noqa: SLF001
+
+
+# --- deletion: what counts as a cancelled build ---------------------------------------------------------
+
+def test_deleting_a_build_whose_job_the_status_does_not_record_yet_still_cancels_it() -> None:
+    from enginebuild_operator.deletion import cancels_a_build
+
+    running = {"buildKey": KEY, "jobs": [{"name": "vit-export", "state": "Running"}]}
+    assert cancels_a_build(running, [])
+    # the pass created the export Job, the EngineBuild was deleted before the status write recording it
+    assert cancels_a_build({}, [_job("vit-export", state="Pending")])
+    assert cancels_a_build({"buildKey": KEY, "jobs": []}, [_job("vit-export")])
+    # a finished build, or Jobs that ended or belong to another key, cancel nothing
+    done = {"buildKey": KEY, "jobs": [{"name": "vit-export", "state": "Succeeded"}],
+            "conditions": [{"type": "Succeeded", "status": "True"}]}
+    assert not cancels_a_build(done, [_job("vit-export", state="Running")])
+    assert not cancels_a_build({"buildKey": KEY}, [_job("vit-export", state="Succeeded")])
+    assert not cancels_a_build({"buildKey": KEY}, [_job("old-export", key="f" * 32)])
+    assert not cancels_a_build({}, [])

@@ -61,8 +61,10 @@ KEY_METRICS = (
 )
 
 
-class Interrupted(Exception):
-    """Ctrl-C or SIGTERM: stop everything and leave."""
+class Interrupted(BaseException):
+    """Ctrl-C or SIGTERM: stop everything and leave. A BaseException, like KeyboardInterrupt, so that
+    no `except Exception` in the code it lands in (retries, polling, libraries) swallows it and
+    leaves the demo running."""
 
 
 class _Interrupts:
@@ -353,7 +355,7 @@ def main(args: argparse.Namespace) -> int:
                       f"(stack start included)", style="green" if ready else "red")
         if keep:
             _keep_running(stack, console)
-    except Exception as exc:  # Interrupted, StackError, or what an interruption turned into on its way out
+    except (Interrupted, Exception) as exc:  # StackError, or what an interruption turned into on its way out
         if interrupts.received:
             console.print(f"\n{interrupts.received}: stopping everything the demo started ...")
         elif isinstance(exc, StackError):

@@ -16,6 +16,7 @@ One build serves the module (module-scoped fixture): the tests after the first r
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -328,7 +329,7 @@ def test_demo_interrupted_stops_everything_it_started(tmp_path: Path) -> None:
     proc = subprocess.Popen([str(ENGINEBUILD_DEV), "demo", "--keep", "--workdir", str(tmp_path / "demo")],
                             env=_demo_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
-    out = ""
+    out, pids, leftovers = "", [], []
     try:
         for line in proc.stdout:  # the demo prints the PIDs once the whole stack is up
             out += line
@@ -341,13 +342,18 @@ def test_demo_interrupted_stops_everything_it_started(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=90)
         out += rest
+        assert "stopping everything" in out, out[-3000:]
+        assert proc.returncode == 1  # interrupted before Ready
+        for pid in pids:
+            assert not _alive(pid), f"pid {pid} still running after Ctrl-C"
+        leftovers = subprocess.run(["pgrep", "-f", str(tmp_path / "demo")], capture_output=True, text=True).stdout.split()
+        assert leftovers == [], f"processes still using the demo's workdir: {leftovers}"
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert "stopping everything" in out, out[-3000:]
-    assert proc.returncode == 1  # interrupted before Ready
-    for pid in pids:
-        assert not _alive(pid), f"pid {pid} still running after Ctrl-C"
-    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path / "demo")], capture_output=True, text=True).stdout.split()
-    assert leftovers == [], f"processes still using the demo's workdir: {leftovers}"
+        # A demo that failed to stop must not leave its stack to the rest of the session (the stack's
+        # processes run in sessions of their own, so killing the demo does not stop them).
+        for pid in {*pids, *(int(p) for p in leftovers)}:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

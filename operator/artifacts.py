@@ -129,10 +129,6 @@ class StoreCache:
             out.extend(c.secrets)
         return tuple(out)
 
-    def forget(self, namespace: str, secret_name: str | None) -> None:
-        with self._lock:
-            self._stores.pop((namespace, secret_name), None)
-
 
 def compute_key(spec: EngineBuildSpec, store: S3Store, image: str) -> str:
     inputs = buildkey.resolve_key_inputs(spec, store, toolchain(image))

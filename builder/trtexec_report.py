@@ -20,7 +20,7 @@ import json
 import math
 import re
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -91,9 +91,6 @@ class TrtexecLog:
     timing_cache_saved_bytes: int | None = None
     errors: list[str] = field(default_factory=list)  # [E] messages, in order
     warnings: list[str] = field(default_factory=list)  # ours: what is missing and why
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _empty_percentiles() -> dict[str, float | None]:

@@ -67,12 +67,6 @@ CONTROL_PLANE_FIELDS: frozenset[str] = frozenset(
 CONTROL_PLANE_TARGET_FIELDS: frozenset[str] = frozenset(
     {"nodeSelector", "tolerations", "resources", "priorityClassName", "runtimeClassName"}
 )
-# Spec fields that are locations; the key holds the digest of their content instead.
-LOCATION_FIELDS: dict[tuple[str, str], str] = {
-    ("model", "checkpoint"): "checkpointDigest",
-    ("model", "config"): "configDigest",
-    ("calibration", "source"): "calibrationDigest",
-}
 # Fields that count for the key (documented; the test checks these + the above cover the spec).
 KEY_FIELDS: frozenset[str] = frozenset(
     {

@@ -37,7 +37,8 @@ class KubeHttp:
 
     @classmethod
     def of(cls, target: "KubeHttp | str | Path | Any") -> "KubeHttp":
-        """A URL (emulator), a kubeconfig path (any cluster), a kubernetes ApiClient, or a KubeHttp."""
+        """A URL (an API server reachable without credentials), a kubeconfig path (any cluster), a
+        kubernetes ApiClient, or a KubeHttp."""
         if isinstance(target, KubeHttp):
             return target
         if isinstance(target, str) and target.startswith(("http://", "https://")):

@@ -194,7 +194,7 @@ def test_prometheus_scrapes_the_same_numbers(built: tuple[LocalStack, dict[str, 
 
 
 def test_readme_kubectl_commands(built: tuple[LocalStack, dict[str, Any]], tmp_path: Path) -> None:
-    """Exactly the README's commands, against the emulated API server."""
+    """Exactly the README's kubectl commands, against the dev stack's real kube-apiserver."""
     stack, _ = built
     if not Path(KUBECTL).exists():
         pytest.fail(f"kubectl not found at {KUBECTL}")

@@ -6,7 +6,7 @@ after upload, a SHA-256 pass after download). This measures what that costs, in 
 `shutil.copyfile` of the same bytes (the floor for moving them on this disk) and next to boto3's
 transfer manager without our verification.
 
-By default it starts a dev SeaweedFS on 127.0.0.1 (operator/devstack/seaweedfs.py); with
+By default it starts a dev SeaweedFS on 127.0.0.1 (devstack/seaweedfs.py); with
 `--use-env` it uses the S3 endpoint and credentials of the environment instead (S3Config.from_env)
 and `--bucket` must name an existing bucket.
 

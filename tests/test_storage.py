@@ -23,7 +23,7 @@ MIB = 1024 * 1024
 
 
 def write_random(path: Path, size: int) -> str:
-    """Write `size` random bytes; returns their SHA-256 (computed independently of storage.py)."""
+    """Write `size` random bytes; returns their SHA-256 (computed independently of contract/s3/)."""
     h = hashlib.sha256()
     with open(path, "wb") as fh:
         left = size

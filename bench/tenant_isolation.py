@@ -38,7 +38,9 @@ def scenario(cluster: Any, store: Any, bad: int, healthy: int, workdir: Path) ->
     hole = Blackhole()
     try:
         spec = tenant_isolation_setup(c, store, workdir, f"http://127.0.0.1:{hole.port}")
-        c.start_operator()
+        op = c.start_operator()
+        if op.pid is not None:
+            hole.watch(op.pid)  # only the operator's connects count (see Blackhole)
         for i in range(bad):
             c.create(f"bad-{i}", c.spec(output={"uri": "s3://tenant/engines", "secretRef": {"name": "down"}}))
         if bad:

@@ -48,6 +48,8 @@ def test_an_unreachable_tenant_endpoint_does_not_hold_up_other_builds(
     # (its reference PUT, the manifest and report reads) and status writes to reach Ready.
     healthy_spec = tenant_isolation_setup(c, s3_store, tmp_path, endpoint)
     op = c.start_operator()
+    assert op.pid is not None
+    blackhole.watch(op.pid)  # only the operator's connects count (see Blackhole)
     for i in range(BAD_BUILDS):
         c.create(f"bad-{i}", c.spec(deletionPolicy="Retain",
                                     output={"uri": "s3://tenant/engines", "secretRef": {"name": "down"}}))
@@ -61,7 +63,8 @@ def test_an_unreachable_tenant_endpoint_does_not_hold_up_other_builds(
     # The bad endpoint never held more than its cap of connections: the other S3 workers and every
     # Kubernetes worker stayed free for the healthy builds. (On main it took all 16 shared threads.)
     assert blackhole.samples > 0
-    assert 0 < blackhole.peak <= CAP, f"{blackhole.peak} concurrent calls to the hanging endpoint"
+    assert 0 < blackhole.peak <= CAP, (f"{blackhole.peak} concurrent calls from the operator to the hanging endpoint "
+                                       f"({blackhole.peak_all} from all processes)")
 
     # Its circuit opens: the bad builds say the endpoint is unreachable, and fail fast meanwhile.
     def circuit_message() -> str | None:
@@ -79,3 +82,28 @@ def test_an_unreachable_tenant_endpoint_does_not_hold_up_other_builds(
         assert c.condition(f"bad-{i}", "Ready").get("status") != "True"
         assert c.jobs(f"bad-{i}") == []
     assert "tenant-secret-key" not in op.log_tail(10**7)  # the Secret `down`'s key (tenant_isolation_setup)
+
+
+def test_the_blackhole_counts_only_the_watched_process(blackhole: Blackhole) -> None:
+    """The isolation test's measure: a connect from another process (a stale client of an earlier
+    server on the same port number) hangs on the port too, but is not the operator's."""
+    import socket
+    import subprocess
+    import sys
+
+    foreign = socket.socket()
+    foreign.setblocking(False)
+    foreign.connect_ex(("127.0.0.1", blackhole.port))  # SYN_SENT, this process's
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import socket; s = socket.socket(); s.settimeout(60); "
+        f"s.connect(('127.0.0.1', {blackhole.port}))")])
+    try:
+        blackhole.watch(child.pid)
+        wait_until(lambda: blackhole.hanging(()) == 2, 30, "both connects to hang")
+        assert blackhole.hanging() == 1
+        wait_until(lambda: blackhole.peak == 1 and blackhole.peak_all == 2, 30, "the sampler to see both")
+    finally:
+        child.kill()
+        child.wait()
+        foreign.close()
+    assert blackhole.peak == 1 and blackhole.peak_all == 2

@@ -14,6 +14,9 @@ tenant's calls hang, and the bad endpoint's circuit opens: its builds say it is 
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -87,10 +90,6 @@ def test_an_unreachable_tenant_endpoint_does_not_hold_up_other_builds(
 def test_the_blackhole_counts_only_the_watched_process(blackhole: Blackhole) -> None:
     """The isolation test's measure: a connect from another process (a stale client of an earlier
     server on the same port number) hangs on the port too, but is not the operator's."""
-    import socket
-    import subprocess
-    import sys
-
     foreign = socket.socket()
     foreign.setblocking(False)
     foreign.connect_ex(("127.0.0.1", blackhole.port))  # SYN_SENT, this process's
@@ -99,7 +98,7 @@ def test_the_blackhole_counts_only_the_watched_process(blackhole: Blackhole) -> 
         f"s.connect(('127.0.0.1', {blackhole.port}))")])
     try:
         blackhole.watch(child.pid)
-        wait_until(lambda: blackhole.hanging(()) == 2, 30, "both connects to hang")
+        wait_until(lambda: blackhole.hanging(every_process=True) == 2, 30, "both connects to hang")
         assert blackhole.hanging() == 1
         wait_until(lambda: blackhole.peak == 1 and blackhole.peak_all == 2, 30, "the sampler to see both")
     finally:

@@ -203,23 +203,27 @@ class Blackhole:
                 found.add(target[8:-1])
         return found
 
-    def hanging(self, pids: tuple[int, ...] | None = None) -> int:
-        """Connects to this port in progress now: of `pids` (default: the watched ones; none
-        watched: every process's)."""
+    def hanging(self, every_process: bool = False) -> int:
+        """Connects to this port in progress now: the watched processes' (every process's when
+        none is watched, or with `every_process`)."""
         inodes = self._syn_sent_inodes()
-        pids = self.pids if pids is None else pids
-        if not pids or not inodes:
+        return len(inodes) if every_process else self._watched(inodes)
+
+    def _watched(self, inodes: list[str]) -> int:
+        """How many of these sockets belong to the watched processes (all of them when none is)."""
+        if not self.pids or not inodes:
             return len(inodes)
         owned: set[str] = set()
-        for pid in pids:
+        for pid in self.pids:
             owned |= self._socket_inodes(pid)
         return sum(1 for i in inodes if i in owned)
 
     def _sample(self) -> None:
         while not self._stop.wait(0.02):
-            self.peak_all = max(self.peak_all, self.hanging(()))
+            inodes = self._syn_sent_inodes()  # one read of /proc/net/tcp for both counts
+            self.peak_all = max(self.peak_all, len(inodes))
             if self.pids:
-                self.peak = max(self.peak, self.hanging(self.pids))
+                self.peak = max(self.peak, self._watched(inodes))
                 self.samples += 1
 
     def close(self) -> None:

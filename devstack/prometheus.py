@@ -143,8 +143,13 @@ class Prometheus:
             return [{"metric": {}, "value": data["result"]}]
         return list(data["result"])
 
+    def active_targets(self) -> list[dict[str, Any]]:
+        """Every active scrape target as Prometheus reports it (labels, health, lastError): what a
+        failure message needs to tell a missing series from a failing scrape."""
+        return list(self._api("/api/v1/targets").get("activeTargets", []))
+
     def targets_health(self) -> list[str]:
-        return [t.get("health", "unknown") for t in self._api("/api/v1/targets").get("activeTargets", [])]
+        return [t.get("health", "unknown") for t in self.active_targets()]
 
     def rule_health(self) -> list[tuple[str, str, str]]:
         """(rule name, health, lastError) of every loaded rule: a rule whose evaluation fails says so here."""

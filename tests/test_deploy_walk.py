@@ -418,7 +418,7 @@ def test_deploy_md_walked_from_an_empty_cluster_to_a_scraped_ready_build(walk: W
     try:
         series = wait_until(scraped, timeout=60, what="the build's series in Prometheus", interval=1)
     except AssertionError as exc:
-        raise AssertionError(f"{exc}\ntargets: {json.dumps(prom._api('/api/v1/targets'))[:3000]}") from None
+        raise AssertionError(f"{exc}\ntargets: {json.dumps(prom.active_targets())[:3000]}") from None
     assert series[0]["metric"].get("service", "").endswith("-metrics"), series
     returned: set[str] = set()
     for expr in dashboard_exprs():

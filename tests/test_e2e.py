@@ -230,15 +230,19 @@ def test_every_dashboard_query_and_alert_rule_evaluates(built: tuple[LocalStack,
     key_exprs = [expr for expr in exprs if metric_names(expr) & KEY_METRICS]
     assert len(key_exprs) >= 10, f"only {len(key_exprs)} dashboard queries read the key metrics"
 
-    def empty_key_panels() -> list[str]:
-        results = {expr: prom.query(expr) for expr in exprs}  # raises PrometheusError on a bad query
-        return [expr for expr in key_exprs if not results[expr]]
+    for expr in exprs:
+        prom.query(expr)  # raises PrometheusError on a parse or evaluation error
+    empty: list[str] = []
+
+    def every_key_panel_has_data() -> bool:
+        empty[:] = [expr for expr in key_exprs if not prom.query(expr)]
+        return not empty
     # Retried for a few seconds: a scrape that misses its 1 s timeout on a busy machine leaves the
     # operator's series stale (every instant panel empty) until the next scrape succeeds.
     try:
-        wait_until(lambda: not empty_key_panels(), timeout=15, what="every key panel to have data", interval=1)
+        wait_until(every_key_panel_has_data, timeout=15, what="every key panel to have data", interval=1)
     except AssertionError:
-        raise AssertionError(f"key panels with no data after a finished build: {empty_key_panels()}") from None
+        raise AssertionError(f"key panels with no data after a finished build: {empty}") from None
     for expr in alert_exprs():
         prom.query(expr)
     # The rules are loaded from the chart's alerts file and evaluated every second: all healthy.

@@ -156,26 +156,25 @@ def test_prometheus_operator_scrapes_two_replicas_and_the_rules_hold(
             try:
                 series = wait_until(scraped, timeout=60, what="both builds' series, with their own namespaces")
             except AssertionError as exc:
-                targets = prom._api("/api/v1/targets")
-                raise AssertionError(f"{exc}\ntargets: {json.dumps(targets)[:3000]}\nconfig:\n{config_text[:3000]}") from None
+                raise AssertionError(f"{exc}\ntargets: {json.dumps(prom.active_targets())[:3000]}"
+                                     f"\nconfig:\n{config_text[:3000]}") from None
             assert not [s for s in series if "exported_namespace" in s["metric"]], series
             assert {s["metric"].get("service") for s in series} == {f"{RELEASE}-enginebuild-metrics"}
             assert {s["metric"].get("pod") for s in series} <= {f"{RELEASE}-enginebuild-0", f"{RELEASE}-enginebuild-1"}
             # Each build counted once, and each of the two replicas its own series. Waited for, not read once:
             # a scrape that misses its 1 s timeout on a busy machine marks that replica's series stale until
             # the next scrape succeeds.
-            def aggregated() -> tuple[list[str], list[dict[str, Any]]] | None:
-                per_build = prom.query("count by (namespace, name) (enginebuild_accuracy_min_cosine_required)")
-                replicas = prom.query("count by (pod) (enginebuild_builds_in_progress)")
-                namespaces = sorted(s["metric"]["namespace"] for s in per_build)
-                return (namespaces, replicas) if namespaces == sorted([team_a, team_b]) and len(replicas) == 2 else None
+            seen: dict[str, list[dict[str, Any]]] = {}
+
+            def aggregated() -> bool:
+                seen["per build"] = prom.query("count by (namespace, name) (enginebuild_accuracy_min_cosine_required)")
+                seen["per replica"] = prom.query("count by (pod) (enginebuild_builds_in_progress)")
+                namespaces = sorted(s["metric"]["namespace"] for s in seen["per build"])
+                return namespaces == sorted([team_a, team_b]) and len(seen["per replica"]) == 2
             try:
                 wait_until(aggregated, timeout=30, what="one series per build and one per replica")
             except AssertionError as exc:
-                raise AssertionError(
-                    f"{exc}\nper build: {prom.query('count by (namespace, name) (enginebuild_accuracy_min_cosine_required)')}"
-                    f"\nper replica: {prom.query('count by (pod) (enginebuild_builds_in_progress)')}"
-                    f"\ntargets: {json.dumps(prom._api('/api/v1/targets'))[:3000]}") from None
+                raise AssertionError(f"{exc}\nlast seen: {seen}\ntargets: {json.dumps(prom.active_targets())[:3000]}") from None
             # Every dashboard query and every alert expression evaluates (no many-to-many error).
             for expr in dashboard_exprs() + alert_exprs():
                 prom.query(expr)  # raises with Prometheus's own error on a bad or ambiguous query
